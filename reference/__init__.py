@@ -1,0 +1,37 @@
+"""The NumPy specification every rung of the ladder is checked against.
+
+Readable before fast: quantization and dequantization (`quant`), the reference product
+and its error bound (`gemm`), 2:4 sparsity (`sparse`), and CPU models of the layout
+tricks the fast kernels rely on.
+"""
+
+from .gemm import FP16_UNIT_ROUNDOFF, error_bound, error_excess, reference_gemm
+from .quant import (
+    GROUP_SIZES,
+    QuantizedWeight,
+    check_group_size,
+    dequantize,
+    expand_groups,
+    quantize,
+    random_quantized_weight,
+)
+from .sparse import compress_2_4, decompress_2_4, is_2_4, keep_mask_2_4, prune_2_4
+
+__all__ = [
+    "FP16_UNIT_ROUNDOFF",
+    "GROUP_SIZES",
+    "QuantizedWeight",
+    "check_group_size",
+    "compress_2_4",
+    "decompress_2_4",
+    "dequantize",
+    "error_bound",
+    "error_excess",
+    "expand_groups",
+    "is_2_4",
+    "keep_mask_2_4",
+    "prune_2_4",
+    "quantize",
+    "random_quantized_weight",
+    "reference_gemm",
+]

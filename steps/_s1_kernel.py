@@ -1,0 +1,18 @@
+"""The s1 kernel itself, in its own module so that importing the ladder does not import
+Numba, and so that Numba's CUDA simulator can swap `cuda` in this module's globals."""
+
+from numba import cuda, float32, int32
+
+
+@cuda.jit
+def naive_int4_gemm(A, qweight, scales, C, group_rows):
+    n, m = cuda.grid(2)
+    if m >= C.shape[0] or n >= C.shape[1]:
+        return
+    acc = float32(0.0)
+    for k in range(A.shape[1]):
+        word = int32(qweight[k // 8, n])
+        code = (word >> (4 * (k % 8))) & 0xF
+        w = float32(code - 8) * float32(scales[k // group_rows, n])
+        acc += float32(A[m, k]) * w
+    C[m, n] = acc

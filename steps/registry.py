@@ -1,0 +1,20 @@
+"""The ordered ladder. Each entry is one rung; each adds one idea to the one before."""
+
+from __future__ import annotations
+
+from .s0_numpy import NumpyDequantMatmul
+from .s1_numba_naive import NumbaNaive
+from .step import Step
+
+STEPS: tuple[Step, ...] = (
+    NumpyDequantMatmul(),
+    NumbaNaive(),
+)
+
+
+def get(name: str) -> Step:
+    """The rung called `name` (e.g. "s3_tensor_cores"); KeyError lists the valid names."""
+    for step in STEPS:
+        if step.name == name:
+            return step
+    raise KeyError(f"no rung named {name!r}; the rungs are: {', '.join(s.name for s in STEPS)}")

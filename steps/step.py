@@ -1,0 +1,153 @@
+"""The one interface every rung of the ladder implements.
+
+A rung is a `Step`: it says what it adds over the previous rung (`idea`), which problems
+it accepts (`supports`), whether this machine can run it (`available`), how it lays the
+quantized weights out once, offline (`pack_host` on the CPU, `pack` onto its device),
+and it multiplies: `step(A, packed, out=None) -> C`. Tests, benchmarks and notebooks
+loop over the registry through this interface alone.
+
+`__call__` does all argument checking here, once, for every rung, so a bad input gets
+the same clear one-sentence error from every rung and never reaches a kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from reference import QuantizedWeight, check_group_size
+
+from ._arrays import array_kind, check_matrix, device_index, empty_like_kind, is_cuda_array
+
+
+@dataclass(frozen=True)
+class Support:
+    """Truthy when a problem is supported; otherwise `reason` says why not."""
+
+    ok: bool
+    reason: str = ""
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+SUPPORTED = Support(True)
+
+
+@dataclass
+class Packed:
+    """A rung's one-time layout of a QuantizedWeight, on the rung's device."""
+
+    step: str
+    K: int
+    N: int
+    group_size: int
+    arrays: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def streamed_bytes(self) -> int:
+        """Bytes of weights, scales and metadata a product must read: the memory floor."""
+        return int(sum(a.nbytes for a in self.arrays.values()))
+
+    @property
+    def device(self) -> int | None:
+        """CUDA device ordinal the arrays live on, None for host memory."""
+        first = next(iter(self.arrays.values()), None)
+        return None if first is None else device_index(first)
+
+
+class Step:
+    """Base class of a rung. Subclasses set the class attributes and implement `_run`."""
+
+    name: str = ""
+    title: str = ""
+    idea: str = ""
+    device: str = "cpu"  # "cpu" or "cuda"
+    # c in the error bound c * u * (|A| @ |W|) (reference.error_bound); see each rung.
+    error_c: float = 2.0
+    activation_dtypes: tuple[str, ...] = ("float16",)
+    supports_zero_points: bool = False
+
+    # -- what the rung accepts -------------------------------------------------------
+    def supports(self, M: int, K: int, N: int, group_size: int) -> Support:
+        """Whether this rung handles an (M x K) @ (K x N) product with this group size."""
+        try:
+            check_group_size(group_size, K)
+        except ValueError as e:
+            return Support(False, str(e))
+        if K <= 0 or N <= 0 or M < 0:
+            return Support(False, f"K and N must be positive and M non-negative, got M={M}, K={K}, N={N}")
+        return self._supports(M, K, N, group_size)
+
+    def _supports(self, M: int, K: int, N: int, group_size: int) -> Support:
+        return SUPPORTED
+
+    def available(self) -> Support:
+        """Whether this machine can run the rung (a GPU, the right packages)."""
+        return SUPPORTED
+
+    @property
+    def host_arrays(self) -> bool:
+        """True when the rung takes and returns NumPy arrays (CPU rungs, simulated CUDA)."""
+        return self.device == "cpu"
+
+    # -- offline weight layout ------------------------------------------------------
+    def pack_host(self, qw: QuantizedWeight) -> dict[str, np.ndarray]:
+        """The rung's layout of the weights as NumPy arrays (pure CPU, bit-exact testable)."""
+        raise NotImplementedError
+
+    def pack(self, qw: QuantizedWeight) -> Packed:
+        """Lay the weights out once and place them where the rung computes."""
+        ok = self.supports(1, qw.K, qw.N, qw.group_size)
+        if not ok:
+            raise ValueError(f"{self.name} cannot pack this weight: {ok.reason}")
+        if qw.zeros is not None and not self.supports_zero_points:
+            raise ValueError(f"{self.name} supports symmetric quantization only (zeros=None); this weight has zero points")
+        arrays = self.pack_host(qw)
+        if not self.host_arrays:
+            import cupy
+
+            arrays = {k: cupy.asarray(v) for k, v in arrays.items()}
+        return Packed(self.name, qw.K, qw.N, qw.group_size, arrays)
+
+    # -- the product ----------------------------------------------------------------
+    def __call__(self, A: Any, packed: Packed, out: Any = None) -> Any:
+        """C = A @ W for the packed weight W; A is (M, K), C is (M, N), fp16."""
+        if not isinstance(packed, Packed) or packed.step != self.name:
+            got = packed.step if isinstance(packed, Packed) else type(packed).__name__
+            raise TypeError(f"{self.name} needs weights packed by its own pack(), got {got}")
+        check_matrix("A", A, self.activation_dtypes, (None, packed.K))
+        M = A.shape[0]
+        self._check_device("A", A, packed)
+        if out is None:
+            out = empty_like_kind(A, (M, packed.N), str(A.dtype).removeprefix("torch."))
+        else:
+            check_matrix("out", out, (str(A.dtype).removeprefix("torch."),), (M, packed.N))
+            if array_kind(out) != array_kind(A):
+                raise TypeError(f"out is a {array_kind(out)} array but A is {array_kind(A)}; pass the same kind")
+            self._check_device("out", out, packed)
+        if M == 0:
+            return out
+        ok = self.supports(M, packed.K, packed.N, packed.group_size)
+        if not ok:
+            raise ValueError(f"{self.name}: {ok.reason}")
+        self._run(A, packed, out)
+        return out
+
+    def _check_device(self, name: str, x: Any, packed: Packed) -> None:
+        if self.host_arrays:
+            if array_kind(x) != "numpy":
+                raise TypeError(f"{self.name} runs on the CPU and takes NumPy arrays; {name} is a {array_kind(x)} array")
+            return
+        if not is_cuda_array(x):
+            raise TypeError(f"{self.name} runs on the GPU and takes CuPy arrays or torch CUDA tensors; {name} is on the host")
+        if device_index(x) != packed.device:
+            raise ValueError(f"{name} is on cuda:{device_index(x)} but the packed weights are on cuda:{packed.device}")
+
+    def _run(self, A: Any, packed: Packed, out: Any) -> None:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<{self.name}: {self.title}>"

@@ -63,8 +63,9 @@ def quantize(W: np.ndarray, group_size: int = 128, symmetric: bool = True) -> Qu
 
     Symmetric: s = max|w| / 7 so every weight maps to a code in 1..15 without clipping.
     Asymmetric: s = (max - min) / 15 and z = round(-min / s), clipped to 0..15.
-    Codes are computed against the fp16-rounded scale, so |w - dequantize(w)| <= s/2
-    up to the final fp16 rounding of the dequantized value.
+    The scale is rounded up to fp16 and the codes are computed against that rounded
+    scale, so |w - dequantize(w)| <= s/2 up to the final fp16 rounding of the
+    dequantized value.
     """
     W = np.asarray(W)
     if W.ndim != 2:
@@ -78,7 +79,9 @@ def quantize(W: np.ndarray, group_size: int = 128, symmetric: bool = True) -> Qu
     else:
         lo, hi = np.minimum(Wg.min(axis=1), 0.0), np.maximum(Wg.max(axis=1), 0.0)
         s = (hi - lo) / 15.0
+    # Round the scale up to fp16, never down, so 15 (or 7) steps still span the range.
     s16 = s.astype(np.float16)
+    s16 = np.where(s16.astype(np.float64) < s, np.nextafter(s16, np.float16(np.inf)), s16)
     s16[s16 == 0] = np.float16(1.0)  # an all-zero group: any scale reproduces it
     sf = s16.astype(np.float64)[:, None, :]
     if symmetric:

@@ -1,0 +1,117 @@
+"""Command line: `python -m steps {list,check,bench,report}` (also `marlin-ladder ...`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from reference import error_excess, random_quantized_weight
+
+from . import bench
+from .registry import STEPS
+
+CHECK_SHAPES = ((1, 256, 256, 128), (16, 512, 256, -1), (33, 1024, 512, 64), (5, 256, 512, 32))
+SIMULATOR_SHAPES = ((2, 128, 64, 32),)  # a CUDA rung under Numba's simulator is slow
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    for i, step in enumerate(STEPS):
+        ok = step.available()
+        status = "available" if ok else f"unavailable: {ok.reason}"
+        print(f"{i}  {step.name:<20} {step.device:<5} {step.title}\n   {step.idea}\n   [{status}]")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Every available rung against the reference on a few random problems."""
+    rng = np.random.default_rng(args.seed)
+    failures = 0
+    for step in STEPS:
+        if not step.available():
+            print(f"{step.name:<20} skipped ({step.available().reason})")
+            continue
+        simulated = step.device == "cuda" and step.host_arrays
+        for M, K, N, g in SIMULATOR_SHAPES if simulated else CHECK_SHAPES:
+            if not step.supports(M, K, N, g):
+                continue
+            qw = random_quantized_weight(rng, K, N, g)
+            A_host = rng.standard_normal((M, K), dtype=np.float32).astype(np.float16)
+            packed = step.pack(qw)
+            C = step(A_host if step.host_arrays else _to_gpu(A_host), packed)
+            ratio = error_excess(C if step.host_arrays else C.get(), A_host, qw, step.error_c)
+            verdict = "ok" if ratio <= 1 else "FAIL"
+            failures += verdict != "ok"
+            print(f"{step.name:<20} M={M:<4} K={K:<5} N={N:<5} group={g:<4} error/bound={ratio:.3f} {verdict}")
+    return 1 if failures else 0
+
+
+def _to_gpu(x: np.ndarray):
+    import cupy
+
+    return cupy.asarray(x)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    device = "cpu" if args.cpu or not bench.gpu_present() else "cuda"
+    presets = args.shapes or (["ideal"] if device == "cuda" else ["cpu-small"])
+    batches = args.batch or (bench.GPU_BATCHES if device == "cuda" else bench.CPU_BATCHES)
+    if device == "cpu":
+        reason = "--cpu was given" if args.cpu else "no CUDA GPU here"
+        print(f"Benchmarking the CPU rungs only ({reason}), on a small shape; the CUDA rungs need a GPU.")
+    failed = False
+    for preset in presets:
+        machine, read_gbps, rows = bench.run(preset, batches, args.rungs, args.group_size, device, args.seed, not args.quiet)
+        print(bench.format_table(rows, machine, read_gbps))
+        failed |= any(r.method == "failed-check" for r in rows)
+        if args.json:
+            with open(args.json, "a") as f:
+                f.writelines(line + "\n" for line in bench.json_lines(rows, machine))
+        if args.plot:
+            from .report import plot_speedup
+
+            plot_speedup([r.__dict__ | {"gpu": machine.name} for r in rows], Path(args.plot))
+    if failed:
+        print("Some rung failed its correctness check on the benchmarked data; its time is not reported.")
+    return 1 if failed else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    write_report(Path(args.results), Path(args.readme))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="marlin-ladder", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="the rungs, and whether this machine can run each")
+    check = sub.add_parser("check", help="check every available rung against the reference")
+    check.add_argument("--seed", type=int, default=0)
+    b = sub.add_parser("bench", help="benchmark the rungs side by side with the FP16 baseline")
+    b.add_argument("--shapes", action="append", help="ideal, llama-7b, llama-70b, cpu-small or K,N[;K,N]; repeatable")
+    b.add_argument("--batch", type=int, nargs="+", help="batch sizes M (default 1 2 4 ... 128 on a GPU, 1 16 on a CPU)")
+    b.add_argument("--rungs", nargs="+", help="rung names (default: all this machine runs)")
+    b.add_argument("--group-size", type=int, default=128, choices=(-1, 32, 64, 128))
+    b.add_argument("--json", help="append JSON lines (with GPU, versions, date) to this file")
+    b.add_argument("--plot", help="save a speedup-vs-batch plot (PNG) here")
+    b.add_argument("--cpu", action="store_true", help="benchmark the CPU rungs even where a GPU is present")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    r = sub.add_parser("report", help="regenerate the results tables and plots from docs/results/*.jsonl")
+    r.add_argument("--results", default="docs/results")
+    r.add_argument("--readme", default="README.md")
+    args = parser.parse_args(argv)
+    handler = {"list": cmd_list, "check": cmd_check, "bench": cmd_bench, "report": cmd_report}[args.command]
+    try:
+        return handler(args)
+    except (ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

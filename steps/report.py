@@ -1,0 +1,120 @@
+"""Turn committed benchmark data (docs/results/*.jsonl) into tables and plots.
+
+Nothing in the README's results section is typed by hand: this module rewrites it from
+the JSON lines, and rerunning it on the same data reproduces the same bytes (rows are
+sorted, the plot carries no timestamp).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def load_rows(results_dir: Path) -> list[dict]:
+    """All rows, keeping for each (gpu, preset, shape, M, group, rung) only the newest."""
+    newest: dict[tuple, dict] = {}
+    for path in sorted(results_dir.glob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            key = (row["gpu"], row["preset"], row["shape"], row["M"], row["group_size"], row["rung"])
+            if key not in newest or row["date"] >= newest[key]["date"]:
+                newest[key] = row
+    return list(newest.values())
+
+
+def _rung_order(rows: list[dict]) -> list[str]:
+    from .registry import STEPS
+
+    names = ["fp16"] + [s.name for s in STEPS]
+    present = {r["rung"] for r in rows}
+    return [n for n in names if n in present] + sorted(present - set(names))
+
+
+def headline_groups(rows: list[dict]) -> dict[tuple, list[dict]]:
+    """Rows grouped by (gpu, preset, shape, group), keeping one shape per preset: the
+    single shape of a one-shape preset, or the 'sum' over a model's layers."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r["gpu"], r["preset"], r["shape"], r["group_size"])].append(r)
+    has_sum = {(g, p, gs) for (g, p, s, gs) in groups if s == "sum"}
+    return {k: v for k, v in sorted(groups.items()) if k[2] == "sum" or (k[0], k[1], k[3]) not in has_sum}
+
+
+def markdown_table(rows: list[dict]) -> str:
+    Ms = sorted({r["M"] for r in rows})
+    by = {(r["rung"], r["M"]): r for r in rows}
+    lines = ["| rung | " + " | ".join(f"M={m}" for m in Ms) + " |", "|---|" + "---:|" * len(Ms)]
+    for rung in _rung_order(rows):
+        cells = []
+        for m in Ms:
+            r = by.get((rung, m))
+            cells.append("" if r is None else f"{r['us']:.1f} µs · {r['speedup_vs_fp16']:.2f}× · {r['pct_of_read_bw']:.0f}%")
+        lines.append(f"| {rung} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_speedup(rows: list[dict], path: Path) -> None:
+    """Speedup over FP16 against batch size, one line per rung, one panel per shape group."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = headline_groups(rows)
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4.2), squeeze=False)
+    for ax, ((gpu, preset, shape, g), rs) in zip(axes[0], groups.items()):
+        for rung in _rung_order(rs):
+            pts = sorted((r["M"], r["speedup_vs_fp16"]) for r in rs if r["rung"] == rung)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=rung)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log", base=2)
+        ax.set_xlabel("batch size M")
+        ax.set_ylabel("speedup over FP16 cuBLAS")
+        ax.set_title(f"{gpu}\n{preset} ({shape}), group {g}", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, metadata={"Software": None})
+    plt.close(fig)
+
+
+def results_markdown(rows: list[dict], plot_name: str) -> str:
+    parts = [
+        f"![speedup over FP16 by batch size]({plot_name})",
+        "",
+        "Each cell: median time · speedup over FP16 cuBLAS measured in the same run · "
+        "weight bandwidth as a share of the streaming-read bandwidth measured in the same run.",
+    ]
+    for (gpu, preset, shape, g), rs in headline_groups(rows).items():
+        dates = sorted({r["date"][:10] for r in rs})
+        versions = rs[0].get("versions", {})
+        parts += [
+            "",
+            f"**{gpu}**, preset `{preset}` ({'sum of its layers' if shape == 'sum' else shape}), group size {g}, "
+            f"measured {', '.join(dates)}; torch {versions.get('torch', '?')}, CuPy {versions.get('cupy', '?')}",
+            "",
+            markdown_table(rs),
+        ]
+    return "\n".join(parts)
+
+
+def write_report(results_dir: Path, readme: Path) -> None:
+    rows = [r for r in load_rows(results_dir) if r["device"] == "cuda"]
+    if not rows:
+        raise ValueError(f"no GPU results in {results_dir}/*.jsonl")
+    plot = results_dir / "ladder.png"
+    plot_speedup(rows, plot)
+    rel_plot = plot.relative_to(readme.parent) if plot.is_relative_to(readme.parent) else plot
+    text = readme.read_text()
+    if START not in text or END not in text:
+        raise ValueError(f"{readme} has no {START} ... {END} section to fill")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(f"{head}{START}\n{results_markdown(rows, str(rel_plot))}\n{END}{tail}")

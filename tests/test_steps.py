@@ -1,0 +1,174 @@
+"""Every rung of the registry against the reference, through the Step interface alone.
+
+No rung is special-cased here: each test is parametrized over `steps.STEPS`. CUDA rungs
+are marked `gpu` (skipped without a device), except rung 1 where Numba's CUDA simulator
+runs it on the CPU. Problem sizes scale with where a rung runs: the simulator gets tiny
+problems, a GPU large ones.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+import reference as ref
+import steps
+
+
+def _params():
+    for step in steps.STEPS:
+        marks = [] if step.host_arrays else [pytest.mark.gpu]
+        yield pytest.param(step, marks=marks, id=step.name)
+
+
+ALL_STEPS = list(_params())
+
+
+def _simulated(step) -> bool:
+    return step.device == "cuda" and step.host_arrays
+
+
+def problem_sizes(step):
+    """(M, K, N, group) drawn at a size suited to where the rung runs."""
+    if _simulated(step):
+        Ms, Ks, Ns = st.integers(1, 3), st.sampled_from([128, 256]), st.sampled_from([32, 64, 96])
+    elif step.host_arrays:
+        Ms, Ks, Ns = st.integers(1, 40), st.integers(1, 12).map(lambda k: 128 * k), st.integers(1, 12).map(lambda n: 64 * n)
+    else:
+        Ms = st.integers(1, 1000)
+        Ks = st.integers(1, 48).map(lambda k: 128 * k)
+        Ns = st.integers(1, 48).map(lambda n: 64 * n)
+    return st.tuples(Ms, Ks, Ns, st.sampled_from(ref.GROUP_SIZES))
+
+
+def to_device(step, x: np.ndarray):
+    if step.host_arrays:
+        return x
+    import cupy
+
+    return cupy.asarray(x)
+
+
+def to_host(x) -> np.ndarray:
+    return x if isinstance(x, np.ndarray) else x.get()
+
+
+def poisoned(step, M: int, N: int):
+    return to_device(step, np.full((M, N), np.nan, dtype=np.float16))
+
+
+def run(step, A: np.ndarray, qw: ref.QuantizedWeight) -> np.ndarray:
+    out = poisoned(step, A.shape[0], qw.N)
+    result = step(to_device(step, A), step.pack(qw), out=out)
+    assert result is out
+    return to_host(out)
+
+
+@pytest.mark.parametrize("step", ALL_STEPS)
+def test_matches_reference_within_bound(step):
+    @given(problem_sizes(step), st.integers(0, 2**32 - 1))
+    def check(sizes, seed):
+        M, K, N, g = sizes
+        assume(step.supports(M, K, N, g))
+        rng = np.random.default_rng(seed)
+        qw = ref.random_quantized_weight(rng, K, N, g)
+        A = rng.standard_normal((M, K), dtype=np.float32).astype(np.float16)
+        C = run(step, A, qw)
+        assert ref.error_excess(C, A, qw, step.error_c) <= 1.0
+
+    check()
+
+
+@pytest.mark.parametrize("step", ALL_STEPS)
+def test_bit_exact_on_integer_valued_data(step):
+    """With A in {-1, 0, 1} and scales 1/8 every product and partial sum is exact in fp16
+    and fp32, so any correct kernel, whatever its summation order, must reproduce the
+    reference bit for bit: a single misplaced weight or activation shows."""
+
+    @given(problem_sizes(step), st.integers(0, 2**32 - 1))
+    def check(sizes, seed):
+        M, K, N, g = sizes
+        M, K, N = min(M, 64), min(K, 2048), min(N, 512)  # the exactness check below is O(M K N)
+        assume(step.supports(M, K, N, g))
+        rng = np.random.default_rng(seed)
+        groups = 1 if g == -1 else K // g
+        qw = ref.QuantizedWeight(
+            rng.integers(0, 16, (K, N), dtype=np.uint8), np.full((groups, N), 0.125, np.float16), g
+        )
+        A = rng.integers(-1, 2, (M, K)).astype(np.float16)
+        terms = A.astype(np.float64)[:, :, None] * ref.dequantize(qw).astype(np.float64)[None]
+        prefix = np.cumsum(terms, axis=1)
+        span = np.maximum(prefix.max(axis=1), 0) - np.minimum(prefix.min(axis=1), 0)
+        assume(span.max() < 256)  # every partial sum is a multiple of 1/8 below 256: exact in fp16
+        assert np.array_equal(run(step, A, qw), ref.reference_gemm(A, qw))
+
+    check()
+
+
+@pytest.mark.parametrize("step", ALL_STEPS)
+def test_repeated_runs_are_bit_identical(step):
+    rng = np.random.default_rng(7)
+    M, K, N, g = (3, 256, 64, 128) if _simulated(step) else (37, 1024, 512, 128)
+    assert step.supports(M, K, N, g)
+    qw = ref.random_quantized_weight(rng, K, N, g)
+    A = rng.standard_normal((M, K), dtype=np.float32).astype(np.float16)
+    first = run(step, A, qw)
+    for _ in range(1 if _simulated(step) else 9):
+        assert np.array_equal(run(step, A, qw), first)
+
+
+@pytest.mark.parametrize("step", ALL_STEPS)
+def test_bad_inputs_get_clear_errors(step):
+    rng = np.random.default_rng(3)
+    K, N = 256, 64 if _simulated(step) else 256
+    qw = ref.random_quantized_weight(rng, K, N, 128)
+    packed = step.pack(qw)
+    A = rng.standard_normal((2, K)).astype(np.float16)
+    with pytest.raises(TypeError, match="dtype float32"):
+        step(to_device(step, A.astype(np.float32)), packed)
+    with pytest.raises(ValueError, match="dimension 1 must be 256"):
+        step(to_device(step, A[:, :128].copy()), packed)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        step(to_device(step, np.repeat(A, 2, axis=1))[:, ::2], packed)
+    with pytest.raises(ValueError, match="2-D"):
+        step(to_device(step, A[0]), packed)
+    with pytest.raises(ValueError, match="out has shape"):
+        step(to_device(step, A), packed, out=to_device(step, np.empty((3, N), np.float16)))
+    other = steps.STEPS[0] if step is not steps.STEPS[0] else steps.STEPS[-1]
+    with pytest.raises(TypeError, match="packed by its own pack"):
+        step(to_device(step, A), other.pack(qw) if other.available() else object())
+    wrong_side = A if not step.host_arrays else None
+    if wrong_side is not None:
+        with pytest.raises(TypeError, match="on the host"):
+            step(wrong_side, packed)
+    empty = step(to_device(step, np.empty((0, K), np.float16)), packed)
+    assert tuple(empty.shape) == (0, N)
+
+
+@pytest.mark.parametrize("step", ALL_STEPS)
+def test_unsupported_problems_say_why(step):
+    for M, K, N, g in [(1, 100, 64, 128), (1, 256, 64, 100), (1, 0, 64, -1)]:
+        verdict = step.supports(M, K, N, g)
+        assert not verdict and verdict.reason
+    bad = ref.QuantizedWeight(np.zeros((256, 64), np.uint8), np.ones((1, 64), np.float16), 100)
+    with pytest.raises(ValueError, match="group_size"):
+        step.pack(bad)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("step", [p for p in ALL_STEPS if not p.values[0].host_arrays])
+def test_torch_tensors_in_torch_tensors_out_on_the_current_stream(step):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(11)
+    qw = ref.random_quantized_weight(rng, 512, 256, 128)
+    A_host = rng.standard_normal((5, 512)).astype(np.float16)
+    packed = step.pack(qw)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        A = torch.from_numpy(A_host).cuda()
+        C = step(A, packed)
+    stream.synchronize()
+    assert isinstance(C, torch.Tensor) and C.is_cuda and C.dtype == torch.float16
+    assert ref.error_excess(C.cpu().numpy(), A_host, qw, step.error_c) <= 1.0

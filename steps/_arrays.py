@@ -97,5 +97,7 @@ def caller_stream(x: Any):
     import cupy
     import torch
 
-    ptr = torch.cuda.current_stream(x.device).cuda_stream
-    return cupy.cuda.Stream.from_external(ptr) if hasattr(cupy.cuda.Stream, "from_external") else cupy.cuda.ExternalStream(ptr)
+    stream = torch.cuda.current_stream(x.device)
+    if hasattr(stream, "__cuda_stream__"):
+        return cupy.cuda.Stream.from_external(stream)
+    return cupy.cuda.ExternalStream(stream.cuda_stream, x.device.index)

@@ -1,7 +1,16 @@
 """The s1 kernel itself, in its own module so that importing the ladder does not import
 Numba, and so that Numba's CUDA simulator can swap `cuda` in this module's globals."""
 
-from numba import cuda, float32, int32
+import numpy as np
+
+# numba-cuda 0.30 registers an overload for np.row_stack when it compiles its first
+# kernel; NumPy 2.5 removed that function (it was an alias of np.vstack since NumPy 1.0,
+# deprecated in 2.0), so the first compilation fails with "module 'numpy' has no
+# attribute 'row_stack'". Restoring the alias, only where it is missing, is enough.
+if not hasattr(np, "row_stack"):
+    np.row_stack = np.vstack
+
+from numba import cuda, float32, int32  # noqa: E402  (after the NumPy alias above)
 
 
 @cuda.jit

@@ -56,6 +56,12 @@ def markdown_table(rows: list[dict]) -> str:
             r = by.get((rung, m))
             cells.append("" if r is None else f"{r['us']:.1f} µs · {r['speedup_vs_fp16']:.2f}× · {r['pct_of_read_bw']:.0f}%")
         lines.append(f"| {rung} | " + " | ".join(cells) + " |")
+    floors = []
+    for m in Ms:
+        quantized = [r for r in rows if r["M"] == m and r["rung"] != "fp16"]
+        best = min(quantized, key=lambda r: r["weight_bytes"], default=None)
+        floors.append("" if best is None else f"{best['weight_bytes'] / (best['read_bw_gbps'] * 1e3):.1f} µs")
+    lines.append("| floor: int4 bytes / read bandwidth | " + " | ".join(floors) + " |")
     return "\n".join(lines)
 
 

@@ -1,0 +1,35 @@
+"""The results section is generated from data, and regenerating it changes nothing."""
+
+import json
+
+import pytest
+
+from steps.report import END, START, write_report
+
+
+def fake_rows():
+    for M in (1, 16):
+        for rung, us in (("fp16", 100.0), ("s1_numba_naive", 400.0)):
+            yield {
+                "date": "2026-11-25T12:00:00+00:00", "device": "cuda", "gpu": "Test GPU", "sms": 2, "l2_bytes": 1,
+                "versions": {"torch": "x", "cupy": "y"}, "preset": "llama-7b", "shape": "sum", "K": 8, "N": 8, "M": M,
+                "group_size": 128, "rung": rung, "us": us * M, "q1_us": us, "q3_us": us, "method": "cuda-graph",
+                "speedup_vs_fp16": 100.0 / us, "weight_bytes": 1000, "weight_gbps": 1.0, "read_bw_gbps": 2.0,
+                "pct_of_read_bw": 50.0, "max_error_ratio": 0.1,
+            }  # fmt: skip
+
+
+def test_report_fills_the_readme_section_reproducibly(tmp_path):
+    pytest.importorskip("matplotlib")
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "run.jsonl").write_text("".join(json.dumps(r) + "\n" for r in fake_rows()))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{START}\nold\n{END}\noutro\n")
+    write_report(results, readme)
+    first_text, first_png = readme.read_text(), (results / "ladder.png").read_bytes()
+    assert "old" not in first_text and first_text.startswith("intro") and first_text.endswith("outro\n")
+    assert "| s1_numba_naive |" in first_text and "0.25×" in first_text and "floor" in first_text
+    write_report(results, readme)
+    assert readme.read_text() == first_text
+    assert (results / "ladder.png").read_bytes() == first_png

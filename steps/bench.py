@@ -206,7 +206,9 @@ class ShapeBench:
 
             out = torch.full((M, self.N), float("nan"), dtype=torch.float16, device="cuda")
         step(A, copies[0], out=out)
-        error = _check(out, A_host, self.W_deq, step.error_c, self.rng)
+        multiplied = step.reference_weight(self.qw)
+        W_deq = self.W_deq if multiplied is self.qw else dequantize(multiplied)
+        error = _check(out, A_host, W_deq, step.error_c, self.rng)
         if not error <= 1.0:
             return Timing(math.nan, math.nan, math.nan, 0, 0, "failed-check"), error
         return measure(lambda i: step(A, copies[i], out=out), len(copies), self.machine.device), error

@@ -41,7 +41,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             A_host = rng.standard_normal((M, K), dtype=np.float32).astype(np.float16)
             packed = step.pack(qw)
             C = step(A_host if step.host_arrays else _to_gpu(A_host), packed)
-            ratio = error_excess(C if step.host_arrays else C.get(), A_host, qw, step.error_c)
+            ratio = error_excess(C if step.host_arrays else C.get(), A_host, step.reference_weight(qw), step.error_c)
             verdict = "ok" if ratio <= 1 else "FAIL"
             failures += verdict != "ok"
             print(f"{step.name:<20} M={M:<4} K={K:<5} N={N:<5} group={g:<4} error/bound={ratio:.3f} {verdict}")

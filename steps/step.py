@@ -93,6 +93,12 @@ class Step:
         """True when the rung takes and returns NumPy arrays (CPU rungs, simulated CUDA)."""
         return self.device == "cpu"
 
+    def reference_weight(self, qw: QuantizedWeight) -> QuantizedWeight:
+        """The weight this rung actually multiplies by: `qw` itself, except for rungs that
+        transform it lossily (the 2:4-sparse rung prunes it). Tests compare against
+        reference_gemm(A, step.reference_weight(qw))."""
+        return qw
+
     # -- offline weight layout ------------------------------------------------------
     def pack_host(self, qw: QuantizedWeight) -> dict[str, np.ndarray]:
         """The rung's layout of the weights as NumPy arrays (pure CPU, bit-exact testable)."""

@@ -1,0 +1,371 @@
+"""The ladder as a torch layer: MarlinLinear, a drop-in replacement for nn.Linear.
+
+A MarlinLinear holds one linear layer's weights quantized to 4 bits and packed once, at
+construction, for the fastest rung of the ladder that runs the layer on its device
+(s6_marlin on a GPU once it exists, s0_numpy on the CPU). It is built from an nn.Linear
+(quantized with the reference quantizer) or from the tensors of a GPTQ or AWQ checkpoint,
+including GPTQ act-order, which it runs by gathering the activations' columns into the
+weight's group order before the product (reference/formats.py explains why that is exact).
+
+The product goes through one torch custom op, `torch.ops.marlin_ladder.int4_matmul`, whose
+fake implementation only states the output's shape and dtype, so torch.compile traces a
+model through it without graph breaks and CUDA graphs capture its launch.
+
+How packed weights travel through the op: the rung's packed arrays are stored as ordinary
+torch buffers of the module and passed to the op as a list of tensors, with a string that
+names each one and its dtype. Inside the op they are wrapped again, without copying, as
+the arrays the rung expects (NumPy views on the CPU, CuPy views via DLPack on the GPU,
+made on torch's current stream so no cross-stream synchronisation is recorded during graph
+capture). The module therefore owns the weight memory like any other layer: state_dict
+saves it, .to() moves it between GPUs, torch.compile sees it as graph inputs and a
+captured CUDA graph reads the same buffers on every replay. Nothing lives in a side table
+that could go stale. Floating-point arrays (the fp16 scales) are stored bit for bit as
+integer tensors, so model.half() / model.bfloat16() / model.to(dtype), which convert
+every floating buffer, cannot rewrite a packed layout.
+
+torch is an optional dependency of marlin-ladder: import this module only where torch is
+installed; `import steps` never imports it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from reference import QuantizedWeight, quantize
+from reference.formats import check_permutation, import_awq, import_gptq
+
+from ._arrays import as_cupy, caller_stream
+from .registry import STEPS, get
+from .step import Packed, Step
+
+# Rungs that compute a different function (weights pruned to 2:4) and so never stand in
+# for a dense layer.
+SPARSE_RUNGS = frozenset({"s7_sparse_marlin"})
+
+
+# -- choosing a rung ------------------------------------------------------------------------------
+
+
+def _why_not(step: Step, device: torch.device, qw: QuantizedWeight) -> str:
+    """Why `step` cannot run this weight on `device` ("" when it can)."""
+    if step.name in SPARSE_RUNGS:
+        return "it multiplies 2:4-sparse weights, not dense ones"
+    if device.type == "cpu" and step.device != "cpu":
+        return "it runs on CUDA"
+    if device.type == "cuda" and (step.device != "cuda" or step.host_arrays):
+        return "it does not run on a CUDA device" if step.device == "cpu" else "it runs under the CUDA simulator here"
+    if device.type not in ("cpu", "cuda"):
+        return f"it runs on cpu or cuda, not {device.type}"
+    available = step.available()
+    if not available:
+        return available.reason
+    supported = step.supports(1, qw.K, qw.N, qw.group_size)
+    if not supported:
+        return supported.reason
+    if qw.zeros is not None and not step.supports_zero_points:
+        return "it supports symmetric weights only and this weight has zero points"
+    return ""
+
+
+def select_step(qw: QuantizedWeight, device: torch.device, name: str | None = None) -> Step:
+    """The highest rung of the ladder that runs `qw` on `device`, or the rung called `name`."""
+    candidates = [get(name)] if name is not None else list(reversed(STEPS))
+    reasons = []
+    for step in candidates:
+        why = _why_not(step, device, qw)
+        if not why:
+            return step
+        reasons.append(f"{step.name}: {why}")
+    kind = "asymmetric" if qw.zeros is not None else "symmetric"
+    raise ValueError(
+        f"no rung runs this {kind} K={qw.K} x N={qw.N} weight with group_size {qw.group_size} on {device} ({'; '.join(reasons)})"
+    )
+
+
+# -- the custom op --------------------------------------------------------------------------------
+
+
+def _dtype_name(x: torch.Tensor) -> str:
+    return str(x.dtype).removeprefix("torch.")
+
+
+def _check_activations(x: torch.Tensor, step: Step, K: int, who: str) -> None:
+    """One-sentence errors for activations this rung cannot take (any leading dimensions)."""
+    if x.dim() < 1 or x.shape[-1] != K:
+        raise ValueError(f"{who} expects inputs whose last dimension is K={K}, got shape {tuple(x.shape)}")
+    if _dtype_name(x) not in step.activation_dtypes:
+        raise TypeError(
+            f"{who} runs rung {step.name}, which takes {' or '.join(step.activation_dtypes)} activations, "
+            f"got {_dtype_name(x)}; cast the input (x.half()) or pick a rung that accepts {_dtype_name(x)}"
+        )
+    wanted = "cpu" if step.host_arrays else "cuda"
+    if x.device.type != wanted:
+        raise ValueError(f"{who} runs rung {step.name} on {wanted} but the input is on {x.device}")
+
+
+# Same-size integer dtypes that hold floating-point packed arrays bit for bit.
+_RAW_DTYPES = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32, torch.float64: torch.int64}
+
+
+def _raw(tensor: torch.Tensor) -> torch.Tensor:
+    """A floating tensor reinterpreted as the integer dtype of its size; others unchanged."""
+    raw = _RAW_DTYPES.get(tensor.dtype)
+    return tensor if raw is None else tensor.view(raw)
+
+
+def _arrays_spec(packed: dict[str, torch.Tensor]) -> str:
+    """"name:dtype,..." for the packed arrays, in order: what int4_matmul needs to rebuild them."""
+    return ",".join(f"{name}:{str(t.dtype).removeprefix('torch.')}" for name, t in packed.items())
+
+
+def _named_arrays(arrays: list[torch.Tensor], arrays_spec: str) -> dict[str, torch.Tensor]:
+    """The op's packed arrays by name, each viewed as its original dtype again."""
+    entries = [entry.split(":") for entry in arrays_spec.split(",")]
+    if len(entries) != len(arrays) or any(len(e) != 2 for e in entries):
+        raise ValueError(f"int4_matmul got {len(arrays)} packed arrays but the spec {arrays_spec!r} describes {len(entries)}")
+    return {name: a.detach().view(getattr(torch, dtype)) for (name, dtype), a in zip(entries, arrays)}
+
+
+@torch.library.custom_op("marlin_ladder::int4_matmul", mutates_args=())
+def int4_matmul(
+    x: torch.Tensor, arrays: list[torch.Tensor], arrays_spec: str, step: str, K: int, N: int, group_size: int
+) -> torch.Tensor:
+    """C = x @ W (M x N, fp16) for a weight W packed by rung `step`.
+
+    `arrays` are the rung's packed arrays as torch tensors (floating ones may be stored
+    as same-size integers) and `arrays_spec` gives their names and dtypes in the same
+    order, "name:dtype,..."; K, N and group_size describe W. x must be a C-contiguous
+    (M, K) matrix on the device the arrays live on.
+    """
+    rung = get(step)
+    _check_op_inputs(x, rung, K)
+    named = _named_arrays(arrays, arrays_spec)
+    for name, a in named.items():
+        if a.device != x.device:
+            raise ValueError(f"int4_matmul: packed array {name} is on {a.device} but x is on {x.device}")
+    if rung.host_arrays:
+        packed = Packed(step, K, N, group_size, {n: a.numpy() for n, a in named.items()})
+        return torch.from_numpy(rung(x.detach().numpy(), packed))
+    with caller_stream(x):  # DLPack views made on torch's current stream: no cross-stream sync
+        packed = Packed(step, K, N, group_size, {n: as_cupy(a) for n, a in named.items()})
+    return rung(x, packed)
+
+
+@int4_matmul.register_fake
+def _int4_matmul_fake(x, arrays, arrays_spec, step, K, N, group_size):
+    _check_op_inputs(x, get(step), K)
+    return x.new_empty((x.shape[0], N))
+
+
+def _check_op_inputs(x: torch.Tensor, rung: Step, K: int) -> None:
+    who = "int4_matmul"
+    if x.dim() != 2:
+        raise ValueError(f"{who} takes a 2-D (M, K) matrix, got shape {tuple(x.shape)}; flatten leading dimensions first")
+    _check_activations(x, rung, K, who)
+    if not x.is_contiguous():
+        raise ValueError(f"{who} needs a C-contiguous (row-major) x; call .contiguous() first")
+
+
+# -- the layer ------------------------------------------------------------------------------------
+
+
+def _as_numpy(name: str, x: Any) -> np.ndarray:
+    """A checkpoint tensor (torch or NumPy) as a host NumPy array."""
+    if not isinstance(x, torch.Tensor):
+        return np.asarray(x)
+    if x.dtype == torch.bfloat16:
+        raise TypeError(f"{name} is bfloat16; checkpoint scales are float16, convert with .half() first")
+    return x.detach().cpu().numpy()
+
+
+def _default_device(x: Any) -> torch.device:
+    return x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
+
+
+def _packed_tensors(step: Step, qw: QuantizedWeight, device: torch.device) -> dict[str, torch.Tensor]:
+    """The rung's packed arrays as torch tensors on `device`, sharing memory with the pack."""
+    if step.host_arrays:
+        return {k: torch.from_numpy(np.array(v, order="C")) for k, v in step.pack(qw).arrays.items()}  # own copy
+    import cupy
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with cupy.cuda.Device(index):
+        return {k: torch.from_dlpack(v) for k, v in step.pack(qw).arrays.items()}
+
+
+class MarlinLinear(nn.Module):
+    """y = x @ W + bias with W 4-bit quantized and packed for one rung of the ladder.
+
+    x has shape [..., K] (fp16, or any dtype the rung lists in `activation_dtypes`); y has
+    shape [..., N]. Build it with `from_linear`, `from_gptq`, `from_awq`, or directly from a
+    QuantizedWeight with contiguous groups and an optional act-order permutation `perm`
+    (row i of qw is row perm[i] of the layer's weight). `step` forces a rung by name;
+    `device` is where the layer runs (the rung is chosen for it).
+    """
+
+    def __init__(
+        self,
+        qw: QuantizedWeight,
+        perm: np.ndarray | None = None,
+        bias: Any = None,
+        *,
+        step: str | None = None,
+        device: torch.device | str = "cpu",
+    ):
+        super().__init__()
+        device = torch.device(device)
+        rung = select_step(qw, device, step)
+        self.in_features, self.out_features, self.group_size = qw.K, qw.N, qw.group_size
+        self.step = rung.name
+        packed = _packed_tensors(rung, qw, device)
+        self.arrays_spec = _arrays_spec(packed)
+        self.array_buffers = tuple(f"packed_{name}" for name in packed)
+        for buffer, tensor in zip(self.array_buffers, packed.values()):
+            self.register_buffer(buffer, _raw(tensor))
+        if perm is not None:
+            check_permutation(perm, qw.K)
+            perm = torch.from_numpy(np.asarray(perm, dtype=np.int64)).to(device)
+        self.register_buffer("perm", perm)
+        if bias is not None:
+            bias = torch.as_tensor(bias).detach().to(device=device, dtype=torch.float16)
+            if bias.shape != (qw.N,):
+                raise ValueError(f"bias must have shape ({qw.N},), got {tuple(bias.shape)}")
+        self.register_buffer("bias", bias)
+
+    # -- constructors -------------------------------------------------------------------------
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, group_size: int = 128, zero_point: bool = False, *, step: str | None = None, device=None
+    ) -> MarlinLinear:
+        """Quantize an nn.Linear with the reference quantizer (round to nearest) and pack it once."""
+        W = linear.weight.detach().to("cpu", torch.float32).numpy().T  # (K, N): K = in_features
+        qw = quantize(W, group_size, symmetric=not zero_point)
+        return cls(qw, None, linear.bias, step=step, device=device or linear.weight.device)
+
+    @classmethod
+    def from_gptq(
+        cls,
+        qweight,
+        qzeros,
+        scales,
+        g_idx=None,
+        bias=None,
+        *,
+        group_size: int | None = None,
+        checkpoint_format: str = "gptq",
+        bits: int = 4,
+        step: str | None = None,
+        device=None,
+    ) -> MarlinLinear:
+        """From a GPTQ layer's tensors (torch or NumPy); see reference.formats.import_gptq."""
+        qw, perm = import_gptq(
+            _as_numpy("qweight", qweight),
+            _as_numpy("qzeros", qzeros),
+            _as_numpy("scales", scales),
+            None if g_idx is None else _as_numpy("g_idx", g_idx),
+            group_size=group_size,
+            checkpoint_format=checkpoint_format,
+            bits=bits,
+        )
+        return cls(qw, perm, bias, step=step, device=device or _default_device(qweight))
+
+    @classmethod
+    def from_awq(
+        cls,
+        qweight,
+        qzeros,
+        scales,
+        bias=None,
+        *,
+        group_size: int | None = None,
+        bits: int = 4,
+        step: str | None = None,
+        device=None,
+    ) -> MarlinLinear:
+        """From an AWQ (GEMM layout) layer's tensors (torch or NumPy); see reference.formats.import_awq."""
+        qw = import_awq(
+            _as_numpy("qweight", qweight),
+            _as_numpy("qzeros", qzeros),
+            _as_numpy("scales", scales),
+            group_size=group_size,
+            bits=bits,
+        )
+        return cls(qw, None, bias, step=step, device=device or _default_device(qweight))
+
+    # -- the product --------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rung = get(self.step)
+        arrays = [getattr(self, buffer) for buffer in self.array_buffers]
+        packed_on = "cpu" if rung.host_arrays else "cuda"
+        if arrays[0].device.type != packed_on:
+            raise ValueError(
+                f"this MarlinLinear is packed for rung {self.step} on {packed_on} but its buffers were moved to "
+                f"{arrays[0].device}; layouts differ between rungs, so build it there instead (from_linear(..., device=...))"
+            )
+        _check_activations(x, rung, self.in_features, f"MarlinLinear({self.in_features} -> {self.out_features})")
+        leading = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        # Act-order: gather x's columns into the weight's group order (the result is contiguous).
+        x2 = x2.contiguous() if self.perm is None else torch.index_select(x2, 1, self.perm)
+        y = int4_matmul(x2, arrays, self.arrays_spec, self.step, self.in_features, self.out_features, self.group_size)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*leading, self.out_features)
+
+    # -- saving and loading -------------------------------------------------------------------
+    def _layout(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "K": self.in_features,
+            "N": self.out_features,
+            "group_size": self.group_size,
+            "arrays_spec": self.arrays_spec,
+        }
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return self._layout()
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        if state != self._layout():
+            raise ValueError(f"this state_dict holds weights packed as {state}, but this MarlinLinear is packed as {self._layout()}")
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
+            f"bias={self.bias is not None}, act_order={self.perm is not None}, step={self.step}"
+        )
+
+
+def _skipped(name: str, skip: Iterable[str] | Callable[[str], bool]) -> bool:
+    if callable(skip):
+        return bool(skip(name))
+    return any(part in set(skip) for part in name.split("."))
+
+
+def replace_linear_layers(
+    model: nn.Module, *, skip: Iterable[str] | Callable[[str], bool] = ("lm_head",), **kwargs: Any
+) -> list[str]:
+    """Swap every nn.Linear in `model` for MarlinLinear.from_linear(linear, **kwargs), in place.
+
+    `skip` is either names that exclude a layer when any component of its dotted name
+    equals one of them (default: the output head, "lm_head"), or a predicate on the
+    dotted name. Returns the names of the replaced layers.
+    """
+    targets = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and not _skipped(name, skip)
+    ]
+    for name, linear in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        try:
+            setattr(parent, child, MarlinLinear.from_linear(linear, **kwargs))
+        except ValueError as e:
+            raise ValueError(f"cannot replace layer {name!r}: {e}") from e
+    return [name for name, _ in targets]

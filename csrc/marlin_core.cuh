@@ -1,0 +1,428 @@
+// marlin_core.cuh: the building blocks of the MARLIN rungs (s4, s5, s6).
+//
+// The three rungs share one weight layout (reference/marlin_layout.py) and therefore one
+// way of turning a lane's 128-bit word into tensor-core operands. This header holds
+// those pieces, in the order the data flows: asynchronous global->shared copies (with
+// and without the L2 evict-first hint), the swizzled A tile and its ldmatrix read,
+// int4 -> fp16 dequantization with lop3, the mma itself, and the fold of a warp's
+// fp32 accumulators into the fp16 output. Then the multi-stage pipeline that s5 and s6
+// both run over a column of weight tiles (s6 only changes which tiles and what happens
+// to the sums afterwards). Everything lives in namespace `marlin` so it cannot collide
+// with the mma/ldmatrix helpers of common.cuh, which the earlier rungs use.
+#pragma once
+
+#include <cuda_fp16.h>
+
+namespace marlin {
+
+// One m16n8k16 operand set per lane: A is 8 fp16 (4 registers), B is 4 fp16 (2
+// registers), the fp32 accumulator 4 floats. Kept as plain register arrays; every index
+// into them is a compile-time constant after unrolling, so they never touch local memory.
+struct FragA { unsigned r[4]; };
+struct FragB { unsigned r[2]; };
+struct FragC { float v[4]; };
+
+__device__ __forceinline__ unsigned smem_address(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+// ---------------------------------------------------------------------------------
+// Global -> shared: cp.async, 16 bytes at a time, bypassing L1 (.cg).
+// ---------------------------------------------------------------------------------
+
+// Rows of A past the batch are zero-filled (source size 0) rather than skipped, so a
+// partial slab multiplies zeros, never stale shared memory. The source address is still
+// formed, so callers clamp it to a valid row.
+__device__ __forceinline__ void cp_async16_zfill(void* smem, const void* gmem, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_address(smem)), "l"(gmem),
+               "r"(valid ? 16 : 0));
+}
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_address(smem)), "l"(gmem));
+}
+
+// The quantized weights are read exactly once per product, so they should not push A,
+// the scales and the partial sums of the global reduction out of L2. An evict-first
+// cache policy, created once per thread and passed as a 64-bit operand to every weight
+// copy, tells L2 to drop these lines first. (The policy register is created outside the
+// copy's own asm block: the kernels were validated on an H100 in this form.)
+__device__ __forceinline__ unsigned long long make_evict_first_policy() {
+  unsigned long long policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+  return policy;
+}
+
+__device__ __forceinline__ void cp_async16_evict_first(void* smem, const void* gmem, unsigned long long policy) {
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;\n" ::"r"(smem_address(smem)),
+               "l"(gmem), "l"(policy));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int PENDING>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING));
+}
+
+// ---------------------------------------------------------------------------------
+// The A tile in shared memory: rows of kTileK fp16, i.e. kTileK / 8 16-byte chunks.
+// ldmatrix reads 8 rows at one chunk column per phase; with rows 128 or 256 bytes apart
+// they would all hit the same banks. XOR-ing the chunk column with (row mod 8) gives
+// those 8 rows 8 different bank groups, for the cp.async writes (8 chunks of one row)
+// as well.
+// ---------------------------------------------------------------------------------
+template <int ROW_CHUNKS>
+__device__ __forceinline__ int a_swizzle(int row, int chunk) {
+  static_assert(ROW_CHUNKS % 8 == 0, "the swizzle permutes chunks within groups of 8");
+  return row * ROW_CHUNKS + (chunk ^ (row & 7));
+}
+
+// The A operand of one 16 x 16 block: lanes 0-15 point at rows 0-15 of its left 8
+// columns, lanes 16-31 at the right 8; ldmatrix.x4 returns the 4 registers in exactly
+// the a0..a3 order mma.m16n8k16 expects.
+__device__ __forceinline__ void ldmatrix_x4(FragA& a, const void* smem) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(a.r[0]), "=r"(a.r[1]), "=r"(a.r[2]), "=r"(a.r[3])
+               : "r"(smem_address(smem)));
+}
+
+// ---------------------------------------------------------------------------------
+// int4 -> fp16: four instructions per 4 weights (reference/marlin_layout.py models them).
+// ---------------------------------------------------------------------------------
+template <int LUT>
+__device__ __forceinline__ unsigned lop3(unsigned a, unsigned b, unsigned c) {
+  unsigned d;
+  asm volatile("lop3.b32 %0, %1, %2, %3, %4;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c), "n"(LUT));
+  return d;
+}
+
+__device__ __forceinline__ half2 as_half2(unsigned u) { return *reinterpret_cast<half2*>(&u); }
+__device__ __forceinline__ unsigned as_u32(half2 h) { return *reinterpret_cast<unsigned*>(&h); }
+
+// (q AND mask) OR 0x6400 in each fp16 half puts a nibble v into the mantissa of 1024:
+// the fp16 value 1024 + v (low nibble) or 1024 + 16 v (high nibble). The lop3 truth
+// table for (a & b) | c is (0xF0 & 0xCC) | 0xAA over the operand tables a=F0, b=CC, c=AA.
+// Subtracting 1032, or multiplying by 1/16 and adding -72, then yields v - 8 exactly:
+// the symmetric zero point costs nothing.
+__device__ __forceinline__ FragB dequantize_pairs(unsigned q) {
+  constexpr int AND_OR = (0xF0 & 0xCC) | 0xAA;
+  const unsigned lo = lop3<AND_OR>(q, 0x000F000Fu, 0x64006400u);
+  const unsigned hi = lop3<AND_OR>(q, 0x00F000F0u, 0x64006400u);
+  FragB b;
+  b.r[0] = as_u32(__hsub2(as_half2(lo), as_half2(0x64086408u)));                         // 1032
+  b.r[1] = as_u32(__hfma2(as_half2(hi), as_half2(0x2C002C00u), as_half2(0xD480D480u)));  // 1/16, -72
+  return b;
+}
+
+// A lane's 32-bit word of tile j holds both of its B operands: nibbles (0,4),(1,5) the
+// left 8 columns, (2,6),(3,7) the right 8 -- reached by shifting the word right by 8.
+// Each operand is scaled by its column's fp16 scale with one __hmul2 rounding, which is
+// bit for bit the reference's fp16((q - 8) * s).
+__device__ __forceinline__ void dequantize_tile(unsigned q, unsigned scale_pair, FragB& left, FragB& right) {
+  const half2 s = as_half2(scale_pair);
+  const half2 s_left = __low2half2(s), s_right = __high2half2(s);
+  left = dequantize_pairs(q);
+  right = dequantize_pairs(q >> 8);
+  left.r[0] = as_u32(__hmul2(as_half2(left.r[0]), s_left));
+  left.r[1] = as_u32(__hmul2(as_half2(left.r[1]), s_left));
+  right.r[0] = as_u32(__hmul2(as_half2(right.r[0]), s_right));
+  right.r[1] = as_u32(__hmul2(as_half2(right.r[1]), s_right));
+}
+
+__device__ __forceinline__ void mma_16816(const FragA& a, const FragB& b, FragC& c) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c.v[0]), "+f"(c.v[1]), "+f"(c.v[2]), "+f"(c.v[3])
+      : "r"(a.r[0]), "r"(a.r[1]), "r"(a.r[2]), "r"(a.r[3]), "r"(b.r[0]), "r"(b.r[1]));
+}
+
+// One lane's whole contribution for one k16 step of its warp's 16*kMBlocks x 64 strip:
+// dequantize the four tiles of its 128-bit weight word, multiply with every m-block.
+// m is the inner loop so the dequantization of tile j+1 overlaps the mmas of tile j.
+template <int kMBlocks>
+__device__ __forceinline__ void multiply_k16(const FragA (&a)[kMBlocks], const int4& w, const int4& s,
+                                             FragC (&acc)[kMBlocks][4][2]) {
+  const unsigned words[4] = {unsigned(w.x), unsigned(w.y), unsigned(w.z), unsigned(w.w)};
+  const unsigned scales[4] = {unsigned(s.x), unsigned(s.y), unsigned(s.z), unsigned(s.w)};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    FragB left, right;
+    dequantize_tile(words[j], scales[j], left, right);
+#pragma unroll
+    for (int m = 0; m < kMBlocks; ++m) {
+      mma_16816(a[m], left, acc[m][j][0]);
+      mma_16816(a[m], right, acc[m][j][1]);
+    }
+  }
+}
+
+template <int kMBlocks>
+__device__ __forceinline__ void zero_accumulators(FragC (&acc)[kMBlocks][4][2]) {
+#pragma unroll
+  for (int m = 0; m < kMBlocks; ++m)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[m][j][h].v[e] = 0.0f;
+}
+
+// ---------------------------------------------------------------------------------
+// Output: a lane's accumulator (m, j, h) holds rows 16m + g and 16m + g + 8, columns
+// 16j + 8h + 2c and +1, of its warp's strip (lane = 4g + c). fold_into_output writes
+// them as fp16 pairs; with `accumulate` it first adds the fp16 partial sum another
+// block left there (read through L2 with ld.cg: L1 is not coherent across SMs). The
+// output is small next to the weights, so these 4-byte accesses cost little.
+// ---------------------------------------------------------------------------------
+template <int kMBlocks>
+__device__ __forceinline__ void fold_into_output(const FragC (&acc)[kMBlocks][4][2], half* __restrict__ C,
+                                                 int ldc, int rows_valid, int strip_col, bool accumulate) {
+  const int lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+#pragma unroll
+  for (int m = 0; m < kMBlocks; ++m)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = 16 * m + g + 8 * r;
+      if (row >= rows_valid) continue;
+      half2* out = reinterpret_cast<half2*>(C + size_t(row) * ldc + strip_col + 2 * c);
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          float2 v = make_float2(acc[m][j][h].v[2 * r], acc[m][j][h].v[2 * r + 1]);
+          half2* p = out + (16 * j + 8 * h) / 2;
+          if (accumulate) {
+            const float2 partial = __half22float2(__ldcg(p));
+            v.x += partial.x;
+            v.y += partial.y;
+          }
+          __stcg(p, __float22half2_rn(v));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// The multi-stage pipeline of s5 and s6 over one column of weight tiles.
+//
+// A block of 8 warps computes a 16*kMBlocks x kTileN output tile, kTileK rows of K per
+// pipeline stage. kTileN / 64 warps lie side by side along N (one 64-column strip each);
+// the other factor, K_WARPS, splits each stage's kTileK / 16 k16 steps between warps, so
+// every warp has work even when kTileN is small, and the block's partial sums are added
+// in shared memory at the end of the column (reduce_across_k_warps).
+//
+// Stage layout in shared memory (16-byte units): A tile | weights | scales. Thread t
+// copies weight chunks t, t + 256, ... of a stage and -- because chunk index =
+// 256 * substep + 32 * warp + lane is exactly what the consuming lane needs -- later
+// reads back the very chunks it copied. Only A is truly shared between warps.
+// ---------------------------------------------------------------------------------
+template <int kMBlocks, int kTileN, int kTileK, int kStages, int kGroupRows, bool kEvictFirst>
+struct Pipeline {
+  static constexpr int THREADS = 256;
+  static constexpr int N_STRIPS = kTileN / 64;
+  static constexpr int K_WARPS = 8 / N_STRIPS;
+  static constexpr int K16_STEPS = kTileK / 16;
+  static constexpr int SUBSTEPS = K16_STEPS / K_WARPS;  // k16 steps per warp per stage
+  static_assert(kTileN % 64 == 0 && 8 % N_STRIPS == 0, "kTileN must be 64, 128, 256 or 512");
+  static_assert(SUBSTEPS >= 2 && SUBSTEPS % 2 == 0, "fragment double buffering needs an even number of substeps");
+  static_assert(kStages >= 3, "the pipeline keeps kStages - 1 tiles in flight while one is consumed");
+  static_assert(kGroupRows == 0 || kGroupRows % 16 == 0, "groups are whole k16 steps");
+  static_assert(kGroupRows == 0 || kGroupRows >= kTileK ? kGroupRows % kTileK == 0 : kTileK % kGroupRows == 0,
+                "a group must hold whole tiles or a tile whole groups");
+
+  static constexpr int A_ROW_CHUNKS = kTileK / 8;
+  static constexpr int A_CHUNKS = 16 * kMBlocks * A_ROW_CHUNKS;
+  static constexpr int A_COPIES = (A_CHUNKS + THREADS - 1) / THREADS;
+  static constexpr int B_CHUNKS = K16_STEPS * kTileN / 2;  // 16 rows x kTileN codes / 32 per chunk
+  static constexpr int B_COPIES = B_CHUNKS / THREADS;      // == SUBSTEPS
+  // kGroupRows == 0 means one scale per column (group size -1): every tile uses row 0.
+  static constexpr int S_ROWS = (kGroupRows == 0 || kGroupRows >= kTileK) ? 1 : kTileK / kGroupRows;
+  static constexpr int S_ROW_CHUNKS = kTileN / 8;
+  static constexpr int S_CHUNKS = S_ROWS * S_ROW_CHUNKS;
+  static_assert(S_CHUNKS <= THREADS, "one scale chunk per thread at most");
+  static constexpr int STAGE_CHUNKS = A_CHUNKS + B_CHUNKS + S_CHUNKS;
+  // The in-block reduction reuses the stage buffers: (K_WARPS - 1) warps per strip store
+  // 32 floats per lane for one m-block at a time.
+  static constexpr int REDUCE_CHUNKS = (K_WARPS - 1) * N_STRIPS * 32 * 32 / 4;
+  static constexpr int SMEM_BYTES = 16 * (kStages * STAGE_CHUNKS > REDUCE_CHUNKS ? kStages * STAGE_CHUNKS : REDUCE_CHUNKS);
+
+  int4* smem;
+  int warp, lane, k_warp, strip;
+  // Per column: where the next tile to fetch starts, and how many remain to be fetched.
+  const int4* a_next;  // this thread's first A chunk of the next tile (clamped row)
+  const int4* b_next;  // this thread's first weight chunk of the next tile
+  const int4* s_base;  // this thread's scale chunk in group row 0 of the column
+  int a_stride, b_stride, s_stride;  // 16-byte units per row of A, per k16 row of W, per group row
+  int next_tile;     // k-tile index (from the start of the column) of the next fetch
+  int first_k_tile;  // absolute k-tile of the column's first tile, for the scale rows
+  int tiles;         // tiles in this column
+  bool a_valid[A_COPIES];
+  int a_smem[A_COPIES];
+  unsigned long long policy;
+
+  __device__ __forceinline__ void init(int4* smem_, int K, int N) {
+    smem = smem_;
+    warp = threadIdx.x / 32;
+    lane = threadIdx.x % 32;
+    k_warp = warp / N_STRIPS;
+    strip = warp % N_STRIPS;
+    a_stride = K / 8;
+    b_stride = N / 2;
+    s_stride = N / 8;
+    policy = kEvictFirst ? make_evict_first_policy() : 0ull;
+  }
+
+  // Point the pipeline at column `col` of the slab starting at A row `a_row0`, k-tiles
+  // [k_tile0, k_tile0 + tiles).
+  __device__ __forceinline__ void begin_column(const int4* A, const int4* B, const int4* S, int rows_valid,
+                                               int col, int k_tile0, int tiles_) {
+    const int t = threadIdx.x;
+#pragma unroll
+    for (int i = 0; i < A_COPIES; ++i) {
+      const int chunk = t + THREADS * i;
+      const int row = chunk / A_ROW_CHUNKS;
+      a_valid[i] = chunk < A_CHUNKS && row < rows_valid;
+      a_smem[i] = a_swizzle<A_ROW_CHUNKS>(row, chunk % A_ROW_CHUNKS);
+    }
+    const int row = t / A_ROW_CHUNKS;
+    a_next = A + size_t(row < rows_valid ? row : 0) * a_stride + size_t(k_tile0) * A_ROW_CHUNKS + t % A_ROW_CHUNKS;
+    // Weight chunk t of a stage is k16 row t / (kTileN/2), chunk t % (kTileN/2) of the
+    // tile's row; copy i adds 256 / (kTileN/2) k16 rows.
+    b_next = B + size_t(k_tile0) * K16_STEPS * b_stride + size_t(t / (kTileN / 2)) * b_stride +
+             col * (kTileN / 2) + t % (kTileN / 2);
+    s_base = S + col * S_ROW_CHUNKS + (t / S_ROW_CHUNKS) * s_stride + t % S_ROW_CHUNKS;
+    next_tile = 0;
+    first_k_tile = k_tile0;
+    tiles = tiles_;
+  }
+
+  __device__ __forceinline__ int4* stage_a(int slot) const { return smem + slot * STAGE_CHUNKS; }
+  __device__ __forceinline__ int4* stage_b(int slot) const { return stage_a(slot) + A_CHUNKS; }
+  __device__ __forceinline__ int4* stage_s(int slot) const { return stage_b(slot) + B_CHUNKS; }
+
+  // Issue the copies of the next tile into `slot` (nothing past the column's end), and
+  // always commit a group, so "wait until at most kStages-2 groups are pending" keeps
+  // meaning "the tile consumed next has landed".
+  __device__ __forceinline__ void fetch(int slot) {
+    if (next_tile < tiles) {
+      const int t = threadIdx.x;
+      int4* a = stage_a(slot);
+#pragma unroll
+      for (int i = 0; i < A_COPIES; ++i) {
+        constexpr int ROWS_PER_COPY = THREADS / A_ROW_CHUNKS;
+        if (THREADS * i + t < A_CHUNKS)
+          cp_async16_zfill(&a[a_smem[i]], a_next + (a_valid[i] ? size_t(ROWS_PER_COPY) * i * a_stride : 0),
+                           a_valid[i]);
+      }
+      int4* b = stage_b(slot);
+#pragma unroll
+      for (int i = 0; i < B_COPIES; ++i) {
+        constexpr int K16_PER_COPY = THREADS / (kTileN / 2);
+        const int4* src = b_next + size_t(K16_PER_COPY) * i * b_stride;
+        if (kEvictFirst)
+          cp_async16_evict_first(&b[THREADS * i + t], src, policy);
+        else
+          cp_async16(&b[THREADS * i + t], src);
+      }
+      if (t < S_CHUNKS) {
+        // Scales are small and re-read by the next tiles of the same group: no hint.
+        const int group_row = kGroupRows == 0 ? 0 : ((first_k_tile + next_tile) * kTileK) / kGroupRows;
+        cp_async16(&stage_s(slot)[t], s_base + size_t(group_row) * s_stride);
+      }
+      a_next += A_ROW_CHUNKS;
+      b_next += size_t(K16_STEPS) * b_stride;
+      ++next_tile;
+    }
+    cp_async_commit();
+  }
+
+  // Registers for one substep: the warp's k16 step of this stage, its A blocks, its
+  // 128-bit weight word and the 128-bit word of scales of that step's group.
+  __device__ __forceinline__ void load_fragments(int slot, int substep, FragA (&a)[kMBlocks], int4& w, int4& s) const {
+    const int k16 = k_warp + K_WARPS * substep;
+    const int4* sa = stage_a(slot);
+#pragma unroll
+    for (int m = 0; m < kMBlocks; ++m)
+      ldmatrix_x4(a[m], &sa[a_swizzle<A_ROW_CHUNKS>(16 * m + lane % 16, 2 * k16 + lane / 16)]);
+    w = stage_b(slot)[THREADS * substep + threadIdx.x];
+    const int s_row = S_ROWS == 1 ? 0 : (16 * k16) / kGroupRows;
+    s = stage_s(slot)[s_row * S_ROW_CHUNKS + 8 * strip + lane / 4];
+  }
+
+  // Stream the whole column through the pipeline into acc (zeroed here).
+  __device__ __forceinline__ void run(FragC (&acc)[kMBlocks][4][2]) {
+    FragA a[2][kMBlocks];
+    int4 w[2], s[2];
+#pragma unroll
+    for (int slot = 0; slot < kStages - 1; ++slot) fetch(slot);
+    zero_accumulators<kMBlocks>(acc);
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    load_fragments(0, 0, a[0], w[0], s[0]);
+
+    int tile = 0;
+    while (true) {
+      // Unrolled over the slots so every shared-memory offset is a constant.
+#pragma unroll
+      for (int slot = 0; slot < kStages; ++slot) {
+#pragma unroll
+        for (int sub = 0; sub < SUBSTEPS; ++sub) {
+          // Double-buffered fragments: load substep sub+1 while sub multiplies.
+          if (sub + 1 < SUBSTEPS) load_fragments(slot, sub + 1, a[(sub + 1) % 2], w[(sub + 1) % 2], s[(sub + 1) % 2]);
+          if (sub == SUBSTEPS - 2) {
+            // The slot before this one was last read before the previous barrier, so it
+            // can be refilled; then wait for the next tile and make it visible to all.
+            fetch((slot + kStages - 1) % kStages);
+            cp_async_wait<kStages - 2>();
+            __syncthreads();
+          }
+          if (sub == SUBSTEPS - 1) load_fragments((slot + 1) % kStages, 0, a[0], w[0], s[0]);
+          multiply_k16<kMBlocks>(a[sub % 2], w[sub % 2], s[sub % 2], acc);
+        }
+        if (++tile == tiles) {
+          cp_async_wait<0>();
+          __syncthreads();
+          return;
+        }
+      }
+    }
+  }
+
+  // The K_WARPS warps of a strip hold partial sums over different k16 steps; add them in
+  // a fixed order into the warp with k_warp == 0, one m-block at a time through the
+  // (now idle) stage buffers. Stores are [warp][value][lane]: conflict-free.
+  __device__ __forceinline__ void reduce_across_k_warps(FragC (&acc)[kMBlocks][4][2]) {
+    if (K_WARPS == 1) return;
+    float* red = reinterpret_cast<float*>(smem);
+#pragma unroll
+    for (int m = 0; m < kMBlocks; ++m) {
+      if (k_warp > 0) {
+        float* mine = red + ((k_warp - 1) * N_STRIPS + strip) * 32 * 32 + lane;
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+          for (int h = 0; h < 2; ++h)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) mine[32 * (8 * j + 4 * h + e)] = acc[m][j][h].v[e];
+      }
+      __syncthreads();
+      if (k_warp == 0) {
+#pragma unroll
+        for (int kw = 1; kw < K_WARPS; ++kw) {
+          const float* theirs = red + ((kw - 1) * N_STRIPS + strip) * 32 * 32 + lane;
+#pragma unroll
+          for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+#pragma unroll
+              for (int e = 0; e < 4; ++e) acc[m][j][h].v[e] += theirs[32 * (8 * j + 4 * h + e)];
+        }
+      }
+      __syncthreads();
+    }
+  }
+};
+
+}  // namespace marlin

@@ -1,0 +1,58 @@
+// Rung 5: an asynchronous multi-stage pipeline, so the weights stream at full bandwidth.
+//
+// s4 loaded each weight word into a register and waited for it: with one warp per
+// 64-column strip, far too few bytes were in flight to cover the ~1 us memory latency.
+// This rung keeps STAGES - 1 tiles of A, weights and scales in flight per block with
+// cp.async (global -> shared without passing through registers, so loads cost no
+// registers while they wait), tags the weight copies L2 evict-first (they are read once
+// and should not evict A, scales or outputs), double-buffers the register fragments so
+// the shared-memory reads of step k+1 overlap the tensor-core work of step k, and puts
+// 8 warps on every block: TILE_N / 64 side by side along N, the rest splitting each
+// tile's K and adding their partial sums in shared memory at the end.
+//
+// The pipeline itself lives in marlin_core.cuh (struct marlin::Pipeline) because s6
+// runs it unchanged; this file is the plain grid around it: one block per (column
+// slice of TILE_N columns, 64-row slab of A), each walking all of K. That grid is its
+// weakness: N / TILE_N blocks rarely match the SM count (a 4096-wide layer gives 32
+// blocks for 132 SMs). s6 fixes the partition.
+#include "marlin_core.cuh"
+
+#ifndef M_BLOCKS
+#define M_BLOCKS 1  // 16-row blocks of A per slab: 1..4
+#endif
+#ifndef TILE_N
+#define TILE_N 128  // output columns per block
+#endif
+#ifndef TILE_K
+#define TILE_K 128  // rows of K per pipeline stage
+#endif
+#ifndef STAGES
+#define STAGES 4  // tiles in flight + 1
+#endif
+#ifndef GROUP_ROWS
+#define GROUP_ROWS 128  // rows of K per scale; 0 means one scale per column (group size -1)
+#endif
+#ifndef EVICT_FIRST
+#define EVICT_FIRST 1  // L2 evict-first hint on the weight copies
+#endif
+
+using Pipe = marlin::Pipeline<M_BLOCKS, TILE_N, TILE_K, STAGES, GROUP_ROWS, EVICT_FIRST != 0>;
+
+extern "C" __global__ void __launch_bounds__(Pipe::THREADS, 1)
+    s5_async_pipeline(const int4* __restrict__ A, const int4* __restrict__ B, const int4* __restrict__ S,
+                      half* __restrict__ C, int M, int K, int N) {
+  extern __shared__ int4 smem[];
+  constexpr int SLAB_ROWS = 16 * M_BLOCKS;
+  const int col = blockIdx.x, slab_row0 = blockIdx.y * SLAB_ROWS;
+  const int rows_valid = min(SLAB_ROWS, M - slab_row0);
+
+  Pipe pipe;
+  pipe.init(smem, K, N);
+  pipe.begin_column(A + size_t(slab_row0) * (K / 8), B, S, rows_valid, col, 0, K / TILE_K);
+  marlin::FragC acc[M_BLOCKS][4][2];
+  pipe.run(acc);
+  pipe.reduce_across_k_warps(acc);
+  if (pipe.k_warp == 0)
+    marlin::fold_into_output<M_BLOCKS>(acc, C + size_t(slab_row0) * N, N, rows_valid, col * TILE_N + 64 * pipe.strip,
+                                       false);
+}

@@ -1,0 +1,250 @@
+"""CPU models of the layout tricks the MARLIN rungs (s4, s5, s6) rely on.
+
+A tensor-core kernel that streams 4-bit weights at full memory bandwidth cannot afford
+to shuffle them once they arrive: every byte should go from global memory into the
+registers of the thread that multiplies it, in the order the `mma.m16n8k16` instruction
+wants, with one 128-bit load. So the shuffling is done once, offline, here:
+
+* `pack_marlin_weights` puts the codes of each 16 x 64 block of W (16 rows of K, the
+  64 columns one warp owns) into 32 x 16 bytes, one 128-bit word per lane. Word j of
+  lane l holds the eight codes lane l needs as its B fragments for the 16 x 16 tile j,
+  with the nibbles interleaved so the two-instruction `lop3` / 0x6400 dequantization
+  (modelled bit for bit by `lop3_dequantize_word`) yields them in fragment order.
+* `permute_scales` orders each 64-column chunk of the scales so one 128-bit load gives
+  a lane the scales of exactly the eight columns its fragments cover.
+* `striped_schedule` is the SM-striped partition of s6: which block computes which
+  k-range of which column slice, in which order, and in which serial order the blocks
+  of a slice add their partial sums into the output.
+
+Every function has an exact inverse or an exhaustive check in tests/test_marlin_layout.py,
+and the kernels' `pack_host` calls these very functions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .quant import QuantizedWeight
+
+# -- the fragment geometry ---------------------------------------------------------
+# mma.m16n8k16 (row.col, fp16): lane l = 4*g + c holds, of the 16 x 8 B operand,
+# rows 2c, 2c+1 (register b0) and 2c+8, 2c+9 (register b1) of column g. A 16 x 16 tile
+# of W is two such operands side by side (columns 0..7 and 8..15), so each lane needs
+# 8 codes per tile: `FRAGMENT_ROWS[e]`, `FRAGMENT_HALF[e]` for e = 0..7 in the order the
+# two dequantized B operands use them.
+TILE = 16
+WARP_COLUMNS = 64  # one warp's strip: four 16 x 16 tiles side by side
+LANES = 32
+TILES_PER_WARP = WARP_COLUMNS // TILE
+FRAGMENT_ROWS = np.array([0, 1, 8, 9, 0, 1, 8, 9])  # + 2c
+FRAGMENT_HALF = np.array([0, 0, 0, 0, 1, 1, 1, 1])  # which 8-column half of the tile
+
+# The dequantization masks one nibble of each 16-bit half at a time: bits 0-3 and 16-19
+# first, then bits 4-7 and 20-23, then (after a shift by 8) 8-11 / 24-27 and 12-15 /
+# 28-31. Each step produces one fp16 pair = one register of a B operand, so fragment
+# value e must sit in nibble NIBBLE_OF_VALUE[e]: pairs (0,1) -> nibbles (0,4),
+# (2,3) -> (1,5), (4,5) -> (2,6), (6,7) -> (3,7).
+NIBBLE_OF_VALUE = np.array([0, 4, 1, 5, 2, 6, 3, 7])
+VALUE_OF_NIBBLE = np.argsort(NIBBLE_OF_VALUE)  # 0, 2, 4, 6, 1, 3, 5, 7
+
+
+def _fragment_coordinates() -> tuple[np.ndarray, np.ndarray]:
+    """(row, column) inside a 16 x 64 block of the code held by (lane, word j, nibble n)."""
+    lane = np.arange(LANES)[:, None, None]
+    j = np.arange(TILES_PER_WARP)[None, :, None]
+    value = VALUE_OF_NIBBLE[None, None, :]
+    g, c = lane // 4, lane % 4
+    rows = 2 * c + FRAGMENT_ROWS[value]
+    cols = TILE * j + 8 * FRAGMENT_HALF[value] + g
+    return np.broadcast_to(rows, (LANES, TILES_PER_WARP, 8)), np.broadcast_to(cols, (LANES, TILES_PER_WARP, 8))
+
+
+FRAGMENT_ROW_OF, FRAGMENT_COL_OF = _fragment_coordinates()
+
+
+def check_marlin_shape(K: int, N: int) -> None:
+    if K % TILE or N % WARP_COLUMNS:
+        raise ValueError(f"the MARLIN layout needs K divisible by {TILE} and N by {WARP_COLUMNS}, got K={K}, N={N}")
+
+
+def pack_marlin_weights(qw: QuantizedWeight) -> np.ndarray:
+    """Codes (K, N) -> int32 words (K/16, 2N) in fragment order.
+
+    Row r of the result holds k-rows 16r..16r+15. Inside it, 64-column chunk b occupies
+    words 128b .. 128b+127, lane l's 128-bit load is words 128b + 4l .. 128b + 4l + 3,
+    and word 128b + 4l + j packs, nibble n at bits 4n..4n+3, the code at (row, column)
+    (FRAGMENT_ROW_OF[l, j, n], FRAGMENT_COL_OF[l, j, n]) of the 16 x 64 block.
+    """
+    K, N = qw.codes.shape
+    check_marlin_shape(K, N)
+    blocks = qw.codes.reshape(K // TILE, TILE, N // WARP_COLUMNS, WARP_COLUMNS)
+    # gathered[kr, chunk, lane, j, n]
+    gathered = blocks[:, FRAGMENT_ROW_OF, :, FRAGMENT_COL_OF].astype(np.uint32)  # (32,4,8, K/16, N/64)
+    gathered = np.moveaxis(gathered, (3, 4), (0, 1))
+    shifts = 4 * np.arange(8, dtype=np.uint32)
+    words = np.bitwise_or.reduce(gathered << shifts, axis=-1)
+    return np.ascontiguousarray(words.reshape(K // TILE, 2 * N)).view(np.int32)
+
+
+def unpack_marlin_weights(words: np.ndarray) -> np.ndarray:
+    """Exact inverse of pack_marlin_weights: int32 (K/16, 2N) -> uint8 codes (K, N)."""
+    words = np.asarray(words)
+    if words.ndim != 2 or words.shape[1] % (2 * WARP_COLUMNS):
+        raise ValueError(f"expected int32 words of shape (K/16, 2N) with N divisible by 64, got {words.shape}")
+    R, N = words.shape[0], words.shape[1] // 2
+    w = words.view(np.uint32).reshape(R, N // WARP_COLUMNS, LANES, TILES_PER_WARP, 1)
+    nibbles = ((w >> (4 * np.arange(8, dtype=np.uint32))) & 0xF).astype(np.uint8)  # (R, chunks, 32, 4, 8)
+    blocks = np.empty((R, TILE, N // WARP_COLUMNS, WARP_COLUMNS), dtype=np.uint8)
+    blocks[:, FRAGMENT_ROW_OF, :, FRAGMENT_COL_OF] = np.moveaxis(nibbles, (0, 1), (3, 4))
+    return blocks.reshape(R * TILE, N)
+
+
+# -- scales --------------------------------------------------------------------------
+# Lane l = 4g + c multiplies columns 16j + 8h + g (tile j, half h) of its warp's strip.
+# Ordering each 64-column chunk as position 8g + 2j + h <- column 8(2j + h) + g puts
+# those eight scales side by side: one 128-bit load, and the fp16 pair (j, h=0..1) is
+# exactly the two scales of tile j's two B operands. The map is an 8 x 8 transpose,
+# hence its own inverse.
+
+
+def permute_scales(scales: np.ndarray) -> np.ndarray:
+    """fp16 (groups, N) in column order -> the same values in the kernels' lane order."""
+    scales = np.asarray(scales)
+    G, N = scales.shape
+    if N % WARP_COLUMNS:
+        raise ValueError(f"N must be divisible by {WARP_COLUMNS}, got {N}")
+    return np.ascontiguousarray(scales.reshape(G, N // WARP_COLUMNS, 8, 8).transpose(0, 1, 3, 2).reshape(G, N))
+
+
+def unpermute_scales(permuted: np.ndarray) -> np.ndarray:
+    """Inverse of permute_scales (the 8 x 8 transpose undoes itself)."""
+    return permute_scales(permuted)
+
+
+# -- the lop3 / 0x6400 dequantization, bit for bit ------------------------------------
+# fp16 0x6400 is 1024.0 and its 10 mantissa bits count units of 1 for values in
+# [1024, 2048). OR-ing a nibble v into the low mantissa bits therefore gives exactly the
+# fp16 1024 + v; OR-ing it in 4 bits higher gives 1024 + 16 v. A subtraction of 1032
+# (0x6408) or a fused multiply-add x * 1/16 - 72 (0x2C00, 0xD480) then yields v - 8,
+# the symmetric code, exactly. One `lop3` instruction does each (q AND mask) OR 0x6400
+# for both fp16 halves of a register at once.
+MAGIC_EXPONENT = 0x64006400
+LOW_NIBBLES = 0x000F000F
+HIGH_NIBBLES = 0x00F000F0
+FP16_1032 = np.uint16(0x6408)
+FP16_ONE_SIXTEENTH = np.uint16(0x2C00)
+FP16_MINUS_72 = np.uint16(0xD480)
+
+
+def _halves(word: np.ndarray) -> np.ndarray:
+    """uint32 words -> their (low, high) fp16 halves, shape (..., 2)."""
+    return np.asarray(word, dtype=np.uint32)[..., None].view(np.uint16).view(np.float16).reshape(*np.shape(word), 2)
+
+
+def lop3_dequantize_word(word: np.ndarray) -> np.ndarray:
+    """What the kernels' `dequantize_word` computes: uint32 word -> 8 fp16 (q - 8), fragment order.
+
+    Output (..., 8): values e = 0..3 form the first B operand (tile half 0), e = 4..7 the
+    second (half 1). Emulates every instruction with its fp16 rounding (all exact here).
+    """
+    word = np.asarray(word, dtype=np.uint32)
+    out = []
+    for q in (word, word >> np.uint32(8)):
+        lo = _halves((q & LOW_NIBBLES) | MAGIC_EXPONENT)
+        hi = _halves((q & HIGH_NIBBLES) | MAGIC_EXPONENT)
+        sub = lo - FP16_1032.view(np.float16)  # __hsub2: one fp16 rounding
+        fma = (
+            hi.astype(np.float64) * float(FP16_ONE_SIXTEENTH.view(np.float16)) + float(FP16_MINUS_72.view(np.float16))
+        ).astype(np.float16)  # __hfma2: one rounding of the exact result
+        out += [sub, fma]
+    return np.concatenate(out, axis=-1)
+
+
+def scale_fragment(values: np.ndarray, scale_pair: np.ndarray) -> np.ndarray:
+    """__hmul2 of each B operand by its scale: values (..., 8), scales (..., 2) for halves 0, 1."""
+    s = np.repeat(np.asarray(scale_pair, dtype=np.float16), 4, axis=-1)
+    return (values.astype(np.float32) * s.astype(np.float32)).astype(np.float16)
+
+
+def dequantize_marlin(words: np.ndarray, permuted_scales: np.ndarray, group_size: int) -> np.ndarray:
+    """The fp16 weights (K, N) exactly as the kernels form them from the packed arrays.
+
+    Goes through the same steps as a lane: its 128-bit word, lop3 dequantization, the
+    scale pair from its 128-bit scale load, __hmul2; then puts each value back at its
+    (row, column). Equal to reference.dequantize bit for bit.
+    """
+    R, N = words.shape[0], words.shape[1] // 2
+    K = R * TILE
+    g = K if group_size == -1 else group_size
+    w = words.view(np.uint32).reshape(R, N // WARP_COLUMNS, LANES, TILES_PER_WARP)
+    values = lop3_dequantize_word(w)  # (R, chunks, 32, 4, 8) in fragment order
+    s = np.asarray(permuted_scales).reshape(-1, N // WARP_COLUMNS, 8, TILES_PER_WARP, 2)  # [group, chunk, g, j, h]
+    lane_g = np.arange(LANES) // 4
+    rows = np.arange(R)
+    # The group of k16-row r: groups never straddle a 16-row tile (sizes are multiples of 16).
+    s_rows = s[(rows * TILE) // g][:, :, lane_g]  # (R, chunks, 32, 4, 2)
+    scaled = scale_fragment(values, s_rows)
+    # Fragment order e -> nibble order n (nibble n holds value VALUE_OF_NIBBLE[n]), then
+    # scatter to (row, column) exactly like unpack_marlin_weights.
+    scaled = scaled[..., VALUE_OF_NIBBLE]
+    blocks = np.empty((R, TILE, N // WARP_COLUMNS, WARP_COLUMNS), dtype=np.float16)
+    blocks[:, FRAGMENT_ROW_OF, :, FRAGMENT_COL_OF] = np.moveaxis(scaled, (0, 1), (3, 4))
+    return blocks.reshape(K, N)
+
+
+# -- the SM-striped schedule of s6 ---------------------------------------------------
+# The (M-slab, column slice, k-tile) tiles are numbered column slice by column slice,
+# k-tiles innermost: t = (slab * n_tiles + col) * k_tiles + row. Block b takes the
+# contiguous run [b * iters, (b + 1) * iters): a "stripe" that walks down a column slice
+# and may continue at the top of the next one. Every block streams the same number of
+# weight tiles, whatever the shape, and a column slice is split among at most a few
+# blocks, which add their partial sums into the output one after another.
+MAX_SLICE_BLOCKS = 8  # caps the fp16 roundings of partial sums at 7 (see s6's error_c)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One block's share of one column slice."""
+
+    block: int
+    slab: int  # which 16*m_blocks-row slab of A / C
+    col: int  # column slice (tile_n columns)
+    row0: int  # first k-tile
+    rows: int  # number of k-tiles
+    slice_idx: int  # position in the slice's serial reduction order: 0 adds first
+    slice_count: int  # blocks sharing this column slice
+
+
+def stripe_length(total_tiles: int, k_tiles: int, sms: int) -> int:
+    """Tiles per block: an even share over the SMs, but no fewer than keep a slice's
+    contributors at MAX_SLICE_BLOCKS (a slice spans k_tiles consecutive tiles, so at most
+    ceil(k_tiles / iters) + 1 blocks touch it)."""
+    even_share = -(-total_tiles // sms)
+    return max(1, even_share, -(-k_tiles // (MAX_SLICE_BLOCKS - 1)))
+
+
+def striped_schedule(slabs: int, k_tiles: int, n_tiles: int, sms: int) -> tuple[int, list[list[Segment]]]:
+    """(iters, segments per block) of the s6 kernel; the number of blocks launched is len(...).
+
+    Mirrors the kernel's arithmetic exactly: block b walks t from b*iters to
+    min((b+1)*iters, T); for the slice cs containing t, its contributors are the blocks
+    cs*k_tiles // iters .. ((cs+1)*k_tiles - 1) // iters, and the one with the highest
+    index (holding the slice's bottom k-tiles, which it reaches first) adds first.
+    """
+    total = slabs * n_tiles * k_tiles
+    iters = stripe_length(total, k_tiles, sms)
+    blocks = -(-total // iters)
+    schedule = []
+    for b in range(blocks):
+        segments, t, end = [], b * iters, min((b + 1) * iters, total)
+        while t < end:
+            cs, row0 = divmod(t, k_tiles)
+            rows = min(k_tiles - row0, end - t)
+            first, last = (cs * k_tiles) // iters, ((cs + 1) * k_tiles - 1) // iters
+            slab, col = divmod(cs, n_tiles)
+            segments.append(Segment(b, slab, col, row0, rows, last - b, last - first + 1))
+            t += rows
+        schedule.append(segments)
+    return iters, schedule

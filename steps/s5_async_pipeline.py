@@ -1,0 +1,153 @@
+"""Rung 5: a cp.async multi-stage pipeline, so the weights stream at full bandwidth.
+
+s4 had each warp wait for its own loads. Here every block keeps STAGES - 1 tiles of A,
+weights and scales in flight with cp.async (which holds no registers while it waits),
+marks the weight copies L2 evict-first (read once; they should not evict A, scales and
+outputs), double-buffers the register fragments so shared-memory reads overlap the
+tensor cores, and gives each block 8 warps: TILE_N / 64 side by side along N, the rest
+splitting K, their partial sums added in shared memory. The grid is still plain: one
+block per (TILE_N-column slice, 64-row slab), each walking all of K -- N / TILE_N blocks
+whether or not that matches the GPU's SM count (s6 fixes that).
+
+Error bound constant c = 10, as for s4: the partial sums of the warps are added in
+fp32, so the fp16 roundings are still just the result's and the reference's.
+
+Tile configurations (the kernel's defines) are chosen by `tile_shapes_for` from H100
+measurements: 256 x 128 (TILE_K x TILE_N) up to 32 rows, 128 x 128 above; the number of
+stages fills the shared-memory budget, up to `max_stages`.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+from reference import QuantizedWeight
+
+from ._cuda import CudaStep, get_kernel
+from .s4_marlin_layout import group_rows, i32, m_blocks_for, pack_marlin
+from .step import SUPPORTED, Packed, Support
+
+THREADS = 256
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """One compiled variant of the pipelined kernel (marlin::Pipeline's template arguments)."""
+
+    m_blocks: int
+    tile_n: int
+    tile_k: int
+    stages: int
+    group_rows: int
+    evict_first: bool = True
+
+    @property
+    def stage_bytes(self) -> int:
+        a = 16 * self.m_blocks * self.tile_k // 8
+        b = (self.tile_k // 16) * self.tile_n // 2
+        s_rows = 1 if self.group_rows == 0 or self.group_rows >= self.tile_k else self.tile_k // self.group_rows
+        return 16 * (a + b + s_rows * self.tile_n // 8)
+
+    @property
+    def smem_bytes(self) -> int:
+        """Dynamic shared memory: the stages, or the in-block reduction if that is larger
+        (mirrors marlin::Pipeline::SMEM_BYTES)."""
+        strips = self.tile_n // 64
+        reduce_bytes = (THREADS // 32 // strips - 1) * strips * 32 * 32 * 4
+        return max(self.stages * self.stage_bytes, reduce_bytes)
+
+    def defines(self) -> tuple[tuple[str, int], ...]:
+        return (
+            ("M_BLOCKS", self.m_blocks),
+            ("TILE_N", self.tile_n),
+            ("TILE_K", self.tile_k),
+            ("STAGES", self.stages),
+            ("GROUP_ROWS", self.group_rows),
+            ("EVICT_FIRST", int(self.evict_first)),
+        )
+
+
+def tile_shapes_for(M: int, K: int, N: int) -> tuple[int, int] | None:
+    """(TILE_K, TILE_N), the first that divides K and N, in order of preference.
+
+    Measured on an H100 (33792 x 16896): up to 32 rows, tall 256 x 128 tiles (twice the
+    bytes per stage and per barrier of MARLIN's 128 x 128) are fastest; for 33-64 rows,
+    whose accumulators fill the registers, 128 x 128 with a short pipeline is. 64 x 256
+    is the fallback for K divisible by 64 only. None if nothing divides.
+    """
+    order = ((256, 128), (128, 128), (64, 256)) if M <= 32 else ((128, 128), (64, 256))
+    for tk, tn in order:
+        if K % tk == 0 and N % tn == 0:
+            return tk, tn
+    return None
+
+
+@functools.cache
+def max_dynamic_smem(device: int) -> int:
+    import cupy
+
+    with cupy.cuda.Device(device):
+        return cupy.cuda.runtime.deviceGetAttribute(cupy.cuda.runtime.cudaDevAttrMaxSharedMemoryPerBlockOptin, device)
+
+
+class PipelinedStep(CudaStep):
+    """Host side of the pipelined kernels: configuration choice and kernel loading."""
+
+    error_c = 10.0
+    # Bytes of pipeline stages per block: deep pipelines for up to 32 rows (more bytes in
+    # flight per SM); for bigger slabs 96 KB (the original's figure) measured best.
+    smem_budget: int | None = None
+    max_stages = 8
+    evict_first = True
+    tile_override: tuple[int, int] | None = None  # (TILE_K, TILE_N) to force, for tuning
+
+    def _supports(self, M: int, K: int, N: int, group_size: int) -> Support:
+        if tile_shapes_for(1, K, N) is None and tile_shapes_for(64, K, N) is None:
+            return Support(
+                False,
+                f"{self.name} needs K divisible by 128 and N by 128, or K by 64 and N by 256 (its tile shapes), got K={K}, N={N}",
+            )
+        return SUPPORTED
+
+    def pack_host(self, qw: QuantizedWeight) -> dict[str, Any]:
+        return pack_marlin(qw)
+
+    def config(self, M: int, K: int, N: int, group_size: int, device: int) -> TileConfig:
+        tk, tn = tile_shapes_for(M, K, N)
+        if self.tile_override and K % self.tile_override[0] == 0 and N % self.tile_override[1] == 0:
+            tk, tn = self.tile_override
+        probe = TileConfig(m_blocks_for(M), tn, tk, 1, group_rows(group_size), self.evict_first)
+        budget = self.smem_budget or (200 * 1024 if M <= 32 else 96 * 1024)
+        stages = min(self.max_stages, min(budget, max_dynamic_smem(device)) // probe.stage_bytes)
+        stages = max(3, stages - (stages % 2 if stages > 4 else 0))  # odd depths > 4 measured slower
+        return TileConfig(probe.m_blocks, tn, tk, stages, probe.group_rows, self.evict_first)
+
+    def kernel(self, cfg: TileConfig, device: int) -> Any:
+        return _load(self.name, cfg, device)
+
+
+@functools.cache
+def _load(source: str, cfg: TileConfig, device: int) -> Any:
+    kernel = get_kernel(source, source, cfg.defines(), device=device)
+    if cfg.smem_bytes > 48 * 1024:
+        kernel.max_dynamic_shared_size_bytes = cfg.smem_bytes
+    return kernel
+
+
+class AsyncPipeline(PipelinedStep):
+    name = "s5_async_pipeline"
+    title = "cp.async multi-stage pipeline, evict-first weights, 8 warps"
+    idea = (
+        "Keep several tiles in flight with a cp.async shared-memory pipeline (weights L2 evict-first), "
+        "double-buffer the register fragments and split K among a block's warps."
+    )
+
+    def _launch(self, A: Any, packed: Packed, out: Any) -> None:
+        M, K, N = A.shape[0], packed.K, packed.N
+        cfg = self.config(M, K, N, packed.group_size, packed.device)
+        grid = (N // cfg.tile_n, -(-M // (16 * cfg.m_blocks)))
+        args = (A, packed.arrays["qweight"], packed.arrays["scales"], out, i32(M), i32(K), i32(N))
+        self.kernel(cfg, packed.device)(grid, (THREADS,), args, shared_mem=cfg.smem_bytes)
+

@@ -1,0 +1,166 @@
+"""The CPU models of the MARLIN layout (reference/marlin_layout.py), bit for bit.
+
+Weights: the packing is a bijection with an exact inverse and puts every code where the
+mma fragment definition says the lane needs it. Dequantization: the lop3 / 0x6400 model
+equals plain q - 8 for every code in every nibble, and times any fp16 scale equals the
+reference dequantize. Schedule: every tile is computed exactly once, each column slice
+is reduced by its blocks in one fixed serial order, and no block waits on a lower one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import reference as ref
+from reference import marlin_layout as ml
+
+shapes = st.tuples(st.integers(1, 6).map(lambda k: 16 * k), st.integers(1, 4).map(lambda n: 64 * n))
+
+
+def _weight(seed: int, K: int, N: int, group: int = -1) -> ref.QuantizedWeight:
+    return ref.random_quantized_weight(np.random.default_rng(seed), K, N, group)
+
+
+@given(shapes, st.integers(0, 2**32 - 1))
+def test_pack_unpack_round_trip(shape, seed):
+    qw = _weight(seed, *shape)
+    words = ml.pack_marlin_weights(qw)
+    assert words.dtype == np.int32 and words.shape == (shape[0] // 16, 2 * shape[1])
+    np.testing.assert_array_equal(ml.unpack_marlin_weights(words), qw.codes)
+
+
+def test_packing_is_a_bijection_on_positions():
+    """Each (row, column) of a 16 x 64 block is owned by exactly one (lane, word, nibble)."""
+    flat = ml.FRAGMENT_ROW_OF * 64 + ml.FRAGMENT_COL_OF
+    assert sorted(flat.ravel().tolist()) == list(range(16 * 64))
+
+
+def test_lane_words_match_the_mma_fragment_definition():
+    """Word j of lane 4g + c: B operand h of tile j takes rows 2c, 2c+1 (register 0) and
+    2c+8, 2c+9 (register 1) of column 16j + 8h + g, each register's pair from nibbles (i, i+4)."""
+    K, N = 16, 64
+    codes = np.arange(K * N).reshape(K, N) % 16
+    for trial in range(4):  # several labelings so every position is pinned down
+        labels = (codes + trial * 5 + np.arange(K * N).reshape(K, N) // (16 * (trial + 1))) % 16
+        qw = ref.QuantizedWeight(labels.astype(np.uint8), np.ones((1, N), np.float16), -1)
+        words = ml.pack_marlin_weights(qw).view(np.uint32).reshape(32, 4)
+        for lane in range(32):
+            g, c = divmod(lane, 4)
+            for j in range(4):
+                nib = [(int(words[lane, j]) >> (4 * n)) & 0xF for n in range(8)]
+                for h in range(2):
+                    col = 16 * j + 8 * h + g
+                    # the dequantizer's pass h reads nibbles (0,4),(1,5) shifted by 2h
+                    assert (nib[2 * h], nib[2 * h + 4]) == (labels[2 * c, col], labels[2 * c + 1, col])
+                    assert (nib[2 * h + 1], nib[2 * h + 5]) == (labels[2 * c + 8, col], labels[2 * c + 9, col])
+
+
+def test_lop3_dequantization_every_code_every_nibble():
+    for code in range(16):
+        for nibble in range(8):
+            others = np.arange(8) * 3 % 16
+            word = sum(int(others[n] if n != nibble else code) << (4 * n) for n in range(8))
+            values = ml.lop3_dequantize_word(np.array([word], dtype=np.uint32))[0]
+            nibbles = np.array([(word >> (4 * ml.NIBBLE_OF_VALUE[e])) & 0xF for e in range(8)])
+            np.testing.assert_array_equal(values, (nibbles - 8).astype(np.float16))
+
+
+@given(st.integers(0, 2**32 - 1))
+def test_lop3_dequantization_random_words(word):
+    values = ml.lop3_dequantize_word(np.array([word], dtype=np.uint32))[0]
+    expected = [((word >> (4 * ml.NIBBLE_OF_VALUE[e])) & 0xF) - 8 for e in range(8)]
+    assert values.dtype == np.float16
+    np.testing.assert_array_equal(values.astype(np.int64), expected)
+
+
+@given(st.integers(0, 0xFFFF))
+def test_lop3_times_any_fp16_scale_equals_reference(bits):
+    scale = np.array([bits], np.uint16).view(np.float16)[0]
+    codes = np.arange(16, dtype=np.uint8)[:, None].repeat(64, axis=1)
+    codes = np.concatenate([codes, codes[::-1]], axis=0)  # 32 x 64: every code in every row class
+    qw = ref.QuantizedWeight(codes, np.full((1, 64), scale, np.float16), -1)
+    words = ml.pack_marlin_weights(qw)
+    got = ml.dequantize_marlin(words, ml.permute_scales(qw.scales), -1)
+    want = ref.dequantize(qw)
+    np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
+
+
+@pytest.mark.parametrize("group", ref.GROUP_SIZES)
+def test_marlin_dequantize_matches_reference(group):
+    qw = _weight(7, 256, 192, group)
+    got = ml.dequantize_marlin(ml.pack_marlin_weights(qw), ml.permute_scales(qw.scales), group)
+    np.testing.assert_array_equal(got.view(np.uint16), ref.dequantize(qw).view(np.uint16))
+
+
+@given(st.integers(1, 5), st.integers(1, 4), st.integers(0, 2**32 - 1))
+def test_scale_permutation_round_trip(groups, chunks, seed):
+    s = np.random.default_rng(seed).random((groups, 64 * chunks)).astype(np.float16)
+    p = ml.permute_scales(s)
+    np.testing.assert_array_equal(ml.unpermute_scales(p), s)
+    # lane 4g + c's 128-bit load (positions 8g..8g+7) = columns 16j + 8h + g, in (j, h) order
+    for g in range(8):
+        cols = [16 * j + 8 * h + g for j in range(4) for h in range(2)]
+        np.testing.assert_array_equal(p[:, 8 * g : 8 * g + 8], s[:, cols])
+
+
+schedules = st.tuples(
+    st.integers(1, 16),  # slabs
+    st.integers(1, 300),  # k_tiles
+    st.integers(1, 200),  # n_tiles
+    st.sampled_from([1, 2, 7, 108, 114, 132, 144]),  # SMs
+)
+
+
+@given(schedules)
+def test_striped_schedule_covers_every_tile_once(problem):
+    slabs, k_tiles, n_tiles, sms = problem
+    iters, schedule = ml.striped_schedule(slabs, k_tiles, n_tiles, sms)
+    assert len(schedule) <= sms
+    seen = np.zeros((slabs, n_tiles, k_tiles), dtype=np.int64)
+    for b, segments in enumerate(schedule):
+        assert 0 < sum(s.rows for s in segments) <= iters
+        for s in segments:
+            seen[s.slab, s.col, s.row0 : s.row0 + s.rows] += 1
+    assert np.all(seen == 1)
+
+
+@given(schedules)
+def test_striped_schedule_serial_reduction_order(problem):
+    slabs, k_tiles, n_tiles, sms = problem
+    _, schedule = ml.striped_schedule(slabs, k_tiles, n_tiles, sms)
+    by_slice: dict[tuple[int, int], list[ml.Segment]] = {}
+    for segments in schedule:
+        for s in segments:
+            by_slice.setdefault((s.slab, s.col), []).append(s)
+    for parts in by_slice.values():
+        count = parts[0].slice_count
+        assert len(parts) == count <= ml.MAX_SLICE_BLOCKS
+        order = sorted(parts, key=lambda s: s.slice_idx)
+        assert [s.slice_idx for s in order] == list(range(count))
+        # one fixed order: bottom k-tiles first, i.e. descending block index, contiguous in k
+        assert [s.block for s in order] == sorted((s.block for s in parts), reverse=True)
+        for lower, upper in zip(order, order[1:]):
+            assert upper.row0 + upper.rows == lower.row0
+
+
+@given(schedules)
+def test_striped_schedule_waits_only_on_higher_blocks(problem):
+    """A block's slice with slice_idx > 0 waits on blocks of higher index, which reach that
+    slice as their first segment, so no cycle of waits exists when all blocks are resident."""
+    _, schedule = ml.striped_schedule(*problem)
+    for segments in schedule:
+        for i, s in enumerate(segments):
+            if 0 < i < len(segments) - 1:
+                assert s.slice_count == 1 and s.rows == problem[1]  # a middle segment is a whole slice
+            if i > 0:
+                assert s.row0 == 0 and s.slice_idx == s.slice_count - 1  # reached last: adds last
+
+
+def test_striped_schedule_ideal_shape_needs_no_reduction():
+    """K = 256 * 132, N = 128 * 132 with 128 x 128 tiles: one full column slice per SM."""
+    iters, schedule = ml.striped_schedule(1, 264, 132, 132)
+    assert iters == 264 and len(schedule) == 132
+    assert all(len(s) == 1 and s[0].slice_count == 1 for s in schedule)

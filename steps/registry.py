@@ -4,11 +4,23 @@ from __future__ import annotations
 
 from .s0_numpy import NumpyDequantMatmul
 from .s1_numba_naive import NumbaNaive
+from .s2_smem_tiling import SmemTiling
+from .s3_tensor_cores import TensorCores
+from .s4_marlin_layout import MarlinLayout
+from .s5_async_pipeline import AsyncPipeline
+from .s6_marlin import Marlin
+from .s7_sparse_marlin import SparseMarlin
 from .step import Step
 
 STEPS: tuple[Step, ...] = (
     NumpyDequantMatmul(),
     NumbaNaive(),
+    SmemTiling(),
+    TensorCores(),
+    MarlinLayout(),
+    AsyncPipeline(),
+    Marlin(),
+    SparseMarlin(),
 )
 
 

@@ -1,0 +1,469 @@
+// Rung 7: Sparse-MARLIN. The weights keep 2 of every 4 values along K, stored compressed,
+// and are multiplied with sparse tensor cores (mma.sp.m16n8k32).
+//
+// Why it is faster: a decode-sized product is bound by streaming the weights. Keeping
+// half the codes plus a 2-bit position for each kept one costs 3 bits per weight instead
+// of s6's 4, and mma.sp does a 16x8x32 product in the time mma.sync does 16x8x16, so the
+// tensor-core work halves too and larger batches stay memory-bound longer.
+//
+// The transposed product. mma.sp only accepts the sparse operand as A, its 16-row left
+// factor, so every warp computes C^T = W^T A^T:
+//   * sparse A = a 16 x 32 block of W^T: 16 output columns n, 32 rows of K (one "k32
+//     step"). Compressed, that is 16 x 16 kept fp16 values plus metadata.
+//   * dense B = a 32 x 8 block of A^T: the same 32 rows of K for 8 rows of A. mma's "col"
+//     B operand of A^T is a row-major block of A, so the A tile sits in shared memory
+//     exactly as in s4-s6 and two ldmatrix.x4 per 16 rows of A deliver two B operands
+//     (rows 0-7 and 8-15) for a whole k32 step.
+//   * the accumulator is a 16 x 8 block of C^T: lane 4g + c holds columns n = g, g + 8 of
+//     rows 2c, 2c + 1 of C.
+//
+// Following the data, per k32 step of a warp's 64-column strip (four 16-column tiles j):
+//   global --cp.async--> shared: a stage holds the A tile, the kept codes (one 16-byte
+//     chunk per lane and step, copied and later read back by the same thread), the
+//     metadata (8 bytes per lane and step) and the scales, all streamed with the L2
+//     evict-first hint except A and the scales.
+//   shared --> registers: 2 ldmatrix.x4 per m16 block for A; one 128-bit load of codes,
+//     one 64-bit load of metadata, one 128-bit load of scales (the s4 permutation).
+//   dequantize: word j of the codes is tile j's A fragment. s4's lop3 / 0x6400 routine
+//     makes four fp16 pairs of it, scaled by the scales of tile rows g and g + 8: exactly
+//     the four registers mma.sp wants (reference/sparse_marlin.py places the nibbles).
+//   mma.sp: metadata word p serves tiles 2p (selector 0: lanes 4g, 4g+1 supply it) and
+//     2p + 1 (selector 1: lanes 4g+2, 4g+3), so one register per lane covers two tiles.
+//   reduce and write: s6's schedule and serial in-output reduction, unchanged; only the
+//     write-out differs. Lanes 4g+c and 4(g^1)+c swap one value so each holds two
+//     neighbouring columns of one row of C and writes them as one fp16 pair.
+//
+// reference/sparse_marlin.py emulates this kernel lane by lane (emulate_kernel); the
+// copy and read indices below are the ones modelled there.
+#include "marlin_core.cuh"
+
+#ifndef M_BLOCKS
+#define M_BLOCKS 1  // 16-row blocks of A per slab: 1..4
+#endif
+#ifndef TILE_N
+#define TILE_N 128  // output columns per column slice
+#endif
+#ifndef TILE_K
+#define TILE_K 256  // rows of K per tile (one pipeline stage): 8 k32 steps
+#endif
+#ifndef STAGES
+#define STAGES 4  // tiles in flight + 1
+#endif
+#ifndef GROUP_ROWS
+#define GROUP_ROWS 128  // rows of K per scale; 0 means one scale per column (group size -1)
+#endif
+#ifndef EVICT_FIRST
+#define EVICT_FIRST 1  // L2 evict-first hint on the weight and metadata copies
+#endif
+
+namespace sparse {
+
+using marlin::FragA;
+using marlin::FragB;
+using marlin::FragC;
+
+// The compressed A operand of one mma.sp: lane 4g + c holds kept values (row, column)
+// (g, 2c..2c+1), (g+8, 2c..2c+1), (g, 2c+8..2c+9), (g+8, 2c+8..2c+9) of the 16 x 16 tile.
+struct FragW { unsigned r[4]; };
+
+// acc (16 x 8, fp32) += W (16 x 32, 2:4 sparse, given as kept values + metadata) @ B
+// (32 x 8). b0..b3 hold rows 2c..2c+1, 8+2c.., 16+2c.., 24+2c.. of column g of B. The
+// ordered-metadata form promises the two positions of each group are increasing, which
+// the packing guarantees; the selector must be an immediate.
+template <int kSelector>
+__device__ __forceinline__ void mma_sp_16832(const FragW& w, unsigned b0, unsigned b1, unsigned b2, unsigned b3,
+                                             unsigned meta, FragC& c) {
+  asm volatile(
+      "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9,%10,%11}, {%0,%1,%2,%3}, %12, %13;\n"
+      : "+f"(c.v[0]), "+f"(c.v[1]), "+f"(c.v[2]), "+f"(c.v[3])
+      : "r"(w.r[0]), "r"(w.r[1]), "r"(w.r[2]), "r"(w.r[3]), "r"(b0), "r"(b1), "r"(b2), "r"(b3), "r"(meta),
+        "n"(kSelector));
+}
+
+// Dequantize one lane's 128-bit word of kept codes into the A fragments of its four
+// tiles. s4's dequantizer gives `left`, the fp16 pairs of tile row g (scaled by the low
+// scale), and `right`, those of row g + 8 (the high scale), each with kept columns 2c..
+// and 2c+8..; their order in the fragment is left, right, left, right.
+__device__ __forceinline__ void dequantize_tiles(const int4& w, const int4& s, FragW (&frag)[4]) {
+  const unsigned words[4] = {unsigned(w.x), unsigned(w.y), unsigned(w.z), unsigned(w.w)};
+  const unsigned scales[4] = {unsigned(s.x), unsigned(s.y), unsigned(s.z), unsigned(s.w)};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    FragB left, right;
+    marlin::dequantize_tile(words[j], scales[j], left, right);
+    frag[j] = {{left.r[0], right.r[0], left.r[1], right.r[1]}};
+  }
+}
+
+// The mmas of one m16 block of A against the four tiles. a[h] is the ldmatrix of the
+// block's 16 rows at K half h of the step: its registers 0 and 2 are the B operand of
+// rows 0-7 for that half, registers 1 and 3 that of rows 8-15. Metadata word j / 2
+// serves tile j through selector j % 2.
+__device__ __forceinline__ void multiply_block(const FragW (&frag)[4], const FragA (&a)[2], const uint2& meta,
+                                               FragC (&acc)[4][2]) {
+  const unsigned metas[2] = {meta.x, meta.y};
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      if (j % 2 == 0)
+        mma_sp_16832<0>(frag[j], a[0].r[h], a[0].r[h + 2], a[1].r[h], a[1].r[h + 2], metas[j / 2], acc[j][h]);
+      else
+        mma_sp_16832<1>(frag[j], a[0].r[h], a[0].r[h + 2], a[1].r[h], a[1].r[h + 2], metas[j / 2], acc[j][h]);
+    }
+}
+
+// Add (when `accumulate`) and store one fp16 pair of C, through L2 (ld.cg / st.cg): the
+// partial sums of other blocks were written from other SMs.
+__device__ __forceinline__ void store_pair(half2* p, float2 v, bool accumulate) {
+  if (accumulate) {
+    const float2 partial = __half22float2(__ldcg(p));
+    v.x += partial.x;
+    v.y += partial.y;
+  }
+  __stcg(p, __float22half2_rn(v));
+}
+
+// A lane's accumulator (m, j, h) holds C[row][col] for rows 16m + 8h + 2c (+1) and
+// columns 16j + g (+8) of its warp's strip: neighbouring rows of one column, but C is
+// row-major. Lanes 4g+c and 4(g^1)+c swap one value, after which the even-g lane holds
+// columns g, g+1 of row 2c and the odd one columns g-1, g of row 2c+1: 4-byte stores.
+template <int kMBlocks>
+__device__ __forceinline__ void fold_into_output(const FragC (&acc)[kMBlocks][4][2], half* __restrict__ C, int ldc,
+                                                 int rows_valid, int strip_col, bool accumulate) {
+  const int lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+  const int odd = g & 1;
+#pragma unroll
+  for (int m = 0; m < kMBlocks; ++m)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float* v = acc[m][j][h].v;
+        const float got_top = __shfl_xor_sync(0xffffffffu, odd ? v[0] : v[1], 4);
+        const float got_bottom = __shfl_xor_sync(0xffffffffu, odd ? v[2] : v[3], 4);
+        const int row = 16 * m + 8 * h + 2 * c + odd;
+        if (row < rows_valid) {
+          half2* p = reinterpret_cast<half2*>(C + size_t(row) * ldc + strip_col + 16 * j + g - odd);
+          store_pair(p, odd ? make_float2(got_top, v[1]) : make_float2(v[0], got_top), accumulate);
+          store_pair(p + 4, odd ? make_float2(got_bottom, v[3]) : make_float2(v[2], got_bottom), accumulate);
+        }
+      }
+}
+
+// ---------------------------------------------------------------------------------
+// The pipeline over one column of tiles: s6's, with a k32 step where s6 has a k16 step
+// and the metadata as a fourth stream. A block's 8 warps are kTileN / 64 strips side by
+// side along N times K_WARPS warps splitting each stage's k32 steps.
+// Stage layout (16-byte units): A tile | kept codes | metadata | scales.
+// ---------------------------------------------------------------------------------
+template <int kMBlocks, int kTileN, int kTileK, int kStages, int kGroupRows, bool kEvictFirst>
+struct Pipeline {
+  static constexpr int THREADS = 256;
+  static constexpr int N_STRIPS = kTileN / 64;
+  static constexpr int K_WARPS = 8 / N_STRIPS;
+  static constexpr int K32_STEPS = kTileK / 32;
+  static constexpr int SUBSTEPS = K32_STEPS / K_WARPS;  // k32 steps per warp per stage
+  static_assert(kTileN % 64 == 0 && 8 % N_STRIPS == 0, "kTileN must be 64, 128, 256 or 512");
+  static_assert(K32_STEPS % K_WARPS == 0, "every warp gets the same number of k32 steps");
+  static_assert(SUBSTEPS >= 2 && SUBSTEPS % 2 == 0, "fragment double buffering needs an even number of substeps");
+  static_assert(kStages >= 3, "the pipeline keeps kStages - 1 tiles in flight while one is consumed");
+  static_assert(kGroupRows == 0 || kGroupRows % 32 == 0, "groups are whole k32 steps");
+  static_assert(kGroupRows == 0 || kGroupRows >= kTileK ? kGroupRows % kTileK == 0 : kTileK % kGroupRows == 0,
+                "a group must hold whole tiles or a tile whole groups");
+
+  static constexpr int A_ROW_CHUNKS = kTileK / 8;
+  static constexpr int A_CHUNKS = 16 * kMBlocks * A_ROW_CHUNKS;
+  static constexpr int A_COPIES = (A_CHUNKS + THREADS - 1) / THREADS;
+  // Per k32 step: kTileN / 2 chunks of kept codes (32 per strip, one per lane) and
+  // kTileN / 4 of metadata (16 per strip, 8 bytes per lane).
+  static constexpr int W_ROW_CHUNKS = kTileN / 2;
+  static constexpr int W_CHUNKS = K32_STEPS * W_ROW_CHUNKS;
+  static constexpr int W_COPIES = W_CHUNKS / THREADS;  // == SUBSTEPS
+  static constexpr int M_ROW_CHUNKS = kTileN / 4;
+  static constexpr int M_CHUNKS = K32_STEPS * M_ROW_CHUNKS;
+  static constexpr int M_COPIES = (M_CHUNKS + THREADS - 1) / THREADS;
+  static_assert(THREADS % W_ROW_CHUNKS == 0 && THREADS % M_ROW_CHUNKS == 0, "a copy round covers whole k32 rows");
+  static constexpr int S_ROWS = (kGroupRows == 0 || kGroupRows >= kTileK) ? 1 : kTileK / kGroupRows;
+  static constexpr int S_ROW_CHUNKS = kTileN / 8;
+  static constexpr int S_CHUNKS = S_ROWS * S_ROW_CHUNKS;
+  static_assert(S_CHUNKS <= THREADS, "one scale chunk per thread at most");
+  static constexpr int STAGE_CHUNKS = A_CHUNKS + W_CHUNKS + M_CHUNKS + S_CHUNKS;
+  static constexpr int REDUCE_CHUNKS = (K_WARPS - 1) * N_STRIPS * 32 * 32 / 4;
+  static constexpr int SMEM_BYTES = 16 * (kStages * STAGE_CHUNKS > REDUCE_CHUNKS ? kStages * STAGE_CHUNKS : REDUCE_CHUNKS);
+
+  int4* smem;
+  int warp, lane, k_warp, strip;
+  const int4* a_next;  // this thread's first A chunk of the next tile (clamped row)
+  const int4* w_next;  // this thread's first chunk of kept codes of the next tile
+  const int4* m_next;  // this thread's first metadata chunk of the next tile
+  const int4* s_base;  // this thread's scale chunk in group row 0 of the column
+  int a_stride, w_stride, m_stride, s_stride;  // 16-byte units per row of A, per k32 row of codes / metadata, per group row
+  int next_tile, first_k_tile, tiles;
+  bool a_valid[A_COPIES];
+  int a_smem[A_COPIES];
+  unsigned long long policy;
+
+  __device__ __forceinline__ void init(int4* smem_, int K, int N) {
+    smem = smem_;
+    warp = threadIdx.x / 32;
+    lane = threadIdx.x % 32;
+    k_warp = warp / N_STRIPS;
+    strip = warp % N_STRIPS;
+    a_stride = K / 8;
+    w_stride = N / 2;
+    m_stride = N / 4;
+    s_stride = N / 8;
+    policy = kEvictFirst ? marlin::make_evict_first_policy() : 0ull;
+  }
+
+  __device__ __forceinline__ void begin_column(const int4* A, const int4* W, const int4* Meta, const int4* S,
+                                               int rows_valid, int col, int k_tile0, int tiles_) {
+    const int t = threadIdx.x;
+#pragma unroll
+    for (int i = 0; i < A_COPIES; ++i) {
+      const int chunk = t + THREADS * i;
+      const int row = chunk / A_ROW_CHUNKS;
+      a_valid[i] = chunk < A_CHUNKS && row < rows_valid;
+      a_smem[i] = marlin::a_swizzle<A_ROW_CHUNKS>(row, chunk % A_ROW_CHUNKS);
+    }
+    const int row = t / A_ROW_CHUNKS;
+    a_next = A + size_t(row < rows_valid ? row : 0) * a_stride + size_t(k_tile0) * A_ROW_CHUNKS + t % A_ROW_CHUNKS;
+    // Chunk t of a stage's codes is k32 row t / W_ROW_CHUNKS of the tile, chunk
+    // t % W_ROW_CHUNKS of the slice; the metadata likewise with M_ROW_CHUNKS.
+    const size_t k32_row0 = size_t(k_tile0) * K32_STEPS;
+    w_next = W + (k32_row0 + t / W_ROW_CHUNKS) * w_stride + col * W_ROW_CHUNKS + t % W_ROW_CHUNKS;
+    m_next = Meta + (k32_row0 + t / M_ROW_CHUNKS) * m_stride + col * M_ROW_CHUNKS + t % M_ROW_CHUNKS;
+    s_base = S + col * S_ROW_CHUNKS + (t / S_ROW_CHUNKS) * s_stride + t % S_ROW_CHUNKS;
+    next_tile = 0;
+    first_k_tile = k_tile0;
+    tiles = tiles_;
+  }
+
+  __device__ __forceinline__ int4* stage_a(int slot) const { return smem + slot * STAGE_CHUNKS; }
+  __device__ __forceinline__ int4* stage_w(int slot) const { return stage_a(slot) + A_CHUNKS; }
+  __device__ __forceinline__ int4* stage_m(int slot) const { return stage_w(slot) + W_CHUNKS; }
+  __device__ __forceinline__ int4* stage_s(int slot) const { return stage_m(slot) + M_CHUNKS; }
+
+  __device__ __forceinline__ void copy_streamed(int4* dst, const int4* src) const {
+    if (kEvictFirst)
+      marlin::cp_async16_evict_first(dst, src, policy);
+    else
+      marlin::cp_async16(dst, src);
+  }
+
+  // Issue the copies of the next tile into `slot` (nothing past the column's end), and
+  // always commit a group, so "at most kStages-2 groups pending" means "the next tile
+  // has landed".
+  __device__ __forceinline__ void fetch(int slot) {
+    if (next_tile < tiles) {
+      const int t = threadIdx.x;
+      int4* a = stage_a(slot);
+#pragma unroll
+      for (int i = 0; i < A_COPIES; ++i) {
+        constexpr int ROWS_PER_COPY = THREADS / A_ROW_CHUNKS;
+        if (THREADS * i + t < A_CHUNKS)
+          marlin::cp_async16_zfill(&a[a_smem[i]], a_next + (a_valid[i] ? size_t(ROWS_PER_COPY) * i * a_stride : 0),
+                                   a_valid[i]);
+      }
+      int4* w = stage_w(slot);
+#pragma unroll
+      for (int i = 0; i < W_COPIES; ++i)
+        copy_streamed(&w[THREADS * i + t], w_next + size_t(THREADS / W_ROW_CHUNKS) * i * w_stride);
+      int4* m = stage_m(slot);
+#pragma unroll
+      for (int i = 0; i < M_COPIES; ++i)
+        if (THREADS * i + t < M_CHUNKS)
+          copy_streamed(&m[THREADS * i + t], m_next + size_t(THREADS / M_ROW_CHUNKS) * i * m_stride);
+      if (t < S_CHUNKS) {
+        const int group_row = kGroupRows == 0 ? 0 : ((first_k_tile + next_tile) * kTileK) / kGroupRows;
+        marlin::cp_async16(&stage_s(slot)[t], s_base + size_t(group_row) * s_stride);
+      }
+      a_next += A_ROW_CHUNKS;
+      w_next += size_t(K32_STEPS) * w_stride;
+      m_next += size_t(K32_STEPS) * m_stride;
+      ++next_tile;
+    }
+    marlin::cp_async_commit();
+  }
+
+  // Registers for one substep, loaded one substep ahead: the warp's 128 bits of kept
+  // codes (the chunk this thread copied), 64 bits of metadata and the 128 bits of scales
+  // of the step's group.
+  __device__ __forceinline__ void load_fragments(int slot, int substep, int4& w, uint2& meta, int4& s) const {
+    const int step = k_warp + K_WARPS * substep;
+    w = stage_w(slot)[THREADS * substep + threadIdx.x];
+    meta = reinterpret_cast<const uint2*>(stage_m(slot))[step * (kTileN / 2) + 32 * strip + lane];
+    const int s_row = S_ROWS == 1 ? 0 : (32 * step) / kGroupRows;
+    s = stage_s(slot)[s_row * S_ROW_CHUNKS + 8 * strip + lane / 4];
+  }
+
+  // Rows 16m..16m+15 of the A tile at the warp's k32 step: two ldmatrix.x4, K halves 0, 1.
+  __device__ __forceinline__ void load_a(int slot, int substep, int m, FragA (&a)[2]) const {
+    const int step = k_warp + K_WARPS * substep;
+    const int4* sa = stage_a(slot);
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+      marlin::ldmatrix_x4(a[h], &sa[marlin::a_swizzle<A_ROW_CHUNKS>(16 * m + lane % 16, 4 * step + 2 * h + lane / 16)]);
+  }
+
+  // One substep's work. The A fragments are not loaded a substep ahead (with 4 m-blocks
+  // that would not fit in registers next to the accumulators); instead block m + 1 is
+  // loaded while block m multiplies, and block 0 before the dequantization.
+  __device__ __forceinline__ void multiply(int slot, int substep, const int4& w, const uint2& meta, const int4& s,
+                                          FragC (&acc)[kMBlocks][4][2]) const {
+    FragA a[2][2];
+    load_a(slot, substep, 0, a[0]);
+    FragW frag[4];
+    dequantize_tiles(w, s, frag);
+#pragma unroll
+    for (int m = 0; m < kMBlocks; ++m) {
+      if (m + 1 < kMBlocks) load_a(slot, substep, m + 1, a[(m + 1) % 2]);
+      multiply_block(frag, a[m % 2], meta, acc[m]);
+    }
+  }
+
+  // Stream the whole column through the pipeline into acc (zeroed here). Unlike s6, the
+  // A fragments are read from shared memory during multiply(), so a slot may only be
+  // refilled after a barrier that follows every warp's last multiply on it: the refill is
+  // issued just after the barrier of the next slot, which makes the wait one group deeper.
+  __device__ __forceinline__ void run(FragC (&acc)[kMBlocks][4][2]) {
+    int4 w[2], s[2];
+    uint2 meta[2];
+#pragma unroll
+    for (int slot = 0; slot < kStages - 1; ++slot) fetch(slot);
+    marlin::zero_accumulators<kMBlocks>(acc);
+    marlin::cp_async_wait<kStages - 2>();
+    __syncthreads();
+    load_fragments(0, 0, w[0], meta[0], s[0]);
+
+    int tile = 0;
+    while (true) {
+      // Unrolled over the slots so every shared-memory offset is a constant.
+#pragma unroll
+      for (int slot = 0; slot < kStages; ++slot) {
+#pragma unroll
+        for (int sub = 0; sub < SUBSTEPS; ++sub) {
+          const int next = (sub + 1) % 2;
+          if (sub + 1 < SUBSTEPS) load_fragments(slot, sub + 1, w[next], meta[next], s[next]);
+          if (sub == SUBSTEPS - 2) {
+            // Wait for the next tile and make it visible; past this barrier every warp is
+            // done with the previous slot, which is refilled with the tile kStages - 1 ahead.
+            marlin::cp_async_wait<kStages - 3>();
+            __syncthreads();
+            fetch((slot + kStages - 1) % kStages);
+          }
+          if (sub == SUBSTEPS - 1) load_fragments((slot + 1) % kStages, 0, w[0], meta[0], s[0]);
+          multiply(slot, sub, w[sub % 2], meta[sub % 2], s[sub % 2], acc);
+        }
+        if (++tile == tiles) {
+          marlin::cp_async_wait<0>();
+          __syncthreads();
+          return;
+        }
+      }
+    }
+  }
+
+  // Add the K_WARPS partial sums of each strip into its k_warp 0 warp, in a fixed order,
+  // one m-block at a time through the idle stage buffers ([warp][value][lane] layout).
+  __device__ __forceinline__ void reduce_across_k_warps(FragC (&acc)[kMBlocks][4][2]) {
+    if (K_WARPS == 1) return;
+    float* red = reinterpret_cast<float*>(smem);
+#pragma unroll
+    for (int m = 0; m < kMBlocks; ++m) {
+      if (k_warp > 0) {
+        float* mine = red + ((k_warp - 1) * N_STRIPS + strip) * 32 * 32 + lane;
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+          for (int h = 0; h < 2; ++h)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) mine[32 * (8 * j + 4 * h + e)] = acc[m][j][h].v[e];
+      }
+      __syncthreads();
+      if (k_warp == 0) {
+#pragma unroll
+        for (int kw = 1; kw < K_WARPS; ++kw) {
+          const float* theirs = red + ((kw - 1) * N_STRIPS + strip) * 32 * 32 + lane;
+#pragma unroll
+          for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+#pragma unroll
+              for (int e = 0; e < 4; ++e) acc[m][j][h].v[e] += theirs[32 * (8 * j + 4 * h + e)];
+        }
+      }
+      __syncthreads();
+    }
+  }
+};
+
+// s6's serial reduction of a shared column slice: wait for this block's turn (one thread
+// spins with acquire loads, the barrier orders the block's output reads after it), then
+// pass it on (release increment after the block's stores; the last block resets the
+// counter so the workspace stays zeroed for the next launch).
+__device__ __forceinline__ void wait_for_turn(const int* counter, int turn) {
+  if (threadIdx.x == 0) {
+    int seen;
+    do {
+      asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(seen) : "l"(counter) : "memory");
+    } while (seen != turn);
+  }
+  __syncthreads();
+}
+
+__device__ __forceinline__ void pass_turn(int* counter, bool last) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    if (last)
+      asm volatile("st.relaxed.gpu.global.b32 [%0], %1;\n" ::"l"(counter), "r"(0) : "memory");
+    else
+      asm volatile("red.release.gpu.global.add.s32 [%0], %1;\n" ::"l"(counter), "r"(1) : "memory");
+  }
+}
+
+}  // namespace sparse
+
+using Pipe = sparse::Pipeline<M_BLOCKS, TILE_N, TILE_K, STAGES, GROUP_ROWS, EVICT_FIRST != 0>;
+
+// The striped partition of s6 (reference/marlin_layout.py: striped_schedule): block b
+// takes tiles [b * iters, (b + 1) * iters) in the order slab, column slice, k-tile.
+extern "C" __global__ void __launch_bounds__(Pipe::THREADS, 1)
+    s7_sparse_marlin(const int4* __restrict__ A, const int4* __restrict__ W, const int4* __restrict__ Meta,
+                     const int4* __restrict__ S, half* __restrict__ C, int M, int K, int N, int* __restrict__ locks,
+                     int iters) {
+  extern __shared__ int4 smem[];
+  constexpr int SLAB_ROWS = 16 * M_BLOCKS;
+  const int k_tiles = K / TILE_K, n_tiles = N / TILE_N;
+  const int slabs = (M + SLAB_ROWS - 1) / SLAB_ROWS;
+  const int total = slabs * n_tiles * k_tiles;
+
+  Pipe pipe;
+  pipe.init(smem, K, N);
+  marlin::FragC acc[M_BLOCKS][4][2];
+
+  int t = blockIdx.x * iters;
+  const int end = min(t + iters, total);
+  while (t < end) {
+    const int slice = t / k_tiles, row0 = t - slice * k_tiles;
+    const int rows = min(k_tiles - row0, end - t);
+    const int slab = slice / n_tiles, col = slice - slab * n_tiles;
+    // The blocks whose runs meet this slice add in turn, the highest-numbered first.
+    const int first_block = (slice * k_tiles) / iters, last_block = ((slice + 1) * k_tiles - 1) / iters;
+    const int contributors = last_block - first_block + 1, turn = last_block - blockIdx.x;
+    const int rows_valid = min(SLAB_ROWS, M - slab * SLAB_ROWS);
+
+    pipe.begin_column(A + size_t(slab) * SLAB_ROWS * (K / 8), W, Meta, S, rows_valid, col, row0, rows);
+    pipe.run(acc);
+    pipe.reduce_across_k_warps(acc);
+
+    if (contributors > 1) sparse::wait_for_turn(&locks[slice], turn);
+    if (pipe.k_warp == 0)
+      sparse::fold_into_output<M_BLOCKS>(acc, C + size_t(slab) * SLAB_ROWS * N, N, rows_valid,
+                                         col * TILE_N + 64 * pipe.strip, turn > 0);
+    if (contributors > 1) sparse::pass_turn(&locks[slice], turn == contributors - 1);
+    t += rows;
+  }
+}

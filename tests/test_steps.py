@@ -38,8 +38,8 @@ def problem_sizes(step):
         Ms, Ks, Ns = st.integers(1, 40), st.integers(1, 12).map(lambda k: 128 * k), st.integers(1, 12).map(lambda n: 64 * n)
     else:
         Ms = st.integers(1, 1000)
-        Ks = st.integers(1, 48).map(lambda k: 128 * k)
-        Ns = st.integers(1, 48).map(lambda n: 64 * n)
+        Ks = st.integers(1, 32).map(lambda k: 128 * k)
+        Ns = st.integers(1, 24).map(lambda n: 64 * n)
     return st.tuples(Ms, Ks, Ns, st.sampled_from(ref.GROUP_SIZES))
 
 

@@ -1,0 +1,20 @@
+"""Run every CUDA rung once on a few small shapes: the workload for compute-sanitizer."""
+
+import numpy as np
+
+import reference as ref
+import steps
+
+rng = np.random.default_rng(0)
+for step in steps.STEPS:
+    if step.host_arrays or not step.available():
+        continue
+    import cupy
+
+    for M, K, N, g in ((1, 256, 256, 128), (17, 512, 512, -1), (70, 1024, 256, 32)):
+        if not step.supports(M, K, N, g):
+            continue
+        qw = ref.random_quantized_weight(rng, K, N, g)
+        A = rng.standard_normal((M, K)).astype(np.float16)
+        C = step(cupy.asarray(A), step.pack(qw)).get()
+        print(step.name, M, K, N, g, "error/bound", round(ref.error_excess(C, A, step.reference_weight(qw), step.error_c), 3))

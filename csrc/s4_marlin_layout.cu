@@ -1,15 +1,15 @@
 // Rung 4: the MARLIN weight layout. Tensor cores, but the weights go straight from
 // global memory into the registers that feed them.
 //
-// s3 staged the weights through shared memory and reshuffled them there with ldmatrix.
-// Here that work was done once, offline (reference/marlin_layout.py): each lane's
+// s3 dequantized each code on its own into shared memory and lifted fp16 blocks out with
+// ldmatrix. Here the reshuffling was done once, offline (reference/marlin_layout.py): each lane's
 // 128-bit load of a k16 row brings exactly the 32 codes of its B fragments for the four
 // 16 x 16 tiles of its warp's 64-column strip, nibble-interleaved so that two lop3
 // instructions and one fp16 subtract / fma turn each register into two fp16 weights
 // (q - 8). The per-group scales are permuted the same way: one 128-bit load gives a lane
 // the eight scales its fragments need, and they stay in registers. So a weight byte is
 // touched by exactly one load instruction and never by shared memory: the rung moves
-// 4 bits per weight and spends ~1 instruction per weight on dequantization.
+// 4 bits per weight and spends under 2 instructions per weight on dequantization.
 //
 // Memory parallelism comes only from many plain loads in flight: the 4 warps of a block
 // share one strip and take every 4th k16 row each, each lane requests LOADS_AHEAD

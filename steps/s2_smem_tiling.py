@@ -53,6 +53,15 @@ def block_m(M: int) -> int:
     return 16 if M <= 16 else 64
 
 
+def vector_load_support(K: int, N: int) -> Support:
+    """The shapes the 16-byte loads of the plain layout allow (shared with rung 3)."""
+    if K % 8:
+        return Support(False, f"K={K} must be divisible by 8 (eight 4-bit codes per int32 word; rows of A load as 16-byte vectors)")
+    if N % 4:
+        return Support(False, f"N={N} must be divisible by 4 (weights and scales load as 16- and 8-byte vectors of 4 columns)")
+    return SUPPORTED
+
+
 @functools.cache
 def _kernel(bm: int, device: int) -> Any:
     return get_kernel("s2_smem_tiling", "s2_smem_tiling", (("S2_BM", bm),), device)
@@ -65,10 +74,9 @@ class SmemTiling(CudaStep):
     error_c = 4.0
 
     def _supports(self, M: int, K: int, N: int, group_size: int) -> Support:
-        if K % 8:
-            return Support(False, f"K={K} must be divisible by 8 (eight 4-bit codes per int32 word; rows of A load as 16-byte vectors)")
-        if N % 4:
-            return Support(False, f"N={N} must be divisible by 4 (weights and scales load as 16- and 8-byte vectors of 4 columns)")
+        vectors = vector_load_support(K, N)
+        if not vectors:
+            return vectors
         if M > MAX_GRID_Y * block_m(M):
             return Support(False, f"M={M} is above {MAX_GRID_Y * block_m(M)}, the most rows one launch covers")
         return SUPPORTED

@@ -24,7 +24,7 @@ from reference import QuantizedWeight
 
 from ._cuda import CudaStep, get_kernel
 from .s0_numpy import plain_int4_layout
-from .s2_smem_tiling import MAX_GRID_Y, check_alignment, group_shift
+from .s2_smem_tiling import MAX_GRID_Y, check_alignment, group_shift, vector_load_support
 from .step import SUPPORTED, Packed, Support
 
 THREADS = 128
@@ -78,10 +78,9 @@ class TensorCores(CudaStep):
     error_c = 4.0
 
     def _supports(self, M: int, K: int, N: int, group_size: int) -> Support:
-        if K % 8:
-            return Support(False, f"K={K} must be divisible by 8 (eight 4-bit codes per int32 word; rows of A load as 16-byte vectors)")
-        if N % 4:
-            return Support(False, f"N={N} must be divisible by 4 (weights and scales load as 16- and 8-byte vectors of 4 columns)")
+        vectors = vector_load_support(K, N)
+        if not vectors:
+            return vectors
         rows = MAX_GRID_Y * 16 * m_tiles(M)
         if M > rows:
             return Support(False, f"M={M} is above {rows}, the most rows one launch covers")

@@ -65,26 +65,26 @@ class AWQTensors:
 
 
 def pack_int4_along_n(values: np.ndarray, order: tuple[int, ...] = GPTQ_NIBBLE_ORDER) -> np.ndarray:
-    """uint8 (R, N) in 0..15 -> int32 (R, N/8): nibble j of word c holds column 8c + order[j]."""
+    """uint8 (R, N) in 0..15 -> int32 (R, N/8): nibble j of word c holds column 8c + order[j].
+
+    The same packing as reference.packing's along K, applied to the transpose after
+    putting each group of 8 columns into nibble order.
+    """
     values = np.asarray(values)
     if values.ndim != 2 or values.shape[1] % 8:
         raise ValueError(f"values must be (R, N) with N divisible by 8, got shape {values.shape}")
-    if values.size and values.max() > 15:
-        raise ValueError("values must lie in 0..15")
     R, N = values.shape
-    nibbles = values.reshape(R, N // 8, 8)[:, :, list(order)].astype(np.uint32)
-    shifts = 4 * np.arange(8, dtype=np.uint32)
-    return np.bitwise_or.reduce(nibbles << shifts, axis=2).view(np.int32)
+    in_nibble_order = values.reshape(R, N // 8, 8)[:, :, list(order)].reshape(R, N)
+    return np.ascontiguousarray(pack_int4_along_k(np.ascontiguousarray(in_nibble_order.T)).T)
 
 
 def unpack_int4_along_n(words: np.ndarray, order: tuple[int, ...] = GPTQ_NIBBLE_ORDER) -> np.ndarray:
     """int32 (R, N/8) -> uint8 (R, N); the inverse of pack_int4_along_n with the same order."""
-    words = np.asarray(words).view(np.uint32)
-    R, C = words.shape
-    nibbles = (words[:, :, None] >> (4 * np.arange(8, dtype=np.uint32))) & 0xF
-    values = np.empty((R, C, 8), dtype=np.uint8)
-    values[:, :, list(order)] = nibbles
-    return values.reshape(R, 8 * C)
+    in_nibble_order = unpack_int4_along_k(np.ascontiguousarray(np.asarray(words).T)).T
+    R, N = in_nibble_order.shape
+    values = np.empty((R, N // 8, 8), dtype=np.uint8)
+    values[:, :, list(order)] = in_nibble_order.reshape(R, N // 8, 8)
+    return values.reshape(R, N)
 
 
 # -- act-order ---------------------------------------------------------------------------

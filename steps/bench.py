@@ -139,7 +139,7 @@ def measure_read_bandwidth(device: str) -> float:
 
 
 # -- one shape ------------------------------------------------------------------------
-def _copies_needed(nbytes: int, machine: Machine) -> int:
+def copies_needed(nbytes: int, machine: Machine) -> int:
     if machine.device == "cpu":
         return 1
     return max(2, math.ceil(L2_MULTIPLE * machine.l2_bytes / max(nbytes, 1)))
@@ -173,7 +173,7 @@ class ShapeBench:
             import torch
 
             w = torch.from_numpy(self.W_deq).cuda()
-            self.baseline_weights = [w] + [w.clone() for _ in range(_copies_needed(w.nbytes, machine) - 1)]
+            self.baseline_weights = [w] + [w.clone() for _ in range(copies_needed(w.nbytes, machine) - 1)]
 
     def activations(self, M: int) -> tuple[np.ndarray, Any]:
         A_host = self.rng.standard_normal((M, self.K), dtype=np.float32).astype(np.float16)
@@ -195,7 +195,7 @@ class ShapeBench:
 
     def packed_copies(self, step: Step) -> list[Any]:
         packed = step.pack(self.qw)
-        return [packed] + [_copy_packed(packed) for _ in range(_copies_needed(packed.streamed_bytes, self.machine) - 1)]
+        return [packed] + [_copy_packed(packed) for _ in range(copies_needed(packed.streamed_bytes, self.machine) - 1)]
 
     def run_step(self, step: Step, copies: list[Any], A_host: np.ndarray, A: Any) -> tuple[Timing, float]:
         M = A_host.shape[0]

@@ -1,4 +1,4 @@
-"""Command line: `python -m steps {list,check,bench,report}` (also `marlin-ladder ...`)."""
+"""Command line: `python -m steps {list,check,bench,e2e,report}` (also `marlin-ladder ...`)."""
 
 from __future__ import annotations
 
@@ -78,6 +78,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_e2e(args: argparse.Namespace) -> int:
+    from . import e2e  # needs torch and transformers
+
+    device = "cuda" if bench.gpu_present() else "cpu"
+    dims = args.dims or ("7b" if device == "cuda" else "tiny")
+    batches = tuple(args.batch or (bench.GPU_BATCHES if device == "cuda" else (1, 2)))
+    if device == "cpu":
+        print("No CUDA GPU here: the CPU rung on tiny dimensions checks the pipeline; real numbers need a GPU.")
+    machine = bench.describe_machine(device)
+    check, rows = e2e.run(machine, dims, args.layers, batches, args.tokens, args.prompt_len, args.group_size, args.rung, args.seed)
+    print(e2e.format_check(check))
+    if not check.passed:
+        print("The MarlinLinear model failed its correctness check; nothing was timed.")
+        return 1
+    print(e2e.format_table(rows, machine))
+    if any(r.method != "cuda-graph" for r in rows) and device == "cuda":
+        print("Warning: some decode steps could not be captured in a CUDA graph and were timed eagerly (see method).")
+    if args.json:
+        with open(args.json, "a") as f:
+            f.writelines(line + "\n" for line in bench.json_lines(rows, machine))
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
 
@@ -101,11 +124,21 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--cpu", action="store_true", help="benchmark the CPU rungs even where a GPU is present")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--quiet", action="store_true", help="no progress bar")
+    e = sub.add_parser("e2e", help="decode tokens/s of a Llama-architecture model with MarlinLinear layers vs FP16")
+    e.add_argument("--dims", choices=("7b", "70b", "tiny"), help="model dimensions (default 7b on a GPU, tiny on a CPU)")
+    e.add_argument("--layers", type=int, help="number of decoder layers (default: the model's own)")
+    e.add_argument("--batch", type=int, nargs="+", help="batch sizes (default 1 2 4 ... 128 on a GPU, 1 2 on a CPU)")
+    e.add_argument("--tokens", type=int, default=32, help="new tokens decoded per sequence")
+    e.add_argument("--prompt-len", type=int, default=32)
+    e.add_argument("--group-size", type=int, default=128, choices=(-1, 32, 64, 128))
+    e.add_argument("--rung", help="force this rung for the MarlinLinear layers (default: the fastest that runs)")
+    e.add_argument("--json", help="append JSON lines (with GPU, versions, date) to this file")
+    e.add_argument("--seed", type=int, default=0)
     r = sub.add_parser("report", help="regenerate the results tables and plots from docs/results/*.jsonl")
     r.add_argument("--results", default="docs/results")
     r.add_argument("--readme", default="README.md")
     args = parser.parse_args(argv)
-    handler = {"list": cmd_list, "check": cmd_check, "bench": cmd_bench, "report": cmd_report}[args.command]
+    handler = {"list": cmd_list, "check": cmd_check, "bench": cmd_bench, "e2e": cmd_e2e, "report": cmd_report}[args.command]
     try:
         return handler(args)
     except (ValueError, KeyError) as e:

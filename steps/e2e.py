@@ -1,0 +1,429 @@
+"""End-to-end decoding benchmark: a Llama-architecture decoder whose block linear layers are
+MarlinLinear, against the same model in FP16, in tokens per second for greedy decoding.
+
+The model is transformers' LlamaForCausalLM built from a LlamaConfig with random weights
+(nothing is downloaded): Llama-2-7B or -70B dimensions with optionally fewer layers, or a
+tiny configuration for CPU machines and tests. Every nn.Linear inside the decoder blocks
+(q, k, v, o, gate, up, down) becomes a MarlinLinear; the embeddings, norms and lm_head
+stay FP16. The FP16 model it is compared with is its "dequantized twin": the same network
+whose replaced layers hold, as ordinary FP16 weights, exactly the dequantized values the
+MarlinLinear multiplies by. Both models therefore compute the same function and differ
+only in how the products are rounded, which isolates the kernel.
+
+Weights. Quantizing 6.5 billion random weights with the NumPy reference quantizer would
+take minutes, and random weights need no quantizer: each block position draws WEIGHT_POOL
+random QuantizedWeights (reference.random_quantized_weight, scaled like a real layer) and
+layer i uses number i % WEIGHT_POOL, in its own memory, so a decode step streams every
+layer's weights from memory as with a real checkpoint.
+
+Correctness, on one forward pass of a short prompt. A per-element bound for one GEMM,
+reference.error_bound, holds for a product whose inputs are exact; in a network the inputs
+of layer 2 already differ between the two models by layer 1's rounding, and every later
+norm, softmax and residual add propagates and amplifies those differences by factors
+(the network's sensitivity) that no per-GEMM bound knows. Two checks replace it:
+
+1. Every MarlinLinear call in that forward pass, on the activations it actually received,
+   meets its rung's bound c * u * (|A| @ |W|) against the dequantized weight (a subset of
+   columns, as steps.bench does). This is the kernel check, and it is rigorous.
+2. The logits, relative to an FP32 evaluation of the twin (the same weights, fp16 -> fp32
+   is exact): e_q = ||L_marlin - L_fp32|| / ||L_fp32|| must not exceed
+   KAPPA * max(1, c / 2) * e_16, where e_16 is the same distance for the FP16 twin. To first
+   order the logits' error is a sum over every rounding in the network of (sensitivity x
+   local error); swapping the GEMMs changes only the GEMM terms, whose bound grows from
+   c = 2 (fp32 accumulation, one rounding) to the rung's c, so the measured e_16 scaled by
+   max(1, c / 2) estimates what the quantized model may show; KAPPA = 2 allows for these
+   being random sums, not worst cases. A wrong layout, transpose or cache bug gives an
+   error of order one, far above this.
+
+Timing. For each batch size both models get a static KV cache (transformers StaticCache)
+of prompt + tokens positions, prefill a random prompt and decode greedily; the decode step
+reads its token, position and 4-D attention mask from fixed buffers, so it can be captured.
+steps.timing.measure times that step (on a GPU it captures the step in a CUDA graph and
+replays it; after each step the cache is rewound by one position so that every replay
+decodes the same last position). tokens/s = batch / step time.
+
+Breakdown (measured, then subtracted): "linear" is the sum over the replaced layers of one
+call at the decode shape (batch x K), timed with measure per distinct (K, N) while rotating
+over the model's own layers of that shape; "attention" is the SDPA kernel over the full
+static cache (query 1, keys max_cache_len, the boolean mask), timed per layer on enough
+copies of a layer's K/V to stream them from memory, times the number of layers; "rest" is
+the step minus both (norms, rotary, cache writes, lm_head, argmax, launch gaps). Isolated
+kernels can overlap or schedule differently in the step, so "rest" is an estimate.
+
+torch and transformers are optional dependencies: import this module only where both are
+installed (`python -m steps e2e` imports it lazily).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
+
+from reference import dequantize, error_excess, random_quantized_weight
+
+from .bench import CHECK_COLUMNS, Machine, copies_needed
+from .registry import get
+from .timing import Timing, measure
+from .torch_layer import MarlinLinear
+
+# Llama-2 dimensions (the released configs); "tiny" is for CPU machines and tests.
+DIMS = {
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32, vocab_size=32000),
+    "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                num_key_value_heads=8, vocab_size=32000),
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4, vocab_size=256),
+}  # fmt: skip
+WEIGHT_POOL = 2  # distinct random weights per block position, alternating over the layers
+KAPPA = 2.0  # safety factor of the logits criterion (module docstring, check 2)
+CHECK_BATCH = 2
+
+
+def llama_config(dims: str, layers: int | None = None) -> LlamaConfig:
+    """A LlamaConfig of the named dimensions, optionally with fewer (or more) layers."""
+    if dims not in DIMS:
+        raise ValueError(f"unknown --dims {dims!r}; use one of {', '.join(DIMS)}")
+    sizes = dict(DIMS[dims])
+    if layers is not None:
+        if layers < 1:
+            raise ValueError(f"--layers must be at least 1, got {layers}")
+        sizes["num_hidden_layers"] = layers
+    return LlamaConfig(**sizes, max_position_embeddings=4096, tie_word_embeddings=False)
+
+
+# -- the two models --------------------------------------------------------------------------------
+
+
+@dataclass
+class Models:
+    twin: nn.Module  # FP16, replaced layers hold the dequantized weights
+    quant: nn.Module  # the same network with MarlinLinear layers
+    replaced: list[str]  # dotted names of the replaced layers
+    rung: str
+
+
+def block_linears(model: nn.Module) -> list[str]:
+    """Dotted names of the nn.Linear layers inside the decoder blocks (not lm_head)."""
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in f".{name}"]
+
+
+def build_models(
+    config: LlamaConfig, device: str, group_size: int = 128, rung: str | None = None, seed: int = 0
+) -> Models:
+    """The dequantized FP16 twin and the MarlinLinear model, random weights, on `device`."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    with torch.device(device):
+        twin = LlamaForCausalLM._from_config(config, dtype=torch.float16).eval().requires_grad_(False)
+    quant = copy.deepcopy(twin)
+    names = block_linears(twin)
+    pool: dict[str, list[tuple[MarlinLinear, torch.Tensor]]] = {}
+    for name in names:
+        position = name.split(".layers.", 1)[1].split(".", 1)[1]  # "self_attn.q_proj"
+        linear = twin.get_submodule(name)
+        if position not in pool:
+            pool[position] = []
+            for _ in range(WEIGHT_POOL):
+                qw = random_quantized_weight(rng, linear.in_features, linear.out_features, group_size)
+                w_deq = torch.from_numpy(np.ascontiguousarray(dequantize(qw).T)).to(device)  # (N, K) like nn.Linear
+                pool[position].append((MarlinLinear(qw, step=rung, device=device), w_deq))
+        layer_index = int(name.split(".layers.", 1)[1].split(".", 1)[0])
+        marlin, w_deq = pool[position][layer_index % WEIGHT_POOL]
+        linear.weight.copy_(w_deq)
+        parent, _, child = name.rpartition(".")
+        setattr(quant.get_submodule(parent), child, copy.deepcopy(marlin))
+    rungs = {quant.get_submodule(n).step for n in names}
+    return Models(twin, quant, names, ", ".join(sorted(rungs)))
+
+
+# -- correctness -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Check:
+    max_gemm_error_ratio: float  # max over every MarlinLinear call of error / rung bound (<= 1 passes)
+    logits_rel_err: float  # e_q: MarlinLinear model vs FP32 twin
+    fp16_logits_rel_err: float  # e_16: FP16 twin vs FP32 twin
+    logits_tolerance: float  # KAPPA * max(1, c / 2) * e_16
+
+    @property
+    def passed(self) -> bool:
+        return self.max_gemm_error_ratio <= 1.0 and self.logits_rel_err <= self.logits_tolerance
+
+
+def _set_parameter_dtype(model: nn.Module, dtype: torch.dtype) -> None:
+    """Convert parameters only (model.to(dtype) would also round the fp32 rotary buffers)."""
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+
+
+def _rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    if not torch.isfinite(x).all():
+        return math.inf
+    return float(torch.linalg.vector_norm(x.double() - ref.double()) / torch.linalg.vector_norm(ref.double()))
+
+
+@torch.no_grad()
+def check_logits(models: Models, prompt_len: int, seed: int = 0) -> Check:
+    """One forward pass of a random prompt through both models; see the module docstring."""
+    rng = np.random.default_rng(seed)
+    device = models.twin.device
+    ids = torch.from_numpy(rng.integers(0, models.twin.config.vocab_size, (CHECK_BATCH, prompt_len))).to(device)
+    calls: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+    hooks = [
+        models.quant.get_submodule(name).register_forward_hook(
+            lambda m, args, y, name=name: calls.append((name, args[0].detach(), y.detach()))
+        )
+        for name in models.replaced
+    ]
+    try:
+        logits_q = models.quant(ids, use_cache=False).logits
+    finally:
+        for h in hooks:
+            h.remove()
+    logits_16 = models.twin(ids, use_cache=False).logits
+    _set_parameter_dtype(models.twin, torch.float32)
+    try:
+        logits_32 = models.twin(ids, use_cache=False).logits
+    finally:
+        _set_parameter_dtype(models.twin, torch.float16)
+
+    worst, worst_c = 0.0, 2.0
+    for name, x, y in calls:
+        layer = models.quant.get_submodule(name)
+        c = get(layer.step).error_c
+        worst_c = max(worst_c, c)
+        w = models.twin.get_submodule(name).weight  # (N, K): the dequantized weight, exactly
+        cols = np.sort(rng.choice(w.shape[0], size=min(CHECK_COLUMNS, w.shape[0]), replace=False))
+        A = x.reshape(-1, x.shape[-1]).cpu().numpy()
+        C = y.reshape(-1, y.shape[-1])[:, cols].float().cpu().numpy()
+        worst = max(worst, error_excess(C, A, w[cols].T.cpu().numpy(), c))
+    e_16 = _rel_err(logits_16, logits_32)
+    return Check(worst, _rel_err(logits_q, logits_32), e_16, KAPPA * max(1.0, worst_c / 2) * e_16)
+
+
+# -- decoding ----------------------------------------------------------------------------------------
+
+
+def _cache_keyword(model: nn.Module) -> str:
+    """transformers 5.17 calls the cache argument past_key_values, later versions cache."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+class Decoder:
+    """Greedy decoding of one model with a static KV cache.
+
+    A decode step reads the current token, its position and a 4-D boolean attention mask
+    from buffers that stay at the same addresses, and writes the next token back in place:
+    a CUDA graph captured around `step` replays correctly. Passing the 4-D mask ourselves
+    also bypasses transformers' mask construction, which differs between versions.
+    """
+
+    def __init__(self, model: nn.Module, batch: int, max_len: int):
+        self.model, self.batch, self.max_len = model, batch, max_len
+        device = model.device
+        self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        self.cache_keyword = _cache_keyword(model)
+        self.token = torch.zeros((batch, 1), dtype=torch.long, device=device)
+        self.position = torch.zeros((batch, 1), dtype=torch.long, device=device)
+        self.mask = torch.zeros((batch, 1, 1, max_len), dtype=torch.bool, device=device)
+        self.length = 0  # positions written to the cache
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        kwargs = {self.cache_keyword: self.cache}
+        out = self.model(ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **kwargs)
+        return out.logits[:, -1:].argmax(-1)
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+        """Prefill `prompt` (batch x P) and decode greedily; returns the new_tokens tokens."""
+        P = prompt.shape[1]
+        if P + new_tokens > self.max_len:
+            raise ValueError(f"prompt {P} + {new_tokens} tokens do not fit a cache of {self.max_len} positions")
+        causal = torch.ones((P, self.max_len), dtype=torch.bool, device=prompt.device).tril()
+        positions = torch.arange(P, device=prompt.device).expand(self.batch, P)
+        self.token.copy_(self._forward(prompt, causal.expand(self.batch, 1, P, self.max_len), positions))
+        self.mask[..., :P] = True
+        self.length = P
+        out = [self.token.clone()]
+        for _ in range(new_tokens - 1):
+            self._advance()
+            self.step()
+            self.length += 1
+            out.append(self.token.clone())
+        return torch.cat(out, dim=1)
+
+    def _advance(self) -> None:
+        """Point the buffers at the next position (outside any captured graph)."""
+        self.position.fill_(self.length)
+        self.mask[..., self.length] = True
+
+    def step(self) -> None:
+        """One decode step from the buffers: the next token replaces the current one."""
+        self.token.copy_(self._forward(self.token, self.mask, self.position))
+
+    @torch.no_grad()
+    def time_step(self, device: str) -> Timing:
+        """Median time of one decode step at the cache's last position (after generate)."""
+        if self.length != self.max_len - 1:
+            raise ValueError("time_step decodes the cache's last position: generate max_len - 1 positions first")
+        self._advance()
+        lengths = [layer.cumulative_length for layer in self.cache.layers]
+
+        def launch(i: int) -> None:
+            self.step()
+            torch._foreach_sub_(lengths, 1)  # rewind, one kernel: the next replay writes the same position again
+
+        return measure(launch, device=device)
+
+
+# -- breakdown ---------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def linear_us(model: nn.Module, names: list[str], batch: int, device: str) -> float:
+    """Sum over the named layers of one call at (batch, K): timed per (K, N), rotating over the layers."""
+    by_shape: dict[tuple[int, int], list[nn.Module]] = {}
+    for name in names:
+        m = model.get_submodule(name)
+        by_shape.setdefault((m.in_features, m.out_features), []).append(m)
+    total = 0.0
+    for (K, _), layers in by_shape.items():
+        x = torch.randn((batch, K), dtype=torch.float16, device=device)
+        total += measure(lambda i: layers[i](x), len(layers), device).median_us * len(layers)
+    return total
+
+
+@torch.no_grad()
+def attention_us(config: LlamaConfig, machine: Machine, batch: int, max_len: int) -> float:
+    """SDPA over a full static cache of max_len positions, per layer, times the number of layers."""
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = config.hidden_size // heads
+    device = machine.device
+    q = torch.randn((batch, heads, 1, head_dim), dtype=torch.float16, device=device)
+    mask = torch.ones((batch, 1, 1, max_len), dtype=torch.bool, device=device)
+    kv_bytes = 2 * batch * kv_heads * max_len * head_dim * 2
+    copies = min(config.num_hidden_layers, copies_needed(kv_bytes, machine))
+    kv = [torch.randn((2, batch, kv_heads, max_len, head_dim), dtype=torch.float16, device=device) for _ in range(copies)]
+    gqa = {"enable_gqa": True} if kv_heads != heads else {}
+    t = measure(lambda i: F.scaled_dot_product_attention(q, kv[i][0], kv[i][1], attn_mask=mask, **gqa), copies, device)
+    return t.median_us * config.num_hidden_layers
+
+
+# -- the benchmark -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One model at one batch size."""
+
+    kind: str  # "e2e", so these lines are never mistaken for steps.bench rows
+    dims: str
+    layers: int
+    batch: int
+    prompt_len: int
+    new_tokens: int
+    max_cache_len: int
+    group_size: int
+    model: str  # "fp16" or the rung(s) of the MarlinLinear layers
+    step_us: float
+    q1_us: float
+    q3_us: float
+    method: str
+    tokens_per_s: float
+    speedup_vs_fp16: float
+    linear_us: float
+    attention_us: float
+    rest_us: float
+    greedy_agreement: float  # share of generated tokens equal to the FP16 twin's
+    max_gemm_error_ratio: float
+    logits_rel_err: float
+    fp16_logits_rel_err: float
+    logits_tolerance: float
+
+
+def run(
+    machine: Machine,
+    dims: str,
+    layers: int | None,
+    batches: tuple[int, ...],
+    new_tokens: int,
+    prompt_len: int,
+    group_size: int = 128,
+    rung: str | None = None,
+    seed: int = 0,
+) -> tuple[Check, list[Row]]:
+    """Build both models, check them, and time decoding at each batch size (no rows if the check fails)."""
+    if machine.device == "cpu" and dims != "tiny":
+        raise ValueError(f"--dims {dims} needs a GPU (its FP16 weights alone are many GB); use --dims tiny on a CPU")
+    if new_tokens < 1 or prompt_len < 1 or min(batches) < 1:
+        raise ValueError("--tokens, --prompt-len and every --batch must be at least 1")
+    config = llama_config(dims, layers)
+    models = build_models(config, machine.device, group_size, rung, seed)
+    check = check_logits(models, prompt_len, seed)
+    if not check.passed:
+        return check, []
+    max_len = prompt_len + new_tokens
+    rng = np.random.default_rng(seed + 1)
+    rows = []
+    for batch in batches:
+        prompt = torch.from_numpy(rng.integers(0, config.vocab_size, (batch, prompt_len))).to(machine.device)
+        timed = {}
+        for label, model in (("fp16", models.twin), (models.rung, models.quant)):
+            decoder = Decoder(model, batch, max_len)
+            tokens = decoder.generate(prompt, new_tokens)
+            timed[label] = (decoder.time_step(machine.device), tokens)
+            del decoder
+            if machine.device == "cuda":
+                torch.cuda.empty_cache()
+        attn = attention_us(config, machine, batch, max_len)
+        base_t, base_tokens = timed["fp16"]
+        for label, model in (("fp16", models.twin), (models.rung, models.quant)):
+            t, tokens = timed[label]
+            lin = linear_us(model, models.replaced, batch, machine.device)
+            rows.append(Row(
+                "e2e", dims, config.num_hidden_layers, batch, prompt_len, new_tokens, max_len, group_size, label,
+                t.median_us, t.q1_us, t.q3_us, t.method, batch / (t.median_us * 1e-6),
+                base_t.median_us / t.median_us, lin, attn, t.median_us - lin - attn,
+                float((tokens == base_tokens).float().mean()), check.max_gemm_error_ratio, check.logits_rel_err,
+                check.fp16_logits_rel_err, check.logits_tolerance,
+            ))  # fmt: skip
+    return check, rows
+
+
+def format_check(check: Check) -> str:
+    verdict = "ok" if check.passed else "FAIL"
+    return (
+        f"correctness ({verdict}): every MarlinLinear call within its rung's bound (max error/bound "
+        f"{check.max_gemm_error_ratio:.3f} <= 1); logits vs FP32 twin: MarlinLinear {check.logits_rel_err:.2e}, "
+        f"FP16 twin {check.fp16_logits_rel_err:.2e}, tolerance {check.logits_tolerance:.2e}"
+    )
+
+
+def format_table(rows: list[Row], machine: Machine) -> str:
+    first = rows[0]
+    head = (
+        f"{machine.name} ({machine.device}); Llama {first.dims} dims, {first.layers} layers, prompt {first.prompt_len}, "
+        f"{first.new_tokens} new tokens, static cache {first.max_cache_len}, group size {first.group_size}"
+    )
+    cols = (
+        f"{'batch':>5}  {'model':<16} {'step ms':>9} {'IQR%':>5} {'tok/s':>10} {'x FP16':>7} "
+        f"{'linear ms':>10} {'attn ms':>8} {'rest ms':>8} {'agree':>6}  method"
+    )
+    lines = [head, cols, "-" * len(cols)]
+    for r in rows:
+        lines.append(
+            f"{r.batch:>5}  {r.model:<16} {r.step_us / 1e3:>9.3f} {100 * (r.q3_us - r.q1_us) / r.step_us:>5.1f} "
+            f"{r.tokens_per_s:>10.1f} {r.speedup_vs_fp16:>7.2f} {r.linear_us / 1e3:>10.3f} {r.attention_us / 1e3:>8.3f} "
+            f"{r.rest_us / 1e3:>8.3f} {r.greedy_agreement:>6.2f}  {r.method}"
+        )
+    return "\n".join(lines)

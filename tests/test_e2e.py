@@ -1,0 +1,97 @@
+"""The end-to-end decoding benchmark (steps/e2e.py) on a tiny Llama, on the CPU.
+
+The model builds with every block linear layer replaced, the FP16 twin holds exactly the
+weights the MarlinLinear layers multiply by, the logits check passes, greedy decoding with
+the static cache gives the tokens a full recomputation gives, timing leaves the cache where
+it was, and the CLI prints a table and writes JSON lines.
+"""
+
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from steps import e2e  # noqa: E402
+from steps.bench import describe_machine  # noqa: E402
+from steps.torch_layer import MarlinLinear  # noqa: E402
+
+LAYERS = 2
+PROMPT = 5
+NEW = 4
+
+
+@pytest.fixture(scope="module")
+def models():
+    return e2e.build_models(e2e.llama_config("tiny", LAYERS), "cpu")
+
+
+def test_every_block_linear_is_replaced_and_the_twin_holds_its_dequantized_weight(models):
+    assert len(models.replaced) == 7 * LAYERS  # q, k, v, o, gate, up, down per block
+    assert e2e.block_linears(models.quant) == []
+    assert isinstance(models.quant.lm_head, torch.nn.Linear)
+    assert models.rung == "s0_numpy"
+    for name in models.replaced:
+        layer, linear = models.quant.get_submodule(name), models.twin.get_submodule(name)
+        assert isinstance(layer, MarlinLinear) and not isinstance(linear, MarlinLinear)
+        # The identity times W is W itself: on the CPU rung the product is exact.
+        eye = torch.eye(layer.in_features, dtype=torch.float16)
+        assert torch.equal(layer(eye), linear.weight.T)
+
+
+def test_the_logits_check_passes(models):
+    check = e2e.check_logits(models, PROMPT)
+    assert check.passed, e2e.format_check(check)
+    assert 0 < check.fp16_logits_rel_err < 1e-2
+
+
+def test_a_layer_with_the_wrong_weights_fails_the_check(models):
+    broken = copy.copy(models)
+    broken.quant = copy.deepcopy(models.quant)
+    first, second = "model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"  # distinct pool weights
+    parent, _, child = first.rpartition(".")
+    setattr(broken.quant.get_submodule(parent), child, copy.deepcopy(broken.quant.get_submodule(second)))
+    check = e2e.check_logits(broken, PROMPT)
+    assert not check.passed
+    assert check.max_gemm_error_ratio > 1 and check.logits_rel_err > check.logits_tolerance
+
+
+def test_static_cache_decoding_gives_the_tokens_of_a_full_recomputation(models):
+    model = copy.deepcopy(models.twin)
+    e2e._set_parameter_dtype(model, torch.float32)  # fp32: no near-ties between the two orders of rounding
+    prompt = torch.randint(0, model.config.vocab_size, (2, PROMPT), generator=torch.Generator().manual_seed(0))
+    tokens = e2e.Decoder(model, 2, PROMPT + NEW).generate(prompt, NEW)
+    assert tokens.shape == (2, NEW)
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(NEW):
+            seq = torch.cat([seq, model(seq, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(tokens, seq[:, PROMPT:])
+
+
+def test_timing_a_step_leaves_the_cache_at_its_position(models):
+    decoder = e2e.Decoder(models.quant, 1, PROMPT + NEW)
+    decoder.generate(torch.zeros((1, PROMPT), dtype=torch.long), NEW)
+    t = decoder.time_step("cpu")
+    assert t.median_us > 0 and t.method == "host-clock"
+    assert all(int(layer.cumulative_length) == PROMPT + NEW - 1 for layer in decoder.cache.layers)
+
+
+def test_big_dimensions_are_refused_on_a_cpu():
+    with pytest.raises(ValueError, match="needs a GPU"):
+        e2e.run(describe_machine("cpu"), "7b", None, (1,), NEW, PROMPT)
+
+
+def test_cli_prints_a_table_and_writes_json(tmp_path):
+    out = tmp_path / "e2e.jsonl"
+    args = ["e2e", "--dims", "tiny", "--batch", "1", "2", "--tokens", str(NEW), "--prompt-len", "8", "--json", str(out)]
+    result = subprocess.run([sys.executable, "-m", "steps", *args], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "correctness (ok)" in result.stdout and "real numbers need a GPU" in result.stdout
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {(r["batch"], r["model"]) for r in rows} == {(b, m) for b in (1, 2) for m in ("fp16", "s0_numpy")}
+    assert all(r["kind"] == "e2e" and r["tokens_per_s"] > 0 and {"date", "gpu", "versions"} <= r.keys() for r in rows)

@@ -21,12 +21,24 @@ def _groups_of_4(x: np.ndarray) -> np.ndarray:
 
 
 def keep_mask_2_4(W: np.ndarray) -> np.ndarray:
-    """Boolean (K, N) mask of the 2 largest |w| in every group of 4 along K (ties: lower row)."""
-    g = _groups_of_4(np.abs(np.asarray(W, dtype=np.float64)))
-    order = np.argsort(-g, axis=1, kind="stable")[:, :2, :]
-    mask = np.zeros(g.shape, dtype=bool)
-    np.put_along_axis(mask, order, True, axis=1)
-    return mask.reshape(W.shape)
+    """Boolean (K, N) mask of the 2 largest |w| in every group of 4 along K (ties: lower row).
+
+    An entry is kept when fewer than 2 entries of its group rank above it, where j ranks
+    above i if |w_j| > |w_i|, or |w_j| == |w_i| and j < i. Exactly 2 entries per group are
+    kept. (Pairwise comparisons, rather than a sort, so large layers prune in seconds.)
+    """
+    W = np.asarray(W)
+    mag = np.abs(W if np.issubdtype(W.dtype, np.floating) else W.astype(np.float64))
+    if not np.all(np.isfinite(mag)):
+        raise ValueError("2:4 pruning needs finite weights; W has NaN or inf")
+    g = _groups_of_4(mag)
+    above = np.zeros(g.shape, dtype=np.uint8)
+    for i in range(4):
+        for j in range(4):
+            if i != j:
+                beats = g[:, j, :] > g[:, i, :] if j > i else g[:, j, :] >= g[:, i, :]
+                above[:, i, :] += beats
+    return (above < 2).reshape(W.shape)
 
 
 def prune_2_4(W: np.ndarray) -> np.ndarray:

@@ -68,8 +68,9 @@ def compress_quantized_2_4(qw: QuantizedWeight) -> tuple[np.ndarray, np.ndarray]
     Row 2q + i of either array is the i-th kept value (i = 0, 1; positions increasing) of
     rows 4q..4q+3 of the original.
     """
-    mask = keep_mask_quantized_2_4(qw).reshape(qw.K // 4, 4, qw.N)
-    positions = np.sort(np.argsort(~mask, axis=1, kind="stable")[:, :2, :], axis=1)
+    mask = keep_mask_quantized_2_4(qw).reshape(qw.K // 4, 4, qw.N)  # exactly 2 per group
+    first, last = np.argmax(mask, axis=1), 3 - np.argmax(mask[:, ::-1, :], axis=1)
+    positions = np.stack([first, last], axis=1)
     codes = np.take_along_axis(qw.codes.reshape(qw.K // 4, 4, qw.N), positions, axis=1)
     return codes.reshape(qw.K // 2, qw.N), positions.astype(np.uint8).reshape(qw.K // 2, qw.N)
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from reference import QuantizedWeight, check_group_size
 
-from ._arrays import array_kind, check_matrix, device_index, empty_like_kind, is_cuda_array
+from ._arrays import array_kind, check_matrix, device_index, dtype_name, empty_like_kind, is_cuda_array
 
 
 @dataclass(frozen=True)
@@ -128,9 +128,9 @@ class Step:
         M = A.shape[0]
         self._check_device("A", A, packed)
         if out is None:
-            out = empty_like_kind(A, (M, packed.N), str(A.dtype).removeprefix("torch."))
+            out = empty_like_kind(A, (M, packed.N), dtype_name(A))
         else:
-            check_matrix("out", out, (str(A.dtype).removeprefix("torch."),), (M, packed.N))
+            check_matrix("out", out, (dtype_name(A),), (M, packed.N))
             if array_kind(out) != array_kind(A):
                 raise TypeError(f"out is a {array_kind(out)} array but A is {array_kind(A)}; pass the same kind")
             self._check_device("out", out, packed)

@@ -39,7 +39,7 @@ from torch import nn
 from reference import QuantizedWeight, quantize
 from reference.formats import check_permutation, import_awq, import_gptq
 
-from ._arrays import as_cupy, caller_stream
+from ._arrays import as_cupy, caller_stream, dtype_name
 from .registry import STEPS, get
 from .step import Packed, Step
 
@@ -90,18 +90,14 @@ def select_step(qw: QuantizedWeight, device: torch.device, name: str | None = No
 # -- the custom op --------------------------------------------------------------------------------
 
 
-def _dtype_name(x: torch.Tensor) -> str:
-    return str(x.dtype).removeprefix("torch.")
-
-
 def _check_activations(x: torch.Tensor, step: Step, K: int, who: str) -> None:
     """One-sentence errors for activations this rung cannot take (any leading dimensions)."""
     if x.dim() < 1 or x.shape[-1] != K:
         raise ValueError(f"{who} expects inputs whose last dimension is K={K}, got shape {tuple(x.shape)}")
-    if _dtype_name(x) not in step.activation_dtypes:
+    if dtype_name(x) not in step.activation_dtypes:
         raise TypeError(
             f"{who} runs rung {step.name}, which takes {' or '.join(step.activation_dtypes)} activations, "
-            f"got {_dtype_name(x)}; cast the input (x.half()) or pick a rung that accepts {_dtype_name(x)}"
+            f"got {dtype_name(x)}; cast the input (x.half()) or pick a rung that accepts {dtype_name(x)}"
         )
     wanted = "cpu" if step.host_arrays else "cuda"
     if x.device.type != wanted:
@@ -120,7 +116,7 @@ def _raw(tensor: torch.Tensor) -> torch.Tensor:
 
 def _arrays_spec(packed: dict[str, torch.Tensor]) -> str:
     """"name:dtype,..." for the packed arrays, in order: what int4_matmul needs to rebuild them."""
-    return ",".join(f"{name}:{str(t.dtype).removeprefix('torch.')}" for name, t in packed.items())
+    return ",".join(f"{name}:{dtype_name(t)}" for name, t in packed.items())
 
 
 def _named_arrays(arrays: list[torch.Tensor], arrays_spec: str) -> dict[str, torch.Tensor]:

@@ -111,7 +111,6 @@ def run_checks(shapes, groups, Ms, seed, repeats, sms=None) -> int:
 
 
 def run_timing(Ms, group, sweep: bool) -> None:
-    import cupy
     import torch
 
     from steps.timing import measure

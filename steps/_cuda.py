@@ -48,6 +48,14 @@ def compute_capability() -> tuple[int, int]:
 
 
 @functools.cache
+def sm_count(device: int) -> int:
+    """Streaming multiprocessors of CUDA device `device`."""
+    import cupy
+
+    return cupy.cuda.runtime.deviceGetAttribute(cupy.cuda.runtime.cudaDevAttrMultiProcessorCount, device)
+
+
+@functools.cache
 def _sources_hash() -> str:
     digest = hashlib.sha256()
     for path in sorted(CSRC.glob("*.cu*")):

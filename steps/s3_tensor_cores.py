@@ -22,7 +22,7 @@ import numpy as np
 
 from reference import QuantizedWeight
 
-from ._cuda import CudaStep, get_kernel
+from ._cuda import CudaStep, get_kernel, sm_count
 from .s0_numpy import plain_int4_layout
 from .s2_smem_tiling import MAX_GRID_Y, check_alignment, group_shift, vector_load_support
 from .step import SUPPORTED, Packed, Support
@@ -58,13 +58,6 @@ def shared_bytes(tiles: int, bn: int) -> int:
 
 
 @functools.cache
-def _sm_count(device: int) -> int:
-    import cupy
-
-    return cupy.cuda.Device(device).attributes["MultiProcessorCount"]
-
-
-@functools.cache
 def _kernel(tiles: int, bn: int, device: int) -> Any:
     kernel = get_kernel("s3_tensor_cores", "s3_tensor_cores", (("S3_M_TILES", tiles), ("S3_BN", bn)), device)
     kernel.max_dynamic_shared_size_bytes = shared_bytes(tiles, bn)
@@ -91,7 +84,7 @@ class TensorCores(CudaStep):
 
     def config(self, M: int, N: int, device: int = 0) -> tuple[int, int]:
         """(16-row tiles of A, columns) per block that a product of M rows and N columns uses."""
-        return m_tiles(M), block_n(M, N, _sm_count(device))
+        return m_tiles(M), block_n(M, N, sm_count(device))
 
     def _launch(self, A: Any, packed: Packed, out: Any) -> None:
         check_alignment(A, out, 4)

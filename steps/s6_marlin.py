@@ -22,25 +22,18 @@ device must not run concurrently on different streams (they would share counters
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 from reference import QuantizedWeight
 from reference.marlin_layout import stripe_length
 
+from ._cuda import sm_count
 from .s4_marlin_layout import i32
 from .s5_async_pipeline import THREADS, PipelinedStep
 from .step import Packed
 
 MAX_SLABS = 16  # 64-row slabs per launch: M up to 1024 rows in one launch
 MIN_TILE_N = 128
-
-
-@functools.cache
-def sm_count(device: int) -> int:
-    import cupy
-
-    return cupy.cuda.runtime.deviceGetAttribute(cupy.cuda.runtime.cudaDevAttrMultiProcessorCount, device)
 
 
 class Marlin(PipelinedStep):

@@ -47,9 +47,27 @@ def header(number: int, name: str, title: str, below: str | None) -> list[tuple[
     ]
 
 
-def measured(name: str, below: str | None, check_args: str) -> list[tuple[str, str]]:
-    """The live correctness check and the benchmark beside the rung below."""
-    below_arg = f', below="{below}"' if below else ""
+MEASURED = """\
+def cell(row):
+    return f"{row['us']:9.1f} us {row['speedup_vs_fp16']:7.3g}x" if row else f"{'not stored':>21s}"
+
+for preset in ("ideal", "llama-7b"):
+    this, prev = nb.stored_by_batch(rung, preset), nb.stored_by_batch(below, preset)
+    if not this:
+        print(f"{preset}: no stored measurement of {rung} exists yet.")
+        continue
+    print(f"{preset}, shape {next(iter(this.values()))['shape']}, H100 (time, speedup over FP16):")
+    print(f"{'M':>4s}  {below:>21s}  {rung:>21s}  gain over the rung below")
+    for M in (1, 16, 64):
+        a, b = prev.get(M), this.get(M)
+        gain = f"{a['us'] / b['us']:.3g}x" if a and b else "no stored pair"
+        print(f"{M:4d}  {cell(a)}  {cell(b)}  {gain}")
+nb.ncu_rows(below, rung)"""
+
+
+def measured(name: str, below: str, check_args: str, explanation: str) -> list[tuple[str, str]]:
+    """The live correctness check, the stored H100 measurement against the rung below with
+    the explanation of how it compares with the prediction, and the benchmark table."""
     return [
         md(
             "## Is it right?\n\nThe rung runs once on random data and every output is held to the "
@@ -58,11 +76,20 @@ def measured(name: str, below: str | None, check_args: str) -> list[tuple[str, s
         ),
         code(f'nb.check("{name}", {check_args})'),
         md(
-            "## How fast is it?\n\nBeside the rung below it and FP16 cuBLAS, on the benchmark shape. On a GPU "
+            "## Measured\n\nFrom the H100 results committed in `docs/results/` (CUDA-graph replay, weights "
+            "rotated past the L2): this rung and the rung below at M = 1, 16 and 64, on the benchmark shape "
+            "and summed over the four linear layers of Llama-2-7B. The gain is the rung below's time divided "
+            "by this rung's. Under it, the rows of the Nsight Compute profile (one launch per kernel, M = 16, "
+            "benchmark shape) for the two rungs, where the profile has them."
+        ),
+        code(f'rung, below = "{name}", "{below}"\n' + MEASURED),
+        md("## Explanation\n\n" + explanation.strip()),
+        md(
+            "## The whole table\n\nBeside FP16 cuBLAS at every stored batch size, with the floor. On a GPU "
             "this cell measures live (`steps.bench.run`, CUDA-graph replay, weights rotated past the L2); "
             "elsewhere it shows the H100 results committed in `docs/results/`."
         ),
-        code(f'nb.benchmark("{name}"{below_arg})'),
+        code(f'nb.benchmark("{name}", below="{below}")'),
     ]
 
 
@@ -213,13 +240,26 @@ Nothing is shared between threads. Every thread re-reads its whole row of A, and
 weight word is read once per row of A: M times. A thread spends several integer
 instructions (shift, mask, convert, scale) on each weight before its single FMA. The
 kernel is limited by instructions and load traffic, not by DRAM bandwidth: expect it to be
-far *slower than FP16 cuBLAS* even at M = 1, and to get slower in proportion to M."""),
+far *slower than FP16 cuBLAS* even at M = 1, and to get slower in proportion to M.
+
+There is no gain over rung 0 to predict: s0 runs on the CPU, so the two are not timed on the
+same machine. What this rung should show is the distance a straightforward GPU kernel keeps
+from FP16, and that the distance grows with M."""),
         code("""\
 K, N, sms, source = nb.benchmark_shape()
 for M in (1, 16, 64):
     loads = M * N * K / 8 + M * N * K  # weight-word loads + activation loads, one per thread per step
     print(f"M={M:3d}: {loads / 1e9:6.1f} G scalar loads for {nb.weight_bytes(K, N) / 1e6:.0f} MB of weights")"""),
-    ] + measured("s1_numba_naive", "s0_numpy", "M=2, K=128, N=64, group_size=32") + [
+    ] + measured("s1_numba_naive", "s0_numpy", "M=2, K=128, N=64, group_size=32", """
+The prediction holds. Every printed speedup over FP16 is a tiny fraction of one, even at
+M = 1, and the floor is further away still. On the Llama-2-7B sum the time
+grows with M because every row of A re-reads every weight word: from M = 16 to M = 64 the
+growth is close to the four-fold of the weight loads, while from M = 1 to 16 it is less than
+sixteen-fold, most likely because at M = 1 each thread's fixed work (its walk down K, the index
+arithmetic, the launch) is a larger share. The benchmark shape is stored at M = 16 only, so
+its other rows say *not stored*. The rung below has no GPU rows, so no gain is printed, and
+the Nsight Compute workload (`scripts/ncu_ladder.py`) profiles the compiled rungs s2 to s6,
+not this Numba kernel.""") + [
         md("""
 ## Try this
 
@@ -276,9 +316,24 @@ for M in (1, 4, 16, 64):
     print(f"M={M:3d}: fp32 FMA time at 67 TFLOP/s = {2 * M * K * N / 67e12 * 1e6:7.0f} us")"""),
         md("""
 Beyond M ≈ 4 the FMAs, not the bytes, set the pace, and each weight is also turned into an
-fp32 value in shared memory before any FMA sees it. Expect a big step over rung 1 but still
-a rung slower than FP16 cuBLAS (which uses tensor cores) for M ≥ 16."""),
-    ] + measured("s2_smem_tiling", "s1_numba_naive", "M=16, K=1024, N=512") + [
+fp32 value in shared memory before any FMA sees it. Against rung 1 each weight is loaded
+once per block instead of once per row of A, so DRAM traffic should fall to the floor's
+bytes and the gain over rung 1 should be large and grow with M. Against FP16 cuBLAS (which
+uses tensor cores) expect this rung still slower for M ≥ 16, and at M = 64, where FMAs set
+the pace, slower than at M = 16."""),
+    ] + measured("s2_smem_tiling", "s1_numba_naive", "M=16, K=1024, N=512", """
+The gain over rung 1 is as large as predicted, and larger at higher M, since rung 1's
+weight traffic grows with M and this rung's does not. The profile's *DRAM read* column
+confirms the first half of the prediction: the kernel reads the floor's bytes, no more.
+
+What misses is small M. Where the FMA estimate says the bytes should set the pace, the
+rung still sits far above the floor and slower than FP16, and the profile says why: DRAM
+throughput is a small fraction of peak, so the time goes elsewhere. At M = 16 the grid is
+one block of four warps per SM (see *blocks* and the single-digit *achieved occupancy*), so
+few loads are in flight, and writing the dequantized fp32 tile into shared memory causes
+a flood of store bank conflicts (the *smem store bank conflicts* column). Above M = 16 the rung switches to 64-row blocks and
+becomes FMA-bound, as predicted, which is why its time roughly doubles from M = 16 to
+M = 64.""") + [
         md("""
 ## Try this
 
@@ -331,14 +386,28 @@ the time the weights take to arrive: the kernel is a weight stream again. (At M 
 are about equal — this is where every int4 kernel's advantage over FP16 starts to fade, as
 FP16 itself stops being memory-bound.) But each weight still takes a
 detour — global → registers → dequantize → shared memory → `ldmatrix` → registers — and
-every slice ends in a `__syncthreads`. Expect the first rung *faster than FP16* at small M,
-but well short of the floor."""),
+every slice ends in a `__syncthreads`. Against rung 2 the FMA limit disappears (one `mma`
+does the work of 2048 FMAs), so the rung should become memory-latency-bound and several times
+faster than rung 2. Expect the first rung *faster than FP16* at small M, but well short of
+the floor."""),
         code("""\
 K, N, sms, source = nb.benchmark_shape()
 print(f"memory floor: {nb.floor(K, N).us:.0f} us")
 for M in (1, 16, 64):
     print(f"M={M:3d}: tensor-core time at 990 TFLOP/s = {2 * M * K * N / 990e12 * 1e6:5.1f} us")"""),
-    ] + measured("s3_tensor_cores", "s2_smem_tiling", "M=16, K=1024, N=512") + [
+    ] + measured("s3_tensor_cores", "s2_smem_tiling", "M=16, K=1024, N=512", """
+Both halves of the prediction hold on the benchmark shape: the rung is several times
+faster than rung 2, and at small M it is faster than FP16. But it is still far above the
+floor (the whole table below prints its share of the read bandwidth). The profile shows the tensor pipe mostly idle and
+DRAM mostly idle too: the warps are waiting. Three causes, all visible in the kernel:
+each block stages a single K slice in registers before writing it to shared memory, so only
+one slice of loads per block is in flight; each code is converted with a plain
+integer-to-half conversion; and the high *registers / thread* allow only two blocks (eight
+warps) per SM. At M = 64 the advantage over FP16 is gone, as the tensor-core arithmetic
+above warned: FP16 stays memory-bound while this rung's extra work per weight grows with M.
+On the Llama-2-7B sum the layers are narrower than the GPU is wide, fewer blocks are
+launched, and the rung stays below FP16 even at M = 1. Rungs 4 and 5 attack the causes in
+turn: cheaper dequantization, then far more bytes in flight.""") + [
         md("""
 ## Try this
 
@@ -459,8 +528,23 @@ print(f"the floor needs {nb.floor(K, N).gbps:,.0f} GB/s x {latency_us} us = {nb.
 On paper that is nearly enough, but only if every warp really keeps all its loads
 outstanding all the time: each batch of loads is followed by a stretch of compute during
 which that warp has nothing in flight, and a block's 4 warps leave most of an SM's
-load slots empty. Expect a large step over rung 3 at small M, and still a clear gap to the floor."""),
-    ] + measured("s4_marlin_layout", "s3_tensor_cores", "M=16, K=1024, N=512") + [
+load slots empty. Against rung 3, the shared-memory detour and the costly conversion are
+gone, so expect a large step over rung 3 at small M, and still a clear gap to the floor."""),
+    ] + measured("s4_marlin_layout", "s3_tensor_cores", "M=16, K=1024, N=512", """
+On the benchmark shape this is a miss: the gain over rung 3 is at or below one, so the rung
+is no faster, and at M = 16 clearly slower. The profile explains it: DRAM throughput is
+below rung 3's and the tensor pipe is even less busy. The layout removes work, but s4
+issues its loads synchronously: a warp requests a batch of weight words, then stalls on
+them, on A and on the scales, with only four warps per 64-column strip. Rung 3's
+shared-memory staging, crude as it is, overlapped one slice's loads with the previous
+slice's math; s4 has no such overlap, so the Little's-law estimate above, which assumed
+every warp keeps its loads outstanding all the time, was too hopeful.
+
+On the Llama-2-7B sum the order flips and s4 is ahead at every printed M. The profile
+covers only the benchmark shape, so why the smaller layers favour s4 is not established
+here. The lesson of the rung stands: the layout alone buys little until the latency is
+hidden, which is rung 5's job. (`docs/rungs.md` records the next change planned for s4:
+prefetching the next batch of weight words into a second register set.)""") + [
         md("""
 ## Try this
 
@@ -538,12 +622,22 @@ With tens of KB in flight per block and a block per column slice, the bytes in f
 reach the megabytes that Little's law asks for — *when there are enough blocks*. The grid is
 N / TILE_N column slices: on the benchmark shape that is exactly one wave (N = 128·SMs), so
 expect this rung close to the floor there. On a 4096-wide layer it is 32 blocks for 132 SMs:
-most of the GPU idles. Rung 6 fixes that."""),
+most of the GPU idles. Rung 6 fixes that. Against rung 4, whose time was lost waiting on
+memory, this should be the biggest step up in speedup over FP16 on the whole ladder, on the
+benchmark shape, and a smaller one on the Llama-2-7B layers."""),
         code("""\
 K, N, sms, source = nb.benchmark_shape()
 for name, n in (("benchmark shape", N), ("Llama-2-7B q/k/v/o (N=4096)", 4096)):
     print(f"{name}: {n // 128} blocks of 128 columns for {sms} SMs")"""),
-    ] + measured("s5_async_pipeline", "s4_marlin_layout", "M=16, K=1024, N=512") + [
+    ] + measured("s5_async_pipeline", "s4_marlin_layout", "M=16, K=1024, N=512", """
+A hit. No other rung adds as much speedup over FP16 as this one, and on the benchmark shape
+at M ≤ 16 the rung streams the weights close to the floor (the whole table below prints
+the share of the read bandwidth). The profile shows why: DRAM throughput jumps to the top of the table
+while *registers / thread* fall, because the copies in flight wait in shared memory, not in
+registers. At M = 64 the time grows well beyond M = 16's: there the limit is the arithmetic of
+`mma.sync`, no longer the bytes. The Llama-2-7B sum shows the predicted weak spot: one
+block per 128-column slice leaves most SMs idle on a 4096-wide layer, so the speedup over
+FP16 there is well below the benchmark shape's.""") + [
         md("""
 ## Try this
 
@@ -622,12 +716,25 @@ plt.xticks(x, names); plt.ylabel("busy share of SM-time"); plt.ylim(0, 1.2); plt
         md("""
 ## Prediction
 
-On the benchmark shape rung 5 already had one full wave, so s6 should match it there. On
-real layer shapes, and at M > 16 where several 64-row slabs become more slices of the same
-numbering, s6 keeps every SM streaming: expect it close to the floor across the board —
-the paper reports ~3.9× over FP16 up to batch 16–32. The price is a few fp16 roundings of
-partial sums (s6's `error_c` counts them)."""),
-    ] + measured("s6_marlin", "s5_async_pipeline", "M=16, K=1024, N=512") + [
+On the benchmark shape rung 5's grid already matches the SM count (N / 128 = SMs), so s6
+should gain over it only the ragged tail: a few percent. On the narrower Llama-2-7B layers
+it should gain a lot, because every SM gets an equal run of tiles instead of a quarter of
+them getting one column slice each. The paper reports ~3.9× over FP16 up to batch 16–32
+for this schedule. The price is a few fp16 roundings of partial sums (s6's `error_c`
+counts them) and a reduction: blocks that share a column slice add their partial sums in
+the output, one after another."""),
+    ] + measured("s6_marlin", "s5_async_pipeline", "M=16, K=1024, N=512", """
+On the benchmark shape the prediction holds: a small gain over rung 5 at M ≤ 16, of the
+size the ragged tail allows, and the two profile rows are nearly the same. At M = 64 both rungs are limited by `mma.sync`
+arithmetic rather than bytes, so the schedule cannot help there.
+
+On the Llama-2-7B sum it is a partial miss. At M = 1 s6 is ahead of rung 5, as predicted,
+but at M = 16 and 64 it is behind. The partial sums of a column slice are added serially
+in fp16 in the output buffer, one block after another, and for layers this small the chain
+of hand-offs (wait for the lock, read, add, write, release) costs about as much as
+streaming the weights; rung 5 pays no reduction at all. `docs/rungs.md` lists the planned
+fixes: tile shapes chosen per layer so that a slice has at most two contributors, then fp32
+partials added once by the last block to arrive.""") + [
         md("""
 ## Try this
 
@@ -684,8 +791,20 @@ dense, sparse = nb.floor(K, N), nb.floor(K, N, sparse_2_4=True)
 fp16 = nb.Floor(2 * K * N, dense.gbps, dense.bandwidth_source)
 print(f"dense int4: {dense}\\n2:4 int4:   {sparse}")
 print(f"best speedup over FP16: dense {fp16.us / dense.us:.2f}x, 2:4 {fp16.us / sparse.us:.2f}x")"""),
-        md("The paper's Sparse-MARLIN reaches up to ~5.3× over FP16: close to this floor."),
-    ] + measured("s7_sparse_marlin", "s6_marlin", "M=16, K=1024, N=512") + [
+        md("""
+## Prediction
+
+Half the codes plus 2-bit metadata is 3 bits per weight instead of 4, so the floor falls
+by a quarter: where rung 6 already streams close to its floor (the benchmark shape, M ≤ 16)
+s7 should gain up to 4/3 over it. `mma.sp` also halves the multiply work, which matters
+where rung 6 is limited by arithmetic instead of bytes (M = 64). The paper's Sparse-MARLIN
+reaches up to ~5.3× over FP16: close to this floor."""),
+    ] + measured("s7_sparse_marlin", "s6_marlin", "M=16, K=1024, N=512", """
+Nothing to explain yet: s7 is correct on the H100 (tests and sanitizers) but has not been
+benchmarked, so the cell above has no rows to print. When the rows arrive, the prediction
+is checked by the gain over rung 6 at M ≤ 16 on the benchmark shape (at most 4/3, since
+that is the ratio of the bytes) and at M = 64 (where the halved multiply work, not the
+bytes, would show).""") + [
         md("""
 ## Try this
 

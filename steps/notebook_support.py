@@ -199,6 +199,30 @@ def stored_rows(name: str | None = None, preset: str = "ideal") -> list[dict]:
     return sorted(rows, key=lambda r: (r["gpu"], r["shape"], r["M"]))
 
 
+def stored_by_batch(name: str, preset: str = "ideal", gpu: str = "H100", group_size: int = 128) -> dict[int, dict]:
+    """Rung `name`'s stored rows on a `gpu` for one preset, by batch size M: the preset's
+    headline shape (its single shape, or the sum over a model's layers, as in
+    `report.headline_groups`). Empty when nothing is stored."""
+    rows = [r for r in stored_rows(name, preset) if gpu in r["gpu"] and r["group_size"] == group_size]
+    groups = list(report.headline_groups(rows).values())
+    return {r["M"]: r for r in groups[0]} if groups else {}
+
+
+def ncu_rows(*names: str) -> Md:
+    """The rows of these kernels in the committed Nsight Compute profiles
+    (docs/results/*ncu*.csv, as `report.ncu_markdown` renders them), or a sentence saying
+    that no profile has them."""
+    parts = []
+    for path in sorted(RESULTS_DIR.glob("*ncu*.csv")):
+        head, rule, *body = report.ncu_markdown(path).splitlines()
+        picked = [line for line in body if line.split("|")[1].strip() in names]
+        if picked:
+            parts += [f"*Nsight Compute, one launch per kernel, `{path.stem}`:*", "", head, rule, *picked, ""]
+    if not parts:
+        return Md(f"*No stored Nsight Compute profile has {' or '.join(f'`{n}`' for n in names)} yet.*")
+    return Md("\n".join(parts).rstrip())
+
+
 def measured_read_gbps() -> tuple[float, str] | None:
     """The median streaming-read bandwidth over the stored GPU rows, preferring H100s."""
     rows = [r for r in report.load_rows(RESULTS_DIR) if r["device"] == "cuda"]

@@ -40,6 +40,24 @@ def test_every_chapter_has_a_notebook_and_it_is_up_to_date():
         )
 
 
+def test_every_rung_chapter_predicts_then_measures_then_explains():
+    build = _build_module()
+    for stem in [s for s in build.NOTEBOOKS if s[:2] in {f"{i:02d}" for i in range(1, 8)}]:
+        headings = [src.splitlines()[0] for kind, src in build.NOTEBOOKS[stem]() if kind == "markdown"]
+        order = [headings.index(h) for h in ("## Prediction", "## Measured", "## Explanation")]
+        assert order == sorted(order), f"{stem}: prediction, measurement and explanation out of order"
+
+
+def test_stored_measurements_and_profile_rows():
+    from steps.notebook_support import ncu_rows, stored_by_batch
+
+    assert stored_by_batch("no_such_rung") == {}
+    assert "No stored Nsight Compute profile" in ncu_rows("no_such_rung").text
+    rows = stored_by_batch("s6_marlin", "llama-7b")
+    if rows:  # the committed H100 results: the Llama-2-7B preset is summed over its layers
+        assert {r["shape"] for r in rows.values()} == {"sum"}
+
+
 @pytest.mark.parametrize("path", sorted(NOTEBOOKS.glob("*.ipynb")), ids=lambda p: p.stem)
 def test_notebook_runs(path, monkeypatch):
     # The kernel must import this checkout's `reference` and `steps`, installed or not.

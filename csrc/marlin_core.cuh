@@ -172,14 +172,13 @@ __device__ __forceinline__ void zero_accumulators(FragC (&acc)[kMBlocks][4][2]) 
 
 // ---------------------------------------------------------------------------------
 // Output: a lane's accumulator (m, j, h) holds rows 16m + g and 16m + g + 8, columns
-// 16j + 8h + 2c and +1, of its warp's strip (lane = 4g + c). fold_into_output writes
-// them as fp16 pairs; with `accumulate` it first adds the fp16 partial sum another
-// block left there (read through L2 with ld.cg: L1 is not coherent across SMs). The
-// output is small next to the weights, so these 4-byte accesses cost little.
+// 16j + 8h + 2c and +1, of its warp's strip (lane = 4g + c). fold_into_output rounds
+// them once to fp16 and writes them as pairs. The output is small next to the weights,
+// so these 4-byte stores cost little.
 // ---------------------------------------------------------------------------------
 template <int kMBlocks>
 __device__ __forceinline__ void fold_into_output(const FragC (&acc)[kMBlocks][4][2], half* __restrict__ C,
-                                                 int ldc, int rows_valid, int strip_col, bool accumulate) {
+                                                 int ldc, int rows_valid, int strip_col) {
   const int lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
 #pragma unroll
   for (int m = 0; m < kMBlocks; ++m)
@@ -191,17 +190,38 @@ __device__ __forceinline__ void fold_into_output(const FragC (&acc)[kMBlocks][4]
 #pragma unroll
       for (int j = 0; j < 4; ++j)
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          float2 v = make_float2(acc[m][j][h].v[2 * r], acc[m][j][h].v[2 * r + 1]);
-          half2* p = out + (16 * j + 8 * h) / 2;
-          if (accumulate) {
-            const float2 partial = __half22float2(__ldcg(p));
-            v.x += partial.x;
-            v.y += partial.y;
-          }
-          __stcg(p, __float22half2_rn(v));
-        }
+        for (int h = 0; h < 2; ++h)
+          out[(16 * j + 8 * h) / 2] = __float22half2_rn(make_float2(acc[m][j][h].v[2 * r], acc[m][j][h].v[2 * r + 1]));
     }
+}
+
+// The K_WARPS warps of a strip hold partial sums over different k-steps; add them in a
+// fixed order into the warp with k_warp == 0, one m-block at a time through the (idle by
+// then) stage buffers `red`, which must hold (K_WARPS - 1) * N_STRIPS * 32 * 32 floats.
+// Stores are [warp][value][lane]: conflict-free.
+template <int kMBlocks, int kNStrips, int kKWarps>
+__device__ __forceinline__ void reduce_k_warp_partials(FragC (&acc)[kMBlocks][4][2], float* red, int k_warp,
+                                                       int strip) {
+  if (kKWarps == 1) return;
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int m = 0; m < kMBlocks; ++m) {
+    if (k_warp > 0) {
+      float* mine = red + ((k_warp - 1) * kNStrips + strip) * 32 * 32 + lane;
+#pragma unroll
+      for (int v = 0; v < 32; ++v) mine[32 * v] = acc[m][v / 8][(v / 4) % 2].v[v % 4];
+    }
+    __syncthreads();
+    if (k_warp == 0) {
+#pragma unroll
+      for (int kw = 1; kw < kKWarps; ++kw) {
+        const float* theirs = red + ((kw - 1) * kNStrips + strip) * 32 * 32 + lane;
+#pragma unroll
+        for (int v = 0; v < 32; ++v) acc[m][v / 8][(v / 4) % 2].v[v % 4] += theirs[32 * v];
+      }
+    }
+    __syncthreads();
+  }
 }
 
 // ---------------------------------------------------------------------------------
@@ -390,39 +410,94 @@ struct Pipeline {
     }
   }
 
-  // The K_WARPS warps of a strip hold partial sums over different k16 steps; add them in
-  // a fixed order into the warp with k_warp == 0, one m-block at a time through the
-  // (now idle) stage buffers. Stores are [warp][value][lane]: conflict-free.
   __device__ __forceinline__ void reduce_across_k_warps(FragC (&acc)[kMBlocks][4][2]) {
-    if (K_WARPS == 1) return;
-    float* red = reinterpret_cast<float*>(smem);
-#pragma unroll
-    for (int m = 0; m < kMBlocks; ++m) {
-      if (k_warp > 0) {
-        float* mine = red + ((k_warp - 1) * N_STRIPS + strip) * 32 * 32 + lane;
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-#pragma unroll
-          for (int h = 0; h < 2; ++h)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) mine[32 * (8 * j + 4 * h + e)] = acc[m][j][h].v[e];
-      }
-      __syncthreads();
-      if (k_warp == 0) {
-#pragma unroll
-        for (int kw = 1; kw < K_WARPS; ++kw) {
-          const float* theirs = red + ((kw - 1) * N_STRIPS + strip) * 32 * 32 + lane;
-#pragma unroll
-          for (int j = 0; j < 4; ++j)
-#pragma unroll
-            for (int h = 0; h < 2; ++h)
-#pragma unroll
-              for (int e = 0; e < 4; ++e) acc[m][j][h].v[e] += theirs[32 * (8 * j + 4 * h + e)];
-        }
-      }
-      __syncthreads();
-    }
+    reduce_k_warp_partials<kMBlocks, N_STRIPS, K_WARPS>(acc, reinterpret_cast<float*>(smem), k_warp, strip);
   }
 };
+
+// ---------------------------------------------------------------------------------
+// The SM-striped schedule of s6 and s7 (reference/marlin_layout.py: striped_schedule).
+//
+// Weight tiles are numbered t = (slab * n_tiles + col) * k_tiles + k_tile and block b
+// takes the run [b * iters, (b + 1) * iters). A run cuts through at most two column
+// slices that other blocks share: its first segment (the bottom of a slice, or a whole
+// one) and its last (the top of a slice). Each of those has its own fp32 buffer of
+// partial sums in the workspace, "slot" 0 and 1 of the block.
+// ---------------------------------------------------------------------------------
+struct StripeSegment {
+  int slice, slab, col;  // column slice (numbered across slabs), its slab and column
+  int row0, rows;        // this block's k-tiles of the slice
+  int first_block;       // the slice's contributors are first_block .. first_block + contributors - 1
+  int contributors;
+  int slot;              // which of this block's two partial-sum buffers the segment uses
+};
+
+__device__ __forceinline__ StripeSegment stripe_segment(int t, int end, int k_tiles, int n_tiles, int iters) {
+  StripeSegment s;
+  s.slice = t / k_tiles;
+  s.row0 = t - s.slice * k_tiles;
+  s.rows = min(k_tiles - s.row0, end - t);
+  s.slab = s.slice / n_tiles;
+  s.col = s.slice - s.slab * n_tiles;
+  s.first_block = (s.slice * k_tiles) / iters;
+  s.contributors = ((s.slice + 1) * k_tiles - 1) / iters - s.first_block + 1;
+  s.slot = t == int(blockIdx.x) * iters ? 0 : 1;
+  return s;
+}
+
+// The slot block b used for the slice starting at tile `slice_t0`: 0 if its run starts in
+// the slice (the segment is its first), 1 if the run started earlier.
+__device__ __forceinline__ int partial_slot(int block, int iters, int slice_t0) {
+  return block * iters >= slice_t0 ? 0 : 1;
+}
+
+// The global reduction of a shared column slice, without waiting: every contributor
+// stores its fp32 partial sums in its slot and counts itself in the slice's counter; the
+// one that arrives last adds all partials in ascending block order (a fixed order, so
+// results are bit-identical run to run), resets the counter (the workspace stays zeroed
+// for the next launch) and writes the output. Only one hop of global-memory latency is
+// on the critical path however many blocks share the slice, and no block ever spins.
+// Returns whether this block writes the slice; then the k_warp 0 warps hold the sum.
+// A partial is stored [strip][m][value][lane]: 128-byte coalesced rows per warp.
+template <int kMBlocks, int kStrips>
+__device__ __forceinline__ bool add_partial_sums(FragC (&acc)[kMBlocks][4][2], float* __restrict__ partials,
+                                                 int* counter, const StripeSegment& s, int iters, int k_tiles,
+                                                 int strip, int k_warp) {
+  if (s.contributors == 1) return true;
+  constexpr int PARTIAL_FLOATS = kStrips * kMBlocks * 32 * 32;
+  const int lane = threadIdx.x % 32;
+  const size_t offset = size_t(strip) * kMBlocks * 32 * 32 + lane;
+  if (k_warp == 0) {
+    float* mine = partials + size_t(2 * blockIdx.x + s.slot) * PARTIAL_FLOATS + offset;
+#pragma unroll
+    for (int m = 0; m < kMBlocks; ++m)
+#pragma unroll
+      for (int v = 0; v < 32; ++v) __stcg(mine + 32 * (32 * m + v), acc[m][v / 8][(v / 4) % 2].v[v % 4]);
+    __threadfence();
+  }
+  __syncthreads();
+  int arrived = 0;
+  if (threadIdx.x == 0)
+    asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;\n" : "=r"(arrived) : "l"(counter) : "memory");
+  const bool is_last = threadIdx.x == 0 && arrived == s.contributors - 1;
+  if (is_last) asm volatile("st.relaxed.gpu.global.b32 [%0], %1;\n" ::"l"(counter), "r"(0) : "memory");
+  if (!__syncthreads_or(is_last)) return false;
+  if (k_warp == 0) {
+    zero_accumulators<kMBlocks>(acc);
+    const int slice_t0 = s.slice * k_tiles;
+    for (int b = s.first_block; b < s.first_block + s.contributors; ++b) {
+      const float* theirs = partials + size_t(2 * b + partial_slot(b, iters, slice_t0)) * PARTIAL_FLOATS + offset;
+#pragma unroll
+      for (int m = 0; m < kMBlocks; ++m) {
+        float v32[32];
+#pragma unroll
+        for (int v = 0; v < 32; ++v) v32[v] = __ldcg(theirs + 32 * (32 * m + v));
+#pragma unroll
+        for (int v = 0; v < 32; ++v) acc[m][v / 8][(v / 4) % 2].v[v % 4] += v32[v];
+      }
+    }
+  }
+  return true;
+}
 
 }  // namespace marlin

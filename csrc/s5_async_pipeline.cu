@@ -53,6 +53,5 @@ extern "C" __global__ void __launch_bounds__(Pipe::THREADS, 1)
   pipe.run(acc);
   pipe.reduce_across_k_warps(acc);
   if (pipe.k_warp == 0)
-    marlin::fold_into_output<M_BLOCKS>(acc, C + size_t(slab_row0) * N, N, rows_valid, col * TILE_N + 64 * pipe.strip,
-                                       false);
+    marlin::fold_into_output<M_BLOCKS>(acc, C + size_t(slab_row0) * N, N, rows_valid, col * TILE_N + 64 * pipe.strip);
 }

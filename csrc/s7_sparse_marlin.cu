@@ -29,7 +29,7 @@
 //     the four registers mma.sp wants (reference/sparse_marlin.py places the nibbles).
 //   mma.sp: metadata word p serves tiles 2p (selector 0: lanes 4g, 4g+1 supply it) and
 //     2p + 1 (selector 1: lanes 4g+2, 4g+3), so one register per lane covers two tiles.
-//   reduce and write: s6's schedule and serial in-output reduction, unchanged; only the
+//   reduce and write: s6's schedule and no-wait global reduction, unchanged; only the
 //     write-out differs. Lanes 4g+c and 4(g^1)+c swap one value so each holds two
 //     neighbouring columns of one row of C and writes them as one fp16 pair.
 //
@@ -114,24 +114,13 @@ __device__ __forceinline__ void multiply_block(const FragW (&frag)[4], const Fra
     }
 }
 
-// Add (when `accumulate`) and store one fp16 pair of C, through L2 (ld.cg / st.cg): the
-// partial sums of other blocks were written from other SMs.
-__device__ __forceinline__ void store_pair(half2* p, float2 v, bool accumulate) {
-  if (accumulate) {
-    const float2 partial = __half22float2(__ldcg(p));
-    v.x += partial.x;
-    v.y += partial.y;
-  }
-  __stcg(p, __float22half2_rn(v));
-}
-
 // A lane's accumulator (m, j, h) holds C[row][col] for rows 16m + 8h + 2c (+1) and
 // columns 16j + g (+8) of its warp's strip: neighbouring rows of one column, but C is
 // row-major. Lanes 4g+c and 4(g^1)+c swap one value, after which the even-g lane holds
 // columns g, g+1 of row 2c and the odd one columns g-1, g of row 2c+1: 4-byte stores.
 template <int kMBlocks>
 __device__ __forceinline__ void fold_into_output(const FragC (&acc)[kMBlocks][4][2], half* __restrict__ C, int ldc,
-                                                 int rows_valid, int strip_col, bool accumulate) {
+                                                 int rows_valid, int strip_col) {
   const int lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
   const int odd = g & 1;
 #pragma unroll
@@ -146,8 +135,8 @@ __device__ __forceinline__ void fold_into_output(const FragC (&acc)[kMBlocks][4]
         const int row = 16 * m + 8 * h + 2 * c + odd;
         if (row < rows_valid) {
           half2* p = reinterpret_cast<half2*>(C + size_t(row) * ldc + strip_col + 16 * j + g - odd);
-          store_pair(p, odd ? make_float2(got_top, v[1]) : make_float2(v[0], got_top), accumulate);
-          store_pair(p + 4, odd ? make_float2(got_bottom, v[3]) : make_float2(v[2], got_bottom), accumulate);
+          p[0] = __float22half2_rn(odd ? make_float2(got_top, v[1]) : make_float2(v[0], got_top));
+          p[4] = __float22half2_rn(odd ? make_float2(got_bottom, v[3]) : make_float2(v[2], got_bottom));
         }
       }
 }
@@ -366,74 +355,20 @@ struct Pipeline {
     }
   }
 
-  // Add the K_WARPS partial sums of each strip into its k_warp 0 warp, in a fixed order,
-  // one m-block at a time through the idle stage buffers ([warp][value][lane] layout).
   __device__ __forceinline__ void reduce_across_k_warps(FragC (&acc)[kMBlocks][4][2]) {
-    if (K_WARPS == 1) return;
-    float* red = reinterpret_cast<float*>(smem);
-#pragma unroll
-    for (int m = 0; m < kMBlocks; ++m) {
-      if (k_warp > 0) {
-        float* mine = red + ((k_warp - 1) * N_STRIPS + strip) * 32 * 32 + lane;
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-#pragma unroll
-          for (int h = 0; h < 2; ++h)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) mine[32 * (8 * j + 4 * h + e)] = acc[m][j][h].v[e];
-      }
-      __syncthreads();
-      if (k_warp == 0) {
-#pragma unroll
-        for (int kw = 1; kw < K_WARPS; ++kw) {
-          const float* theirs = red + ((kw - 1) * N_STRIPS + strip) * 32 * 32 + lane;
-#pragma unroll
-          for (int j = 0; j < 4; ++j)
-#pragma unroll
-            for (int h = 0; h < 2; ++h)
-#pragma unroll
-              for (int e = 0; e < 4; ++e) acc[m][j][h].v[e] += theirs[32 * (8 * j + 4 * h + e)];
-        }
-      }
-      __syncthreads();
-    }
+    marlin::reduce_k_warp_partials<kMBlocks, N_STRIPS, K_WARPS>(acc, reinterpret_cast<float*>(smem), k_warp, strip);
   }
 };
-
-// s6's serial reduction of a shared column slice: wait for this block's turn (one thread
-// spins with acquire loads, the barrier orders the block's output reads after it), then
-// pass it on (release increment after the block's stores; the last block resets the
-// counter so the workspace stays zeroed for the next launch).
-__device__ __forceinline__ void wait_for_turn(const int* counter, int turn) {
-  if (threadIdx.x == 0) {
-    int seen;
-    do {
-      asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(seen) : "l"(counter) : "memory");
-    } while (seen != turn);
-  }
-  __syncthreads();
-}
-
-__device__ __forceinline__ void pass_turn(int* counter, bool last) {
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    if (last)
-      asm volatile("st.relaxed.gpu.global.b32 [%0], %1;\n" ::"l"(counter), "r"(0) : "memory");
-    else
-      asm volatile("red.release.gpu.global.add.s32 [%0], %1;\n" ::"l"(counter), "r"(1) : "memory");
-  }
-}
 
 }  // namespace sparse
 
 using Pipe = sparse::Pipeline<M_BLOCKS, TILE_N, TILE_K, STAGES, GROUP_ROWS, EVICT_FIRST != 0>;
 
-// The striped partition of s6 (reference/marlin_layout.py: striped_schedule): block b
-// takes tiles [b * iters, (b + 1) * iters) in the order slab, column slice, k-tile.
+// The striped partition and the no-wait global reduction of s6 (marlin_core.cuh).
 extern "C" __global__ void __launch_bounds__(Pipe::THREADS, 1)
     s7_sparse_marlin(const int4* __restrict__ A, const int4* __restrict__ W, const int4* __restrict__ Meta,
-                     const int4* __restrict__ S, half* __restrict__ C, int M, int K, int N, int* __restrict__ locks,
-                     int iters) {
+                     const int4* __restrict__ S, half* __restrict__ C, int M, int K, int N,
+                     int* __restrict__ counters, float* __restrict__ partials, int iters) {
   extern __shared__ int4 smem[];
   constexpr int SLAB_ROWS = 16 * M_BLOCKS;
   const int k_tiles = K / TILE_K, n_tiles = N / TILE_N;
@@ -447,23 +382,18 @@ extern "C" __global__ void __launch_bounds__(Pipe::THREADS, 1)
   int t = blockIdx.x * iters;
   const int end = min(t + iters, total);
   while (t < end) {
-    const int slice = t / k_tiles, row0 = t - slice * k_tiles;
-    const int rows = min(k_tiles - row0, end - t);
-    const int slab = slice / n_tiles, col = slice - slab * n_tiles;
-    // The blocks whose runs meet this slice add in turn, the highest-numbered first.
-    const int first_block = (slice * k_tiles) / iters, last_block = ((slice + 1) * k_tiles - 1) / iters;
-    const int contributors = last_block - first_block + 1, turn = last_block - blockIdx.x;
-    const int rows_valid = min(SLAB_ROWS, M - slab * SLAB_ROWS);
+    const marlin::StripeSegment seg = marlin::stripe_segment(t, end, k_tiles, n_tiles, iters);
+    const int rows_valid = min(SLAB_ROWS, M - seg.slab * SLAB_ROWS);
 
-    pipe.begin_column(A + size_t(slab) * SLAB_ROWS * (K / 8), W, Meta, S, rows_valid, col, row0, rows);
+    pipe.begin_column(A + size_t(seg.slab) * SLAB_ROWS * (K / 8), W, Meta, S, rows_valid, seg.col, seg.row0, seg.rows);
     pipe.run(acc);
     pipe.reduce_across_k_warps(acc);
 
-    if (contributors > 1) sparse::wait_for_turn(&locks[slice], turn);
-    if (pipe.k_warp == 0)
-      sparse::fold_into_output<M_BLOCKS>(acc, C + size_t(slab) * SLAB_ROWS * N, N, rows_valid,
-                                         col * TILE_N + 64 * pipe.strip, turn > 0);
-    if (contributors > 1) sparse::pass_turn(&locks[slice], turn == contributors - 1);
-    t += rows;
+    const bool writes = marlin::add_partial_sums<M_BLOCKS, Pipe::N_STRIPS>(
+        acc, partials, &counters[seg.slice], seg, iters, k_tiles, pipe.strip, pipe.k_warp);
+    if (writes && pipe.k_warp == 0)
+      sparse::fold_into_output<M_BLOCKS>(acc, C + size_t(seg.slab) * SLAB_ROWS * N, N, rows_valid,
+                                         seg.col * TILE_N + 64 * pipe.strip);
+    t += seg.rows;
   }
 }

@@ -13,8 +13,8 @@ wants, with one 128-bit load. So the shuffling is done once, offline, here:
 * `permute_scales` orders each 64-column chunk of the scales so one 128-bit load gives
   a lane the scales of exactly the eight columns its fragments cover.
 * `striped_schedule` is the SM-striped partition of s6: which block computes which
-  k-range of which column slice, in which order, and in which serial order the blocks
-  of a slice add their partial sums into the output.
+  k-range of which column slice, which of its two partial-sum buffers it uses there,
+  and which blocks' partials the slice's last block adds (in ascending block order).
 
 Every function has an exact inverse or an exhaustive check in tests/test_marlin_layout.py,
 and the kernels' `pack_host` calls these very functions.
@@ -199,9 +199,11 @@ def dequantize_marlin(words: np.ndarray, permuted_scales: np.ndarray, group_size
 # k-tiles innermost: t = (slab * n_tiles + col) * k_tiles + row. Block b takes the
 # contiguous run [b * iters, (b + 1) * iters): a "stripe" that walks down a column slice
 # and may continue at the top of the next one. Every block streams the same number of
-# weight tiles, whatever the shape, and a column slice is split among at most a few
-# blocks, which add their partial sums into the output one after another.
-MAX_SLICE_BLOCKS = 8  # caps the fp16 roundings of partial sums at 7 (see s6's error_c)
+# weight tiles, whatever the shape. A column slice shared by several blocks is summed
+# without waiting: each stores fp32 partials in one of its two workspace slots (0 for the
+# first segment of its run, 1 for a later one) and the last to arrive adds them all, in
+# ascending block order, into the output.
+MAX_SLICE_BLOCKS = 8  # bounds the partials the last block of a slice reads and adds
 
 
 @dataclass(frozen=True)
@@ -213,8 +215,20 @@ class Segment:
     col: int  # column slice (tile_n columns)
     row0: int  # first k-tile
     rows: int  # number of k-tiles
-    slice_idx: int  # position in the slice's serial reduction order: 0 adds first
-    slice_count: int  # blocks sharing this column slice
+    slot: int  # which of the block's two partial-sum buffers holds this share
+    first_block: int  # the slice's contributors: first_block .. first_block + contributors - 1
+    contributors: int
+
+    @property
+    def blocks(self) -> range:
+        """The blocks sharing this slice, in the order their partials are added."""
+        return range(self.first_block, self.first_block + self.contributors)
+
+
+def partial_slot(block: int, iters: int, slice_t0: int) -> int:
+    """The slot block `block` used for the slice whose first tile is `slice_t0`: 0 when its
+    run starts inside the slice (the slice is its run's first segment), else 1."""
+    return 0 if block * iters >= slice_t0 else 1
 
 
 def stripe_length(total_tiles: int, k_tiles: int, sms: int) -> int:
@@ -228,10 +242,10 @@ def stripe_length(total_tiles: int, k_tiles: int, sms: int) -> int:
 def striped_schedule(slabs: int, k_tiles: int, n_tiles: int, sms: int) -> tuple[int, list[list[Segment]]]:
     """(iters, segments per block) of the s6 kernel; the number of blocks launched is len(...).
 
-    Mirrors the kernel's arithmetic exactly: block b walks t from b*iters to
-    min((b+1)*iters, T); for the slice cs containing t, its contributors are the blocks
-    cs*k_tiles // iters .. ((cs+1)*k_tiles - 1) // iters, and the one with the highest
-    index (holding the slice's bottom k-tiles, which it reaches first) adds first.
+    Mirrors the kernel's arithmetic exactly (marlin::stripe_segment): block b walks t from
+    b*iters to min((b+1)*iters, T); for the slice cs containing t, its contributors are the
+    blocks cs*k_tiles // iters .. ((cs+1)*k_tiles - 1) // iters, and the block's slot is 0
+    only when t is the start of its run.
     """
     total = slabs * n_tiles * k_tiles
     iters = stripe_length(total, k_tiles, sms)
@@ -244,7 +258,8 @@ def striped_schedule(slabs: int, k_tiles: int, n_tiles: int, sms: int) -> tuple[
             rows = min(k_tiles - row0, end - t)
             first, last = (cs * k_tiles) // iters, ((cs + 1) * k_tiles - 1) // iters
             slab, col = divmod(cs, n_tiles)
-            segments.append(Segment(b, slab, col, row0, rows, last - b, last - first + 1))
+            slot = 0 if t == b * iters else 1
+            segments.append(Segment(b, slab, col, row0, rows, slot, first, last - first + 1))
             t += rows
         schedule.append(segments)
     return iters, schedule

@@ -385,9 +385,9 @@ def _substep(cfg: SparseTile, stage, warp: int, sub: int, acc: np.ndarray) -> No
                 acc[warp, mb, j, h] = mma_sp_m16n8k32(a_frag, b_frag, meta[:, j // 2], j % 2, acc[warp, mb, j, h])
 
 
-def _fold(cfg: SparseTile, acc: np.ndarray, C: np.ndarray, slab_rows: np.ndarray, col: int, accumulate: bool) -> None:
+def _fold(cfg: SparseTile, acc: np.ndarray, C: np.ndarray, slab_rows: np.ndarray, col: int) -> None:
     """fold_into_output: lanes 4g+c and 4(g^1)+c swap one value (shfl.xor 4) so each stores
-    an fp16 pair of neighbouring columns; `accumulate` first adds what C holds."""
+    an fp16 pair of neighbouring columns."""
     lane = np.arange(LANES)
     g, c = lane // 4, lane % 4
     partner = lane ^ 4
@@ -408,24 +408,23 @@ def _fold(cfg: SparseTile, acc: np.ndarray, C: np.ndarray, slab_rows: np.ndarray
                             if row[ln] >= len(slab_rows):
                                 continue
                             out = C[slab_rows[row[ln]], col0[ln] + 8 * r: col0[ln] + 8 * r + 2]
-                            pair = np.array([lo[ln], hi[ln]], np.float32)
-                            if accumulate:
-                                pair = pair + out.astype(np.float32)
-                            out[:] = pair.astype(np.float16)
+                            out[:] = np.array([lo[ln], hi[ln]], np.float32).astype(np.float16)
 
 
 def emulate_kernel(cfg: SparseTile, A: np.ndarray, arrays: dict[str, np.ndarray], K: int, N: int, sms: int) -> np.ndarray:
     """C = A @ W as the s7 kernel computes it, with `sms` blocks striped as in s6.
 
     Products are exact (float64 per mma, as the hardware's fp32 is for small integers);
-    the fp16 roundings of the output and of the in-output partial sums are modelled.
+    the fp32 sums of the k-warps and of the blocks sharing a slice (in ascending block
+    order, as the slice's last block adds them) and the one fp16 rounding are modelled.
     """
     M = A.shape[0]
     slab = 16 * cfg.m_blocks
     C = np.full((M, N), np.nan, dtype=np.float16)
     k_tiles, n_tiles = K // cfg.tile_k, N // cfg.tile_n
     _, schedule = striped_schedule(-(-M // slab), k_tiles, n_tiles, sms)
-    segments = sorted((s for block in schedule for s in block), key=lambda s: (s.slab, s.col, s.slice_idx))
+    segments = sorted((s for block in schedule for s in block), key=lambda s: (s.slab, s.col, s.block))
+    slice_sums: dict[tuple[int, int], np.ndarray] = {}
     for seg in segments:
         rows = np.arange(seg.slab * slab, min(M, (seg.slab + 1) * slab))
         acc = np.zeros((THREADS // 32, cfg.m_blocks, TILES_PER_WARP, 2, LANES, 4))
@@ -436,8 +435,11 @@ def emulate_kernel(cfg: SparseTile, A: np.ndarray, arrays: dict[str, np.ndarray]
                     _substep(cfg, stage, warp, sub, acc)
         # reduce_across_k_warps: warps k_warp = 1, 2, ... of each strip into k_warp 0, in order.
         acc = acc.astype(np.float32)
-        total = acc[: cfg.n_strips].copy()
+        partial = acc[: cfg.n_strips].copy()
         for kw in range(1, cfg.k_warps):
-            total += acc[kw * cfg.n_strips: (kw + 1) * cfg.n_strips]
-        _fold(cfg, total, C, rows, seg.col, accumulate=seg.slice_idx > 0)
+            partial += acc[kw * cfg.n_strips: (kw + 1) * cfg.n_strips]
+        key = (seg.slab, seg.col)
+        slice_sums[key] = partial if key not in slice_sums else slice_sums[key] + partial
+        if seg.block == seg.blocks[-1]:
+            _fold(cfg, slice_sums.pop(key), C, rows, seg.col)
     return C

@@ -44,7 +44,7 @@ def packed_for_all(qw: ref.QuantizedWeight, words: np.ndarray) -> dict[str, Pack
     import cupy
 
     s6 = get("s6_marlin")
-    s6.workspace(cupy.cuda.Device().id, 16 * (qw.N // 128))
+    s6.workspace(cupy.cuda.Device().id, qw.N)
     arrays = {"qweight": cupy.asarray(words), "scales": cupy.asarray(permute_scales(qw.scales))}
     return {name: Packed(name, qw.K, qw.N, qw.group_size, arrays) for name in RUNGS}
 
@@ -132,9 +132,13 @@ def run_timing(Ms, group, sweep: bool) -> None:
         variants = [("s3_tensor_cores", {})] + variants
         variants += [
             ("s6_marlin", {"max_stages": 4}),
+            ("s6_marlin", {"max_stages": 6}),
             ("s6_marlin", {"tile_override": (128, 128), "smem_budget": 200 * 1024}),
-            ("s6_marlin", {"tile_override": (256, 128), "smem_budget": 100 * 1024}),
-            ("s6_marlin", {"evict_first": False}),
+            ("s6_marlin", {"tile_override": (256, 128), "smem_budget": 200 * 1024}),
+            ("s6_marlin", {"tile_override": (256, 128), "smem_budget": 200 * 1024, "max_stages": 4}),
+            ("s6_marlin", {"tile_override": (64, 256)}),
+            ("s6_marlin", {"tile_override": (64, 256), "smem_budget": 200 * 1024}),
+            ("s6_marlin", {"tile_override": (128, 256), "smem_budget": 200 * 1024}),
         ]
     print(f"{'M':>4} {'rung':18s} {'config':34s} {'us':>9} {'fp16 us':>9} {'speedup':>8} {'TB/s':>6}")
     for M in Ms:

@@ -96,7 +96,7 @@ def check_correctness(step, rng) -> list[tuple[str, float, bool]]:
         for group in (-1, 128):
             arrays = random_packed(rng, K, N, group)
             packed = Packed(step.name, K, N, group, {k: cupy.asarray(v) for k, v in arrays.items()})
-            step.workspace(packed.device, 16 * (N // 128))
+            step.workspace(packed.device, N)
             chunks = np.sort(rng.choice(N // 64, size=CHECK_CHUNKS, replace=False))
             qw, cols = decode_chunks(arrays, K, group, chunks)
             M = int(rng.integers(1, 1001))
@@ -124,7 +124,7 @@ def time_ideal(step, s6, rng) -> list[tuple[int, dict[str, float]]]:
     group = 128
     arrays = random_packed(rng, K, N, group)
     sparse = Packed(step.name, K, N, group, {k: cupy.asarray(v) for k, v in arrays.items()})
-    step.workspace(sparse.device, 16 * (N // 128))
+    step.workspace(sparse.device, N)
     sparse_copies = [sparse] + [replace(sparse, arrays={k: v.copy() for k, v in sparse.arrays.items()})
                                 for _ in range(copies_for(sparse.streamed_bytes) - 1)]  # fmt: skip
     dense_copies = []
@@ -134,7 +134,7 @@ def time_ideal(step, s6, rng) -> list[tuple[int, dict[str, float]]]:
         dense_arrays = {"qweight": rng.integers(0, 2**32, size=(K // 16, 2 * N), dtype=np.uint32).view(np.int32),
                         "scales": arrays["scales"]}  # fmt: skip
         dense = Packed(s6.name, K, N, group, {k: cupy.asarray(v) for k, v in dense_arrays.items()})
-        s6.workspace(dense.device, 16 * (N // 128))
+        s6.workspace(dense.device, N)
         dense_copies = [dense] + [replace(dense, arrays={k: v.copy() for k, v in dense.arrays.items()})
                                   for _ in range(copies_for(dense.streamed_bytes) - 1)]  # fmt: skip
     W = torch.randn((K, N), dtype=torch.float16, device="cuda") / math.sqrt(K)

@@ -1,4 +1,6 @@
-"""Run every CUDA rung once on a few small shapes: the workload for compute-sanitizer."""
+"""Run every CUDA rung once on a few small shapes: the workload for compute-sanitizer.
+The tall, narrow shapes have fewer tiles than SMs, so s6 and s7 split every column slice
+between several blocks and their global reduction runs."""
 
 import numpy as np
 
@@ -11,7 +13,7 @@ for step in steps.STEPS:
         continue
     import cupy
 
-    for M, K, N, g in ((1, 256, 256, 128), (17, 512, 512, -1), (70, 1024, 256, 32)):
+    for M, K, N, g in ((1, 256, 256, 128), (17, 512, 512, -1), (70, 1024, 256, 32), (5, 4096, 256, 128), (130, 2048, 512, 64)):
         if not step.supports(M, K, N, g):
             continue
         qw = ref.random_quantized_weight(rng, K, N, g)

@@ -128,39 +128,43 @@ def test_striped_schedule_covers_every_tile_once(problem):
 
 
 @given(schedules)
-def test_striped_schedule_serial_reduction_order(problem):
+def test_striped_schedule_partials_of_a_slice(problem):
+    """The blocks sharing a slice are contiguous, ascend in k, and each finds every other
+    contributor's partials in the slot that contributor wrote (marlin::partial_slot)."""
     slabs, k_tiles, n_tiles, sms = problem
-    _, schedule = ml.striped_schedule(slabs, k_tiles, n_tiles, sms)
+    iters, schedule = ml.striped_schedule(slabs, k_tiles, n_tiles, sms)
     by_slice: dict[tuple[int, int], list[ml.Segment]] = {}
     for segments in schedule:
         for s in segments:
             by_slice.setdefault((s.slab, s.col), []).append(s)
-    for parts in by_slice.values():
-        count = parts[0].slice_count
-        assert len(parts) == count <= ml.MAX_SLICE_BLOCKS
-        order = sorted(parts, key=lambda s: s.slice_idx)
-        assert [s.slice_idx for s in order] == list(range(count))
-        # one fixed order: bottom k-tiles first, i.e. descending block index, contiguous in k
-        assert [s.block for s in order] == sorted((s.block for s in parts), reverse=True)
-        for lower, upper in zip(order, order[1:]):
+    for (slab, col), parts in by_slice.items():
+        assert len(parts) == parts[0].contributors <= ml.MAX_SLICE_BLOCKS
+        assert all(s.blocks == parts[0].blocks for s in parts)
+        assert sorted(s.block for s in parts) == list(parts[0].blocks)
+        order = sorted(parts, key=lambda s: s.block)
+        assert order[0].row0 == 0 and order[-1].row0 + order[-1].rows == k_tiles
+        for upper, lower in zip(order, order[1:]):
             assert upper.row0 + upper.rows == lower.row0
+        slice_t0 = (slab * n_tiles + col) * k_tiles
+        assert all(ml.partial_slot(s.block, iters, slice_t0) == s.slot for s in parts)
 
 
 @given(schedules)
-def test_striped_schedule_waits_only_on_higher_blocks(problem):
-    """A block's slice with slice_idx > 0 waits on blocks of higher index, which reach that
-    slice as their first segment, so no cycle of waits exists when all blocks are resident."""
+def test_striped_schedule_slots_never_collide(problem):
+    """A block's shared segments use different slots (its two buffers), and a segment in
+    the middle of a run is a whole slice that needs no reduction."""
     _, schedule = ml.striped_schedule(*problem)
     for segments in schedule:
+        shared = [s.slot for s in segments if s.contributors > 1]
+        assert len(shared) == len(set(shared)) <= 2
         for i, s in enumerate(segments):
+            assert s.slot == (0 if i == 0 else 1)
             if 0 < i < len(segments) - 1:
-                assert s.slice_count == 1 and s.rows == problem[1]  # a middle segment is a whole slice
-            if i > 0:
-                assert s.row0 == 0 and s.slice_idx == s.slice_count - 1  # reached last: adds last
+                assert s.contributors == 1 and s.rows == problem[1]
 
 
 def test_striped_schedule_ideal_shape_needs_no_reduction():
     """K = 256 * 132, N = 128 * 132 with 128 x 128 tiles: one full column slice per SM."""
     iters, schedule = ml.striped_schedule(1, 264, 132, 132)
     assert iters == 264 and len(schedule) == 132
-    assert all(len(s) == 1 and s[0].slice_count == 1 for s in schedule)
+    assert all(len(s) == 1 and s[0].contributors == 1 for s in schedule)

@@ -11,11 +11,14 @@
 // touched by exactly one load instruction and never by shared memory: the rung moves
 // 4 bits per weight and spends under 2 instructions per weight on dequantization.
 //
-// Memory parallelism comes only from many plain loads in flight: the 4 warps of a block
-// share one strip and take every 4th k16 row each, each lane requests LOADS_AHEAD
-// weight words before using the first, and the warps' partial sums are added in shared
-// memory at the end, in a fixed order. What it lacks is latency hiding: a warp still
-// stalls on each batch, on A and on the scales (the next rung adds a cp.async pipeline).
+// Memory parallelism comes only from plain loads: the 4 warps of a block share one strip
+// and take every 4th k16 row each, and each lane requests LOADS_AHEAD weight words of a
+// batch before using the first. A is the one operand every warp needs, so the block
+// copies the batch's slab of A (and its scales) into shared memory with coalesced 16-byte
+// loads once, while the weight loads are in flight, and the warps read their A fragments
+// with ldmatrix. The warps' partial sums are added in shared memory at the end, in a
+// fixed order. What it lacks is overlap between batches: every batch starts with a full
+// memory round trip that nothing hides (the next rung's cp.async pipeline does).
 #include "marlin_core.cuh"
 
 #ifndef M_BLOCKS
@@ -25,89 +28,101 @@
 #define GROUP_ROWS 128  // rows of K per scale; 0 means one scale per column (group size -1)
 #endif
 
-constexpr int K_WARPS = 4;  // warps of a block, all on the same 64-column strip, splitting K
-// 128-bit weight loads in flight per lane (fewer for big slabs, whose A fragments and
-// accumulators need the registers).
-constexpr int LOADS_AHEAD = M_BLOCKS <= 2 ? 16 : 8;
+constexpr int THREADS = 128;
+constexpr int K_WARPS = THREADS / 32;  // warps of a block, all on the same 64-column strip, splitting K
+constexpr int SLAB_ROWS = 16 * M_BLOCKS;
+// 128-bit weight loads in flight per lane; fewer for big slabs, whose accumulators need
+// the registers and whose A slab needs the shared memory (32 KB at most).
+constexpr int LOADS_AHEAD = M_BLOCKS == 1 ? 16 : M_BLOCKS == 2 ? 8 : 4;
+constexpr int BATCH_K16 = K_WARPS * LOADS_AHEAD;  // k16 steps of one batch, all warps together
+constexpr int A_ROW_CHUNKS = BATCH_K16 * 2;       // 16-byte chunks per row of the batch's A
+constexpr int A_CHUNKS = SLAB_ROWS * A_ROW_CHUNKS;
+constexpr int S_ROWS = GROUP_ROWS == 0 || GROUP_ROWS >= 16 * BATCH_K16 ? 1 : 16 * BATCH_K16 / GROUP_ROWS;
+constexpr int S_CHUNKS = S_ROWS * 8;  // a 64-column strip of a scale row is 8 chunks
+static_assert(A_CHUNKS % THREADS == 0 && (S_CHUNKS % THREADS == 0 || S_CHUNKS < THREADS), "whole copies per thread");
+static_assert(GROUP_ROWS == 0 || (16 * BATCH_K16) % GROUP_ROWS == 0 || GROUP_ROWS % (16 * BATCH_K16) == 0,
+              "a batch holds whole groups or lies in one");
+static_assert(A_CHUNKS * 16 >= (K_WARPS - 1) * 32 * 32 * 4, "the A buffer doubles as the reduction buffer");
 
-// A operand of one 16 x 16 block straight from global memory (A is small and stays in
-// L1/L2): rows g and g + 8, columns 2c, 2c+1 and 2c+8, 2c+9 of the k16 step; rows past
-// the batch read as zero.
-__device__ __forceinline__ marlin::FragA load_a_block(const half* const (&rows)[2], int k) {
-  const int c = threadIdx.x % 4;
-  marlin::FragA a;
+// Copy the batch's slab of A (rows past the batch and columns past K as zeros) and its
+// scale rows into shared memory. Each thread first issues all its loads, then stores.
+__device__ __forceinline__ void stage_batch(int4* __restrict__ sa, int4* __restrict__ ss, const half* __restrict__ A,
+                                            const int4* __restrict__ S, int rows_valid, int K, int N, int k16_0) {
+  constexpr int COPIES = A_CHUNKS / THREADS;
+  constexpr int S_COPIES = (S_CHUNKS + THREADS - 1) / THREADS;
+  const int k_chunks = K / 8 - 2 * k16_0;  // chunks of this batch that lie inside K
+  int4 v[COPIES];
 #pragma unroll
-  for (int half_k = 0; half_k < 2; ++half_k)
+  for (int i = 0; i < COPIES; ++i) {
+    const int chunk = threadIdx.x + THREADS * i, row = chunk / A_ROW_CHUNKS, col = chunk % A_ROW_CHUNKS;
+    v[i] = row < rows_valid && col < k_chunks
+               ? __ldg(reinterpret_cast<const int4*>(A + size_t(row) * K + 16 * k16_0) + col)
+               : make_int4(0, 0, 0, 0);
+  }
+  const int group0 = GROUP_ROWS == 0 ? 0 : 16 * k16_0 / GROUP_ROWS;
+  const int groups = GROUP_ROWS == 0 ? 1 : K / GROUP_ROWS;
+  int4 s[S_COPIES];
 #pragma unroll
-    for (int r = 0; r < 2; ++r)
-      a.r[2 * half_k + r] =
-          rows[r] ? __ldg(reinterpret_cast<const unsigned*>(rows[r] + k + 8 * half_k + 2 * c)) : 0u;
-  return a;
+  for (int i = 0; i < S_COPIES; ++i) {
+    const int chunk = threadIdx.x + THREADS * i, row = group0 + chunk / 8;
+    s[i] = chunk < S_CHUNKS && row < groups ? __ldg(S + size_t(row) * (N / 8) + chunk % 8) : make_int4(0, 0, 0, 0);
+  }
+#pragma unroll
+  for (int i = 0; i < COPIES; ++i) {
+    const int chunk = threadIdx.x + THREADS * i;
+    sa[marlin::a_swizzle<A_ROW_CHUNKS>(chunk / A_ROW_CHUNKS, chunk % A_ROW_CHUNKS)] = v[i];
+  }
+#pragma unroll
+  for (int i = 0; i < S_COPIES; ++i)
+    if (threadIdx.x + THREADS * i < S_CHUNKS) ss[threadIdx.x + THREADS * i] = s[i];
 }
 
-extern "C" __global__ void __launch_bounds__(32 * K_WARPS)
+extern "C" __global__ void __launch_bounds__(THREADS)
     s4_marlin_layout(const half* __restrict__ A, const int4* __restrict__ B, const int4* __restrict__ S,
                      half* __restrict__ C, int M, int K, int N) {
-  constexpr int SLAB_ROWS = 16 * M_BLOCKS;
-  const int strip = blockIdx.x, k_warp = threadIdx.x / 32;
-  const int lane = threadIdx.x % 32, g = lane / 4;
+  __shared__ int4 sa[A_CHUNKS];
+  __shared__ int4 ss[S_CHUNKS];
+  const int strip = blockIdx.x, k_warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int slab_row0 = blockIdx.y * SLAB_ROWS;
   const int rows_valid = min(SLAB_ROWS, M - slab_row0);
-
-  // This lane's rows of A (null past the batch).
-  const half* a_rows[M_BLOCKS][2];
-#pragma unroll
-  for (int m = 0; m < M_BLOCKS; ++m)
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int row = 16 * m + g + 8 * r;
-      a_rows[m][r] = row < rows_valid ? A + size_t(slab_row0 + row) * K : nullptr;
-    }
-
-  // Weights: one 128-bit word per lane per k16 row, N/2 words apart. Scales: the lane's
-  // eight, in group row k / GROUP_ROWS.
+  const half* A_slab = A + size_t(slab_row0) * K;
+  // Weights: one 128-bit word per lane per k16 row, N/2 words apart. Scales: the 8
+  // columns of the strip's row of the permuted scales that this lane's fragments use.
   const int4* w_ptr = B + strip * 32 + lane;
-  const int4* s_ptr = S + strip * 8 + g;
-  const int w_stride = N / 2, s_stride = N / 8;
+  const int4* S_strip = S + strip * 8;
+  const int w_stride = N / 2;
 
   marlin::FragC acc[M_BLOCKS][4][2];
   marlin::zero_accumulators<M_BLOCKS>(acc);
-  // The weight words of LOADS_AHEAD k16 steps are requested before the first is used:
-  // the only latency hiding this rung has is the number of loads a warp keeps in flight.
   const int k16_steps = K / 16;
-  for (int k0 = k_warp; k0 < k16_steps; k0 += K_WARPS * LOADS_AHEAD) {
+  for (int k16_0 = 0; k16_0 < k16_steps; k16_0 += BATCH_K16) {
+    // This warp's weight words of the batch are requested first; their latency overlaps
+    // the staging of A below and is the only latency hiding this rung has.
     int4 w[LOADS_AHEAD];
 #pragma unroll
-    for (int i = 0; i < LOADS_AHEAD; ++i)
-      if (k0 + K_WARPS * i < k16_steps) w[i] = __ldg(w_ptr + size_t(k0 + K_WARPS * i) * w_stride);
+    for (int i = 0; i < LOADS_AHEAD; ++i) {
+      const int k16 = k16_0 + k_warp + K_WARPS * i;
+      if (k16 < k16_steps) w[i] = __ldg(w_ptr + size_t(k16) * w_stride);
+    }
+    __syncthreads();  // every warp is done reading the previous batch from shared memory
+    stage_batch(sa, ss, A_slab, S_strip, rows_valid, K, N, k16_0);
+    __syncthreads();
+    const int group0 = GROUP_ROWS == 0 ? 0 : 16 * k16_0 / GROUP_ROWS;
 #pragma unroll
     for (int i = 0; i < LOADS_AHEAD; ++i) {
-      const int k16 = k0 + K_WARPS * i;
-      if (k16 >= k16_steps) break;
-      const int group_row = GROUP_ROWS == 0 ? 0 : (16 * k16) / GROUP_ROWS;
-      const int4 s = __ldg(s_ptr + size_t(group_row) * s_stride);
+      const int step = k_warp + K_WARPS * i;  // k16 step within the batch
+      if (k16_0 + step >= k16_steps) break;
       marlin::FragA a[M_BLOCKS];
 #pragma unroll
-      for (int m = 0; m < M_BLOCKS; ++m) a[m] = load_a_block(a_rows[m], 16 * k16);
-      marlin::multiply_k16<M_BLOCKS>(a, w[i], s, acc);
+      for (int m = 0; m < M_BLOCKS; ++m)
+        marlin::ldmatrix_x4(a[m], &sa[marlin::a_swizzle<A_ROW_CHUNKS>(16 * m + lane % 16, 2 * step + lane / 16)]);
+      const int s_row = GROUP_ROWS == 0 ? 0 : 16 * (k16_0 + step) / GROUP_ROWS - group0;
+      marlin::multiply_k16<M_BLOCKS>(a, w[i], ss[8 * s_row + lane / 4], acc);
     }
   }
 
-  // Add the other warps' partial sums into warp 0, one m-block at a time, in warp order.
-  __shared__ float partial[K_WARPS - 1][32][32];  // [warp - 1][accumulator][lane]
-#pragma unroll
-  for (int m = 0; m < M_BLOCKS; ++m) {
-    if (k_warp > 0)
-#pragma unroll
-      for (int v = 0; v < 32; ++v) partial[k_warp - 1][v][lane] = acc[m][v / 8][(v / 4) % 2].v[v % 4];
-    __syncthreads();
-    if (k_warp == 0)
-#pragma unroll
-      for (int kw = 1; kw < K_WARPS; ++kw)
-#pragma unroll
-        for (int v = 0; v < 32; ++v) acc[m][v / 8][(v / 4) % 2].v[v % 4] += partial[kw - 1][v][lane];
-    __syncthreads();
-  }
-  if (k_warp > 0) return;
-  marlin::fold_into_output<M_BLOCKS>(acc, C + size_t(slab_row0) * N, N, rows_valid, 64 * strip, false);
+  // Add the other warps' partial sums into warp 0, in warp order, through the A buffer.
+  __syncthreads();
+  marlin::reduce_k_warp_partials<M_BLOCKS, 1, K_WARPS>(acc, reinterpret_cast<float*>(sa), k_warp, 0);
+  if (k_warp == 0) marlin::fold_into_output<M_BLOCKS>(acc, C + size_t(slab_row0) * N, N, rows_valid, 64 * strip);
 }

@@ -14,7 +14,7 @@ import steps
 from steps.bench import preset_shapes
 
 M = int(sys.argv[1]) if len(sys.argv) > 1 else 16
-names = sys.argv[2:] or ["s2_smem_tiling", "s3_tensor_cores", "s4_marlin_layout", "s5_async_pipeline", "s6_marlin"]
+names = sys.argv[2:] or ["s2_smem_tiling", "s3_tensor_cores", "s4_marlin_layout", "s5_async_pipeline", "s6_marlin", "s7_sparse_marlin"]
 sms = cupy.cuda.runtime.getDeviceProperties(0)["multiProcessorCount"]
 ((K, N),) = preset_shapes("ideal", sms)
 rng = np.random.default_rng(0)

@@ -12,9 +12,9 @@ whether or not that matches the GPU's SM count (s6 fixes that).
 Error bound constant c = 10, as for s4: the partial sums of the warps are added in
 fp32, so the fp16 roundings are still just the result's and the reference's.
 
-Tile configurations (the kernel's defines) are chosen by `tile_shapes_for` from H100
-measurements: 256 x 128 (TILE_K x TILE_N) up to 32 rows, 128 x 128 above; the number of
-stages fills the shared-memory budget, up to `max_stages`.
+Tile configurations (the kernel's defines) are chosen by `tile_plan` from H100
+measurements: 256 x 128 (TILE_K x TILE_N) with 4 stages up to 32 rows, 128 x 128 with the
+stages that fit in 96 KB above.
 """
 
 from __future__ import annotations
@@ -69,19 +69,28 @@ class TileConfig:
         )
 
 
-def tile_shapes_for(M: int, K: int, N: int) -> tuple[int, int] | None:
-    """(TILE_K, TILE_N), the first that divides K and N, in order of preference.
+@dataclass(frozen=True)
+class TilePlan:
+    """How a rung picks its configuration for a batch: tile shapes (TILE_K, TILE_N) in order
+    of preference (the first that divides K and N wins), the shared memory the stages may
+    use, and the most stages worth having."""
 
-    Measured on an H100 (33792 x 16896): up to 32 rows, tall 256 x 128 tiles (twice the
-    bytes per stage and per barrier of MARLIN's 128 x 128) are fastest; for 33-64 rows,
-    whose accumulators fill the registers, 128 x 128 with a short pipeline is. 64 x 256
-    is the fallback for K divisible by 64 only. None if nothing divides.
-    """
-    order = ((256, 128), (128, 128), (64, 256)) if M <= 32 else ((128, 128), (64, 256))
-    for tk, tn in order:
-        if K % tk == 0 and N % tn == 0:
-            return tk, tn
-    return None
+    tiles: tuple[tuple[int, int], ...]
+    smem_budget: int
+    max_stages: int
+
+
+# Measured on an H100 (33792 x 16896, docs/rungs.md). Up to 32 rows: tall 256 x 128 tiles
+# (twice the bytes per stage and per barrier of MARLIN's 128 x 128), 4 stages (deeper
+# pipelines were 1-3 % slower). For 33-64 rows, whose accumulators fill the registers,
+# 128 x 128 with a short pipeline. 64 x 256 is the fallback for K divisible by 64 only.
+SMALL_BATCH_PLAN = TilePlan(((256, 128), (128, 128), (64, 256)), 200 * 1024, 4)
+LARGE_BATCH_PLAN = TilePlan(((128, 128), (64, 256)), 96 * 1024, 8)
+
+
+def tile_shapes_for(M: int, K: int, N: int, plan: TilePlan) -> tuple[int, int] | None:
+    """The plan's first (TILE_K, TILE_N) that divides K and N, or None."""
+    return next(((tk, tn) for tk, tn in plan.tiles if K % tk == 0 and N % tn == 0), None)
 
 
 @functools.cache
@@ -96,15 +105,17 @@ class PipelinedStep(CudaStep):
     """Host side of the pipelined kernels: configuration choice and kernel loading."""
 
     error_c = 10.0
-    # Bytes of pipeline stages per block: deep pipelines for up to 32 rows (more bytes in
-    # flight per SM); for bigger slabs 96 KB (the original's figure) measured best.
-    smem_budget: int | None = None
-    max_stages = 8
     evict_first = True
-    tile_override: tuple[int, int] | None = None  # (TILE_K, TILE_N) to force, for tuning
+    # Tuning overrides of the plan (None: use tile_plan's value).
+    smem_budget: int | None = None
+    max_stages: int | None = None
+    tile_override: tuple[int, int] | None = None  # (TILE_K, TILE_N)
+
+    def tile_plan(self, M: int) -> TilePlan:
+        return SMALL_BATCH_PLAN if M <= 32 else LARGE_BATCH_PLAN
 
     def _supports(self, M: int, K: int, N: int, group_size: int) -> Support:
-        if tile_shapes_for(1, K, N) is None and tile_shapes_for(64, K, N) is None:
+        if tile_shapes_for(M, K, N, self.tile_plan(M)) is None:
             return Support(
                 False,
                 f"{self.name} needs K divisible by 128 and N by 128, or K by 64 and N by 256 (its tile shapes), got K={K}, N={N}",
@@ -115,12 +126,13 @@ class PipelinedStep(CudaStep):
         return pack_marlin(qw)
 
     def config(self, M: int, K: int, N: int, group_size: int, device: int) -> TileConfig:
-        tk, tn = tile_shapes_for(M, K, N)
+        plan = self.tile_plan(M)
+        tk, tn = tile_shapes_for(M, K, N, plan)
         if self.tile_override and K % self.tile_override[0] == 0 and N % self.tile_override[1] == 0:
             tk, tn = self.tile_override
         probe = TileConfig(m_blocks_for(M), tn, tk, 1, group_rows(group_size), self.evict_first)
-        budget = self.smem_budget or (200 * 1024 if M <= 32 else 96 * 1024)
-        stages = min(self.max_stages, min(budget, max_dynamic_smem(device)) // probe.stage_bytes)
+        budget = min(self.smem_budget or plan.smem_budget, max_dynamic_smem(device))
+        stages = min(self.max_stages or plan.max_stages, budget // probe.stage_bytes)
         stages = max(3, stages - (stages % 2 if stages > 4 else 0))  # odd depths > 4 measured slower
         return TileConfig(probe.m_blocks, tn, tk, stages, probe.group_rows, self.evict_first)
 

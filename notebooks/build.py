@@ -505,7 +505,7 @@ fig, ax = plt.subplots(figsize=(11, 1.3))
 nb.draw_grid(ax, (perm // 8)[None], "position p holds the scale of column ... (colour: lane group g = column % 8)",
              labels=perm[None], cmap="tab10")
 plt.show()"""),
-        md("## The kernel\n\nOne warp per 64-column strip, down all of K; per k16 step one 128-bit weight load, one scale load, the A fragments, and `multiply_k16` (dequantize + 8 mmas):"),
+        md("## The kernel\n\nFour warps per 64-column strip, taking every fourth k16 step of K. Per batch, each lane requests its weight words; meanwhile the block copies the batch's rows of A and its scales into shared memory once. Per k16 step the warp then reads its A fragments with `ldmatrix` and runs `multiply_k16` (dequantize + 8 mmas) on one 128-bit weight word:"),
         code('nb.show_source("csrc/s4_marlin_layout.cu", "s4_marlin_layout(")'),
         md("""
 ## Prediction
@@ -513,38 +513,36 @@ plt.show()"""),
 The bytes are now exactly the floor's bytes, each touched by one load instruction, and the
 dequantization costs about one instruction per weight. What is missing is *latency
 hiding*: a warp can only have as many loads in flight as it has registers to receive them
-(`LOADS_AHEAD` words, requested before the first is used), and there are only N/64 warps."""),
+(`LOADS_AHEAD` words, requested before the first is used), and four warps share each
+64-column strip."""),
         code('nb.show_source("csrc/s4_marlin_layout.cu", "constexpr int LOADS_AHEAD")'),
         md("By Little's law, bandwidth = bytes in flight / latency:"),
         code("""\
 K, N, sms, source = nb.benchmark_shape()
 latency_us = 0.8  # a typical HBM round trip under load
 loads_ahead = 16  # LOADS_AHEAD at M <= 32, from the line above
-warps = N // 64
+warps = 4 * N // 64  # four warps per 64-column strip
 in_flight = warps * 32 * 16 * loads_ahead  # warps x lanes x 16 bytes x loads ahead
 print(f"{warps} warps x {32 * 16 * loads_ahead // 1024} KB = {in_flight / 1e6:.2f} MB in flight -> at most {in_flight / latency_us / 1e3:,.0f} GB/s")
 print(f"the floor needs {nb.floor(K, N).gbps:,.0f} GB/s x {latency_us} us = {nb.floor(K, N).gbps * latency_us / 1e3:.1f} MB in flight")"""),
         md("""
-On paper that is nearly enough, but only if every warp really keeps all its loads
-outstanding all the time: each batch of loads is followed by a stretch of compute during
-which that warp has nothing in flight, and a block's 4 warps leave most of an SM's
-load slots empty. Against rung 3, the shared-memory detour and the costly conversion are
-gone, so expect a large step over rung 3 at small M, and still a clear gap to the floor."""),
+On paper that is plenty, but only if every warp keeps its loads outstanding all the time.
+It does not: each batch of loads is followed by a stretch of compute during which that warp
+has nothing in flight, and the next batch starts with a full round trip. A first version of
+this rung also loaded A and the scales from global memory right before every k16 step, and
+was *slower* than rung 3: every step waited for L2. This version copies each batch's rows of
+A and its scales into shared memory once per block, while the weight loads are in flight.
+Expect it to beat rung 3 at small M, and still sit far from the floor."""),
     ] + measured("s4_marlin_layout", "s3_tensor_cores", "M=16, K=1024, N=512", """
-On the benchmark shape this is a miss: the gain over rung 3 is at or below one, so the rung
-is no faster, and at M = 16 clearly slower. The profile explains it: DRAM throughput is
-below rung 3's and the tensor pipe is even less busy. The layout removes work, but s4
-issues its loads synchronously: a warp requests a batch of weight words, then stalls on
-them, on A and on the scales, with only four warps per 64-column strip. Rung 3's
-shared-memory staging, crude as it is, overlapped one slice's loads with the previous
-slice's math; s4 has no such overlap, so the Little's-law estimate above, which assumed
-every warp keeps its loads outstanding all the time, was too hopeful.
-
-On the Llama-2-7B sum the order flips and s4 is ahead at every printed M. The profile
-covers only the benchmark shape, so why the smaller layers favour s4 is not established
-here. The lesson of the rung stands: the layout alone buys little until the latency is
-hidden, which is rung 5's job. (`docs/rungs.md` records the next change planned for s4:
-prefetching the next batch of weight words into a second register set.)""") + [
+The prediction holds at small M: s4 is ahead of rung 3 on the benchmark shape and on the
+Llama-2-7B sum, and the profile shows DRAM throughput above rung 3's. It is a modest step,
+not a large one, because the Little's-law estimate above assumed every warp keeps its
+loads outstanding all the time; in fact each batch ends in compute with nothing in flight,
+and the next begins with an unhidden round trip. At M = 32 (the table below) s4 falls
+behind rung 3 again: a 32-row slab halves `LOADS_AHEAD` so that A still fits in 32 KB of
+shared memory, which halves the bytes in flight per warp. The lesson of the rung: the
+layout removes work, but the latency has to be hidden before that shows, which is rung 5's
+job.""") + [
         md("""
 ## Try this
 
@@ -574,15 +572,12 @@ from steps.s5_async_pipeline import TileConfig, tile_shapes_for
 
 s5 = nb.rung("s5_async_pipeline")
 for M in (1, 16, 64):
-    tk, tn = tile_shapes_for(M, 4096, 4096)
+    plan = s5.tile_plan(M)
+    tk, tn = tile_shapes_for(M, 4096, 4096, plan)
     stage = TileConfig(m_blocks_for(M), tn, tk, 1, 128).stage_bytes
-    line = f"M={M:3d}: tiles {tk}x{tn}, {stage / 1024:.1f} KB per stage"
-    if s5 is not None and s5.available():
-        stages = s5.config(M, 4096, 4096, 128, 0).stages
-        line += f" -> {stages} stages here, {(stages - 1) * stage / 1024:.0f} KB in flight per block"
-    else:
-        line += f"; 96 KB of shared memory hold {96 * 1024 // stage} stages, 200 KB hold {200 * 1024 // stage}"
-    print(line)"""),
+    stages = min(plan.max_stages, plan.smem_budget // stage)
+    print(f"M={M:3d}: tiles {tk}x{tn}, {stage / 1024:.1f} KB per stage, {stages} stages "
+          f"({plan.smem_budget // 1024} KB budget), {(stages - 1) * stage / 1024:.0f} KB in flight per block")"""),
         md("""
 ## The timeline
 
@@ -634,7 +629,9 @@ A hit. No other rung adds as much speedup over FP16 as this one, and on the benc
 at M ≤ 16 the rung streams the weights close to the floor (the whole table below prints
 the share of the read bandwidth). The profile shows why: DRAM throughput jumps to the top of the table
 while *registers / thread* fall, because the copies in flight wait in shared memory, not in
-registers. At M = 64 the time grows well beyond M = 16's: there the limit is the arithmetic of
+registers. Up to 32 rows it runs 4 stages: a sweep over 4, 6 and 8 put 4 at or ahead of the
+deeper pipelines, because three 16 KB tiles in flight per SM already cover the latency. At
+M = 64 the time grows well beyond M = 16's: there the limit is the arithmetic of
 `mma.sync`, no longer the bytes. The Llama-2-7B sum shows the predicted weak spot: one
 block per 128-column slice leaves most SMs idle on a 4096-wide layer, so the speedup over
 FP16 there is well below the benchmark shape's.""") + [
@@ -657,9 +654,10 @@ Give the GPU exactly one block per SM and cut the *work* evenly instead of the m
 number the TILE_K × TILE_N weight tiles column slice by column slice, K innermost, and let
 block `b` take the contiguous run of `iters` tiles from `b · iters`. Every block streams the
 same number of bytes whatever the shape. A run walks down a column slice and may continue
-at the top of the next; a slice shared by several blocks gets their partial sums added in
-the output, one block after another in a fixed order (so results are bit-identical run to
-run), sequenced by a per-slice counter."""),
+at the top of the next. A slice shared by several blocks needs their partial sums added:
+each block stores its fp32 partials in a workspace and counts itself in the slice's
+counter, and the last to arrive adds them all in block order (a fixed order, so results
+are bit-identical run to run) and writes the output. Nobody waits for anybody."""),
         md("## The stripes\n\n`reference.marlin_layout.striped_schedule`, the model the kernel mirrors, on a small example: 6 column slices of 8 k-tiles on 10 SMs."),
         code("""\
 from reference.marlin_layout import striped_schedule
@@ -667,29 +665,33 @@ from reference.marlin_layout import striped_schedule
 def stripes(k_tiles, n_tiles, sms, slabs=1):
     iters, schedule = striped_schedule(slabs, k_tiles, n_tiles, sms)
     owner = np.full((k_tiles, n_tiles * slabs), -1)
-    order = np.zeros_like(owner)
+    sharers = np.zeros_like(owner)
     for segments in schedule:
         for s in segments:
             owner[s.row0:s.row0 + s.rows, s.slab * n_tiles + s.col] = s.block
-            order[s.row0:s.row0 + s.rows, s.slab * n_tiles + s.col] = s.slice_idx
-    return iters, schedule, owner, order
+            sharers[s.row0:s.row0 + s.rows, s.slab * n_tiles + s.col] = s.contributors
+    return iters, schedule, owner, sharers
 
-iters, schedule, owner, order = stripes(8, 6, 10)
+iters, schedule, owner, sharers = stripes(8, 6, 10)
 fig, ax = plt.subplots(figsize=(6, 4))
-nb.draw_grid(ax, owner, f"k-tile (down) x column slice (across): block; label = turn in the slice's reduction",
-             labels=order, cmap="tab10")
+nb.draw_grid(ax, owner, f"k-tile (down) x column slice (across): block; label = blocks sharing the slice",
+             labels=sharers, cmap="tab10")
 plt.show()
 print(f"{len(schedule)} blocks, {iters} tiles each")"""),
-        md("Every tile is computed exactly once, and each slice's turns are 0, 1, … with no gaps:"),
+        md("Every tile is computed exactly once, and the blocks that share a slice are exactly the ones its last block adds up:"),
         code("""\
 K, N, sms, source = nb.benchmark_shape()
-for shape, (k, n) in {"benchmark": (K, N), "Llama-2-7B down (11008x4096)": (11008, 4096)}.items():
-    iters, schedule, owner, order = stripes(k // 128, n // 128, sms)
+for shape, (k, n) in {"benchmark": (K, N), "Llama-2-7B o_proj (4096x4096)": (4096, 4096)}.items():
+    iters, schedule, owner, sharers = stripes(k // 128, n // 128, sms)
     covered = (owner >= 0).all()
-    turns_ok = all(sorted({s.slice_idx for seg in schedule for s in seg if (s.slab, s.col) == key})
-                   == list(range(next(s.slice_count for seg in schedule for s in seg if (s.slab, s.col) == key)))
-                   for key in {(s.slab, s.col) for seg in schedule for s in seg})
-    print(f"{shape}: {len(schedule)} blocks on {sms} SMs, {iters} tiles each; covered once: {covered}; turns ok: {turns_ok}")"""),
+    parts = {}
+    for seg in schedule:
+        for s in seg:
+            parts.setdefault((s.slab, s.col), []).append(s)
+    sharers_ok = all(sorted(s.block for s in p) == list(p[0].blocks) for p in parts.values())
+    shared = sum(p[0].contributors > 1 for p in parts.values())
+    print(f"{shape}: {len(schedule)} blocks on {sms} SMs, {iters} tiles each; covered once: {covered}; "
+          f"{shared} of {len(parts)} slices shared; sharers consistent: {sharers_ok}")"""),
         md("""
 ## What the stripes buy
 
@@ -712,7 +714,8 @@ plt.figure(figsize=(7, 3))
 plt.bar(x - 0.2, plain, 0.4, label="s5: one block per column slice")
 plt.bar(x + 0.2, striped, 0.4, label="s6: striped")
 plt.xticks(x, names); plt.ylabel("busy share of SM-time"); plt.ylim(0, 1.2); plt.legend(fontsize=8, ncol=2); plt.show()"""),
-        code('nb.show_source("csrc/s6_marlin.cu", "int t = blockIdx.x * iters;", "t += rows;")'),
+        code('nb.show_source("csrc/s6_marlin.cu", "int t = blockIdx.x * iters;", "t += seg.rows;")'),
+        code('nb.show_source("csrc/marlin_core.cuh", "__device__ __forceinline__ bool add_partial_sums")'),
         md("""
 ## Prediction
 
@@ -720,28 +723,31 @@ On the benchmark shape rung 5's grid already matches the SM count (N / 128 = SMs
 should gain over it only the ragged tail: a few percent. On the narrower Llama-2-7B layers
 it should gain a lot, because every SM gets an equal run of tiles instead of a quarter of
 them getting one column slice each. The paper reports ~3.9× over FP16 up to batch 16–32
-for this schedule. The price is a few fp16 roundings of partial sums (s6's `error_c`
-counts them) and a reduction: blocks that share a column slice add their partial sums in
-the output, one after another."""),
+for this schedule. The price is a reduction: blocks that share a column slice must add their
+partial sums. MARLIN does it in the fp16 output, one block after another, each waiting for
+a lock; here each block stores fp32 partials and the last to arrive adds them, so nobody
+waits and the sum is rounded once."""),
     ] + measured("s6_marlin", "s5_async_pipeline", "M=16, K=1024, N=512", """
-On the benchmark shape the prediction holds: a small gain over rung 5 at M ≤ 16, of the
-size the ragged tail allows, and the two profile rows are nearly the same. At M = 64 both rungs are limited by `mma.sync`
-arithmetic rather than bytes, so the schedule cannot help there.
+On the benchmark shape the prediction holds: at M ≤ 16 s6 and rung 5 both stream at the
+measured read bandwidth, and the two profile rows are nearly the same. Above 32 rows s6
+uses 128 × 256 tiles, which its striped grid allows (rung 5 needs many column slices to
+fill the SMs), and it pulls ahead of rung 5 at M = 64 and 128; there both are limited by
+`mma.sync` arithmetic rather than bytes (the M = 64 profile: tensor pipe busy more than half
+the time, DRAM under half of peak).
 
-On the Llama-2-7B sum it is a partial miss. At M = 1 s6 is ahead of rung 5, as predicted,
-but at M = 16 and 64 it is behind. The partial sums of a column slice are added serially
-in fp16 in the output buffer, one block after another, and for layers this small the chain
-of hand-offs (wait for the lock, read, add, write, release) costs about as much as
-streaming the weights; rung 5 pays no reduction at all. `docs/rungs.md` lists the planned
-fixes: tile shapes chosen per layer so that a slice has at most two contributors, then fp32
-partials added once by the last block to arrive.""") + [
+On the Llama-2-7B sum s6 is ahead of rung 5 at every printed M, as predicted. That took a
+second try: with MARLIN's serial reduction (each block waits for the previous one, then
+reads, adds and writes the fp16 partials) s6 was *behind* rung 5 at M = 16 and 64, because
+on layers this small the chain of hand-offs cost about as much as streaming the weights.
+The no-wait fp32 reduction removed the chain.""") + [
         md("""
 ## Try this
 
 * Plot `stripes(k, n, sms)` for a layer with fewer tiles than SMs: how many blocks are
   launched, and how long are their runs?
-* `MAX_SLICE_BLOCKS` caps how many blocks share a slice. Lower it and compare the error
-  ratio `nb.check` reports."""),
+* `MAX_SLICE_BLOCKS` caps how many blocks share a slice (and so how many partials the last
+  block adds). Set it to 2 and look at how many blocks `stripes` launches for a 4096 × 4096
+  layer."""),
     ]
 
 
@@ -800,11 +806,12 @@ s7 should gain up to 4/3 over it. `mma.sp` also halves the multiply work, which 
 where rung 6 is limited by arithmetic instead of bytes (M = 64). The paper's Sparse-MARLIN
 reaches up to ~5.3× over FP16: close to this floor."""),
     ] + measured("s7_sparse_marlin", "s6_marlin", "M=16, K=1024, N=512", """
-Nothing to explain yet: s7 is correct on the H100 (tests and sanitizers) but has not been
-benchmarked, so the cell above has no rows to print. When the rows arrive, the prediction
-is checked by the gain over rung 6 at M ≤ 16 on the benchmark shape (at most 4/3, since
-that is the ratio of the bytes) and at M = 64 (where the halved multiply work, not the
-bytes, would show).""") + [
+A miss. At M ≤ 16 s7 is ahead of rung 6, but by a few percent rather than the 4/3 the bytes
+allow, and from M = 32 up it falls behind rung 6, although `mma.sp` halves the multiply
+work. The profile at M = 16 shows DRAM throughput clearly below rung 6's with the tensor
+pipe less busy too: the warps wait rather than compute. Which wait (the four streams of a
+stage, the metadata loads, the shuffles of the transposed write-out) is not established yet;
+`docs/rungs.md` lists a stall-reason profile as the next step.""") + [
         md("""
 ## Try this
 
@@ -894,6 +901,26 @@ else:
     print(f"replaced {replaced} with {[type(m).__name__ + ' on ' + m.step for m in mlp if hasattr(m, 'step')]}")
     print(f"relative difference of the output after 4-bit quantization: {rel:.3%}")"""),
         md("""
+## Measured end to end
+
+`python -m steps e2e` on the GPU (Llama-2-7B dimensions with all 32 layers, and Llama-2-70B
+dimensions with 8 layers), stored in `docs/results/e2e/` and shown here from there:"""),
+        code("""\
+from IPython.display import Markdown, display
+
+stored = nb.REPO / "docs" / "results" / "e2e" / "README.md"
+if stored.is_file():
+    display(Markdown(stored.read_text().split("\\n", 2)[2].replace("](e2e.png)", "](../docs/results/e2e/e2e.png)")))
+else:
+    print("No end-to-end results are stored in docs/results/e2e/ yet.")"""),
+        md("""
+The linear layers speed up about as the layer benchmark predicts, but the *rest* column
+(norms, rotary embedding, cache writes, residual adds, the SiLU gate, lm_head and the gaps
+between these many small kernels) is the same in both models and is a large share of a
+7B decode step, so the end-to-end gain is well below the linear layers' gain. The 70B
+layers are wider, so the rest is a smaller share and the end-to-end gain is larger. Fusing
+the rest (compiling the decoder with `torch.compile`) is the next step, not done yet.
+
 ## Try this
 
 * `python -m steps bench --shapes llama-7b --batch 1 16 64` sums the four layers of the

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# One device call: GPU tests, sanitizers and the committed benchmarks, logs under $OUT.
-# Usage on the lent GPU machine: bash scripts/gpu_acceptance.sh [tests|sanitize|bench]...
+# Device calls: GPU tests, sanitizers, profiles, the committed benchmarks, logs under $OUT.
+# Usage on the lent GPU machine: bash scripts/gpu_acceptance.sh [tests|sanitize|ncu|bench|e2e]...
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 stamp=$(date -u +%Y-%m-%d)
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '_')
-parts=("$@"); [ ${#parts[@]} -eq 0 ] && parts=(tests sanitize bench)
+parts=("$@"); [ ${#parts[@]} -eq 0 ] && parts=(tests sanitize ncu bench)
 for part in "${parts[@]}"; do
   case $part in
     tests)
@@ -14,13 +14,27 @@ for part in "${parts[@]}"; do
     sanitize)
       for tool in memcheck racecheck synccheck; do
         timeout 100 compute-sanitizer --tool $tool --error-exitcode 1 python3 scripts/sanitize_small.py 2>&1 \
-          | grep -E "SUMMARY|error/bound|Error" | tee -a "$OUT/sanitize.txt"
+          | grep -E "SUMMARY|error/bound|Error" | sed "s/^/$tool: /" | tee -a "$OUT/sanitize.txt"
+      done ;;
+    ncu)
+      metrics=gpu__time_duration.sum,dram__bytes_read.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed
+      metrics+=,sm__warps_active.avg.pct_of_peak_sustained_active,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active
+      metrics+=,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum
+      metrics+=,launch__registers_per_thread,launch__grid_size
+      for M in 16 64; do
+        timeout 150 ncu --profile-from-start off --clock-control none --csv --metrics $metrics \
+          python3 scripts/ncu_ladder.py $M > "$OUT/${stamp}_${gpu}_ncu_ideal_m$M.csv" 2> "$OUT/ncu_m$M.err"
       done ;;
     bench)
-      dense="s2_smem_tiling s3_tensor_cores s4_marlin_layout s5_async_pipeline s6_marlin"
-      bench() { timeout 300 python3 -m steps bench --quiet --json "$OUT/${stamp}_${gpu}_$1.jsonl" --shapes "${@:2}" 2>&1 | tee -a "$OUT/bench.txt"; }
-      bench llama-7b llama-7b --batch 1 16 64 --rungs s1_numba_naive $dense
-      bench ideal ideal --batch 1 2 4 8 16 32 64 128 --rungs $dense
-      bench ideal-s1 ideal --batch 16 --rungs s1_numba_naive ;;
+      rungs="s2_smem_tiling s3_tensor_cores s4_marlin_layout s5_async_pipeline s6_marlin s7_sparse_marlin"
+      bench() { timeout 200 python3 -m steps bench --quiet --json "$OUT/${stamp}_${gpu}_$1.jsonl" --shapes "${@:2}" 2>&1 | tee -a "$OUT/bench.txt"; }
+      bench llama-7b llama-7b --batch 1 16 64 --rungs s1_numba_naive $rungs
+      bench ideal ideal --batch 1 2 4 8 16 32 64 128 --rungs $rungs
+      bench ideal-s1 ideal --batch 16 --rungs s1_numba_naive
+      bench llama-70b llama-70b --batch 1 16 64 --rungs s3_tensor_cores s4_marlin_layout s5_async_pipeline s6_marlin s7_sparse_marlin ;;
+    e2e)
+      mkdir -p "$OUT/e2e"
+      timeout 330 python3 -m steps e2e --dims 7b --json "$OUT/e2e/${stamp}_${gpu}_7b.jsonl" 2>&1 | tee -a "$OUT/e2e.txt"
+      timeout 200 python3 -m steps e2e --dims 70b --layers 8 --batch 1 4 16 64 --json "$OUT/e2e/${stamp}_${gpu}_70b-8layers.jsonl" 2>&1 | tee -a "$OUT/e2e.txt" ;;
   esac
 done

@@ -33,3 +33,20 @@ def test_report_fills_the_readme_section_reproducibly(tmp_path):
     write_report(results, readme)
     assert readme.read_text() == first_text
     assert (results / "ladder.png").read_bytes() == first_png
+
+
+def test_e2e_report_is_generated_from_the_json_lines_and_reproducible(tmp_path):
+    from steps.report import write_e2e
+
+    rows = [
+        {"gpu": "Test GPU", "dims": "7b", "layers": 2, "group_size": 128, "date": "2026-11-25T12:00:00+00:00",
+         "batch": b, "model": model, "step_us": step, "tokens_per_s": b / step * 1e6, "speedup_vs_fp16": 1000.0 / step,
+         "linear_us": step / 2, "attention_us": 10.0, "rest_us": step / 2 - 10.0}
+        for b in (1, 8) for model, step in (("fp16", 1000.0), ("s6_marlin", 500.0 + b))
+    ]  # fmt: skip
+    (tmp_path / "run.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_e2e(tmp_path)
+    first_md, first_png = (tmp_path / "README.md").read_text(), (tmp_path / "e2e.png").read_bytes()
+    assert "| 8 | s6_marlin | 508.0 |" in first_md and "1.97×" in first_md
+    write_e2e(tmp_path)
+    assert (tmp_path / "README.md").read_text() == first_md and (tmp_path / "e2e.png").read_bytes() == first_png

@@ -52,10 +52,10 @@ class ReductionWorkspace:
 
 class Marlin(PipelinedStep):
     name = "s6_marlin"
-    title = "MARLIN: SM-striped tiles, serial in-output reduction"
+    title = "MARLIN: SM-striped tiles, no-wait fp32 global reduction"
     idea = (
-        "Give each SM an equal run of weight tiles striped across column slices, and add the partial "
-        "sums of shared slices in the output in a fixed order under per-slice locks."
+        "Give each SM an equal run of weight tiles striped across column slices; blocks sharing a slice "
+        "store fp32 partials and the last to arrive adds them in a fixed order."
     )
     error_c = 10.0
     sms: int | None = None  # blocks per launch; None = the device's SM count

@@ -37,11 +37,12 @@ constexpr int LOADS_AHEAD = M_BLOCKS == 1 ? 16 : M_BLOCKS == 2 ? 8 : 4;
 constexpr int BATCH_K16 = K_WARPS * LOADS_AHEAD;  // k16 steps of one batch, all warps together
 constexpr int A_ROW_CHUNKS = BATCH_K16 * 2;       // 16-byte chunks per row of the batch's A
 constexpr int A_CHUNKS = SLAB_ROWS * A_ROW_CHUNKS;
-constexpr int S_ROWS = GROUP_ROWS == 0 || GROUP_ROWS >= 16 * BATCH_K16 ? 1 : 16 * BATCH_K16 / GROUP_ROWS;
+constexpr int BATCH_K = 16 * BATCH_K16;
+constexpr int GROUP_K = GROUP_ROWS == 0 ? BATCH_K : GROUP_ROWS;  // one scale row for the whole batch if 0
+constexpr int S_ROWS = GROUP_K >= BATCH_K ? 1 : BATCH_K / GROUP_K;
 constexpr int S_CHUNKS = S_ROWS * 8;  // a 64-column strip of a scale row is 8 chunks
 static_assert(A_CHUNKS % THREADS == 0 && (S_CHUNKS % THREADS == 0 || S_CHUNKS < THREADS), "whole copies per thread");
-static_assert(GROUP_ROWS == 0 || (16 * BATCH_K16) % GROUP_ROWS == 0 || GROUP_ROWS % (16 * BATCH_K16) == 0,
-              "a batch holds whole groups or lies in one");
+static_assert(BATCH_K % GROUP_K == 0 || GROUP_K % BATCH_K == 0, "a batch holds whole groups or lies in one");
 static_assert(A_CHUNKS * 16 >= (K_WARPS - 1) * 32 * 32 * 4, "the A buffer doubles as the reduction buffer");
 
 // Copy the batch's slab of A (rows past the batch and columns past K as zeros) and its

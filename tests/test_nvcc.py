@@ -3,6 +3,9 @@ register spills. The rungs are compiled at run time through NVRTC; this check ru
 same sources through the offline compiler on machines without a GPU (such as CI), so a
 broken or spilling kernel is caught before anyone reaches a GPU. Skipped without nvcc."""
 
+import concurrent.futures
+import itertools
+import os
 import re
 import shutil
 import subprocess
@@ -41,3 +44,56 @@ def test_compiles_without_warnings_or_spills(source, arch, tmp_path):
     spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
     assert not any(spills), f"{source.name} spills registers on {arch}:\n{log}"
     assert "Used" in log, f"ptxas printed no resource usage for {source.name}:\n{log}"
+
+
+def shipped_variants() -> list[tuple[str, tuple[tuple[str, int], ...]]]:
+    """(source, defines) of every s4-s7 kernel variant the host picks for the Llama-2 7B/70B
+    and ideal shapes, batch sizes 1-128 and every group size, on an H100 (227 KB of
+    opt-in shared memory): the defaults above are only one of them."""
+    from unittest import mock
+
+    import steps.s5_async_pipeline as s5
+    import steps.s7_sparse_marlin as s7
+    from steps.bench import preset_shapes
+    from steps.registry import get
+    from steps.s4_marlin_layout import group_rows
+
+    h100_smem = 227 * 1024
+    shapes = {shape for preset in ("llama-7b", "llama-70b", "ideal") for shape in preset_shapes(preset, 132)}
+    found = {("s4_marlin_layout", (("M_BLOCKS", mb), ("GROUP_ROWS", group_rows(g)))) for mb in range(1, 5) for g in GROUPS}
+    with mock.patch.object(s5, "max_dynamic_smem", lambda device: h100_smem), mock.patch.object(
+        s7, "max_dynamic_smem", lambda device: h100_smem
+    ):
+        for name in ("s5_async_pipeline", "s6_marlin", "s7_sparse_marlin"):
+            step = get(name)
+            for (K, N), M, g in itertools.product(shapes, (1, 16, 32, 48, 64, 128), GROUPS):
+                if step.supports(M, K, N, g):
+                    found.add((name, step.config(M, K, N, g, 0).defines()))
+    return sorted(found)
+
+
+GROUPS = (-1, 32, 64, 128)
+
+
+@needs_nvcc
+def test_every_shipped_variant_compiles_for_sm90_without_warnings_or_spills(tmp_path):
+    variants = shipped_variants()
+    assert len({source for source, _ in variants}) == 4
+
+    def compile_variant(i: int) -> str | None:
+        source, defines = variants[i]
+        flags = [f"-D{name}={value}" for name, value in defines]
+        cmd = [
+            "nvcc", "-std=c++17", "-arch=sm_90", f"-I{CSRC}", "-cubin", "-o", str(tmp_path / f"{i}.cubin"),
+            "-Xptxas", "-v", "--Werror", "all-warnings", *flags, str(CSRC / f"{source}.cu"),
+        ]  # fmt: skip
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        log = result.stdout + result.stderr
+        spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
+        if result.returncode or "warning" in log.lower() or any(spills):
+            return f"{source} {' '.join(flags)}:\n{log}"
+        return None
+
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 2) as pool:
+        failures = [f for f in pool.map(compile_variant, range(len(variants))) if f]
+    assert not failures, "\n\n".join(failures)

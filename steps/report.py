@@ -74,6 +74,29 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _speedup_axes(ax, curves: dict[str, list[tuple[int, float]]], xlabel: str, ylabel: str, title: str) -> None:
+    """One line per curve of (batch, speedup) points, log2 batch axis, legend and grid."""
+    for label, pts in curves.items():
+        pts = sorted(pts)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def _save(fig, path: Path) -> None:
+    """Write a figure without a timestamp, so regenerating it reproduces the same bytes."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, metadata={"Software": None})
+    plt.close(fig)
+
+
 def plot_speedup(rows: list[dict], path: Path) -> None:
     """Speedup over FP16 against batch size, one line per rung, one panel per shape group."""
     import matplotlib
@@ -84,20 +107,10 @@ def plot_speedup(rows: list[dict], path: Path) -> None:
     groups = headline_groups(rows)
     fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4.2), squeeze=False)
     for ax, ((gpu, preset, shape, g), rs) in zip(axes[0], groups.items()):
-        for rung in _rung_order(rs):
-            pts = sorted((r["M"], r["speedup_vs_fp16"]) for r in rs if r["rung"] == rung)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=rung)
-        ax.set_xscale("log", base=2)
+        curves = {rung: [(r["M"], r["speedup_vs_fp16"]) for r in rs if r["rung"] == rung] for rung in _rung_order(rs)}
+        _speedup_axes(ax, curves, "batch size M", "speedup over FP16 cuBLAS", f"{gpu}\n{preset} ({shape}), group {g}")
         ax.set_yscale("log", base=2)
-        ax.set_xlabel("batch size M")
-        ax.set_ylabel("speedup over FP16 cuBLAS")
-        ax.set_title(f"{gpu}\n{preset} ({shape}), group {g}", fontsize=9)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, metadata={"Software": None})
-    plt.close(fig)
+    _save(fig, path)
 
 
 def results_markdown(rows: list[dict], plot_name: str, groups: dict[tuple, list[dict]] | None = None) -> str:
@@ -227,16 +240,9 @@ def write_e2e(e2e_dir: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for (gpu, dims, layers, g, date), rs in sorted(runs.items()):
-        pts = sorted((r["batch"], r["speedup_vs_fp16"]) for r in rs if r["model"] != "fp16")
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"Llama-2 {dims}, {layers} layers")
+    curves = {f"Llama-2 {dims}, {layers} layers": [(r["batch"], r["speedup_vs_fp16"]) for r in rs if r["model"] != "fp16"]
+              for (gpu, dims, layers, g, date), rs in sorted(runs.items())}  # fmt: skip
     ax.axhline(1.0, color="grey", lw=0.8)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("batch size")
-    ax.set_ylabel("decode tokens/s over FP16")
-    ax.set_title(f"{rows[0]['gpu']}: MarlinLinear in every block linear layer", fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(e2e_dir / "e2e.png", dpi=110, metadata={"Software": None})
-    plt.close(fig)
+    _speedup_axes(ax, curves, "batch size", "decode tokens/s over FP16",
+                  f"{rows[0]['gpu']}: MarlinLinear in every block linear layer")  # fmt: skip
+    _save(fig, e2e_dir / "e2e.png")

@@ -38,6 +38,7 @@ from torch import nn
 
 from reference import QuantizedWeight, quantize
 from reference.formats import check_permutation, import_awq, import_gptq
+from reference.sparse_marlin import prune_quantized_2_4
 
 from ._arrays import as_cupy, caller_stream, dtype_name
 from .registry import STEPS, get
@@ -51,10 +52,10 @@ SPARSE_RUNGS = frozenset({"s7_sparse_marlin"})
 # -- choosing a rung ------------------------------------------------------------------------------
 
 
-def _why_not(step: Step, device: torch.device, qw: QuantizedWeight) -> str:
+def _why_not(step: Step, device: torch.device, qw: QuantizedWeight, sparse: bool) -> str:
     """Why `step` cannot run this weight on `device` ("" when it can)."""
-    if step.name in SPARSE_RUNGS:
-        return "it multiplies 2:4-sparse weights, not dense ones"
+    if step.name in SPARSE_RUNGS and not sparse:
+        return "it prunes the weight 2:4, a different function; build the layer with sparse=True for that"
     if device.type == "cpu" and step.device != "cpu":
         return "it runs on CUDA"
     if device.type == "cuda" and (step.device != "cuda" or step.host_arrays):
@@ -72,12 +73,15 @@ def _why_not(step: Step, device: torch.device, qw: QuantizedWeight) -> str:
     return ""
 
 
-def select_step(qw: QuantizedWeight, device: torch.device, name: str | None = None) -> Step:
-    """The highest rung of the ladder that runs `qw` on `device`, or the rung called `name`."""
+def select_step(qw: QuantizedWeight, device: torch.device, name: str | None = None, sparse: bool = False) -> Step:
+    """The highest rung of the ladder that runs `qw` on `device`, or the rung called `name`.
+
+    For a `sparse` (2:4-pruned) weight the sparse rung is a candidate too; a dense rung
+    computes the same product, only without the saving."""
     candidates = [get(name)] if name is not None else list(reversed(STEPS))
     reasons = []
     for step in candidates:
-        why = _why_not(step, device, qw)
+        why = _why_not(step, device, qw, sparse)
         if not why:
             return step
         reasons.append(f"{step.name}: {why}")
@@ -201,7 +205,9 @@ class MarlinLinear(nn.Module):
     shape [..., N]. Build it with `from_linear`, `from_gptq`, `from_awq`, or directly from a
     QuantizedWeight with contiguous groups and an optional act-order permutation `perm`
     (row i of qw is row perm[i] of the layer's weight). `step` forces a rung by name;
-    `device` is where the layer runs (the rung is chosen for it).
+    `device` is where the layer runs (the rung is chosen for it). `sparse` declares qw
+    2:4-sparse along K (at most 2 non-zero codes in every 4 rows, as
+    `reference.sparse_marlin.prune_quantized_2_4` leaves it), which lets the sparse rung run it.
     """
 
     def __init__(
@@ -212,10 +218,17 @@ class MarlinLinear(nn.Module):
         *,
         step: str | None = None,
         device: torch.device | str = "cpu",
+        sparse: bool = False,
     ):
         super().__init__()
         device = torch.device(device)
-        rung = select_step(qw, device, step)
+        if sparse and not np.array_equal(prune_quantized_2_4(qw).codes, qw.codes):
+            raise ValueError(
+                "sparse=True needs a weight with at most 2 non-zero codes in every 4 consecutive rows of K; "
+                "prune it with reference.sparse_marlin.prune_quantized_2_4 (from_linear(..., sparse=True) does)"
+            )
+        rung = select_step(qw, device, step, sparse)
+        self.sparse = sparse
         self.in_features, self.out_features, self.group_size = qw.K, qw.N, qw.group_size
         self.step = rung.name
         packed = _packed_tensors(rung, qw, device)
@@ -236,12 +249,23 @@ class MarlinLinear(nn.Module):
     # -- constructors -------------------------------------------------------------------------
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, group_size: int = 128, zero_point: bool = False, *, step: str | None = None, device=None
+        cls,
+        linear: nn.Linear,
+        group_size: int = 128,
+        zero_point: bool = False,
+        sparse: bool = False,
+        *,
+        step: str | None = None,
+        device=None,
     ) -> MarlinLinear:
-        """Quantize an nn.Linear with the reference quantizer (round to nearest) and pack it once."""
+        """Quantize an nn.Linear with the reference quantizer (round to nearest) and pack it
+        once; with `sparse`, then prune it 2:4 along K by magnitude (the layer then computes
+        the product with the pruned weight, on the sparse rung where one runs)."""
         W = linear.weight.detach().to("cpu", torch.float32).numpy().T  # (K, N): K = in_features
         qw = quantize(W, group_size, symmetric=not zero_point)
-        return cls(qw, None, linear.bias, step=step, device=device or linear.weight.device)
+        if sparse:
+            qw = prune_quantized_2_4(qw)
+        return cls(qw, None, linear.bias, step=step, device=device or linear.weight.device, sparse=sparse)
 
     @classmethod
     def from_gptq(
@@ -333,7 +357,7 @@ class MarlinLinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
-            f"bias={self.bias is not None}, act_order={self.perm is not None}, step={self.step}"
+            f"bias={self.bias is not None}, act_order={self.perm is not None}, sparse={self.sparse}, step={self.step}"
         )
 
 

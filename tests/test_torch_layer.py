@@ -25,6 +25,8 @@ from reference.formats import (  # noqa: E402
     export_gptq,
     group_index,
 )
+from reference.quant import expand_groups  # noqa: E402
+from reference.sparse_marlin import prune_quantized_2_4  # noqa: E402
 from steps.torch_layer import MarlinLinear, int4_matmul, replace_linear_layers, select_step  # noqa: E402
 
 seeds = st.integers(0, 2**32 - 1)
@@ -81,6 +83,28 @@ def test_from_linear_matches_the_reference_within_the_rungs_bound(g, K, N, M, ze
     y = layer(x)
     assert y.shape == (M, N) and y.dtype == torch.float16
     assert excess(y, x, qw, layer.step) <= 1.0
+
+
+@given(st.sampled_from(ref.GROUP_SIZES), st.integers(0, 9), st.booleans(), seeds)
+def test_sparse_layer_computes_the_pruned_product(g, M, zero_point, seed):
+    rng = np.random.default_rng(seed)
+    linear = random_linear(rng, 256, 24, bias=False)
+    layer = MarlinLinear.from_linear(linear, group_size=g, zero_point=zero_point, sparse=True)
+    qw = prune_quantized_2_4(ref.quantize(linear.weight.detach().numpy().T, g, symmetric=not zero_point))
+    zero = expand_groups(qw.zeros_or_default(), qw)
+    assert ((qw.codes != zero).reshape(-1, 4, qw.N).sum(axis=1) <= 2).all()  # the spec really is 2:4
+    x = activations(rng, M, 256)
+    assert layer.sparse and "sparse=True" in repr(layer)
+    assert excess(layer(x), x, qw, layer.step) <= 1.0
+
+
+def test_sparse_needs_a_2_4_weight_and_the_sparse_rung_needs_sparse():
+    qw = ref.random_quantized_weight(np.random.default_rng(9), 256, 16)
+    with pytest.raises(ValueError, match="at most 2 non-zero codes in every 4 consecutive rows"):
+        MarlinLinear(qw, sparse=True)
+    with pytest.raises(ValueError, match="build the layer with sparse=True"):
+        MarlinLinear(qw, step="s7_sparse_marlin")
+    assert MarlinLinear(prune_quantized_2_4(qw), sparse=True).step == "s0_numpy"
 
 
 def test_cpu_picks_the_cpu_rung():

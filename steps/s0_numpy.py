@@ -18,7 +18,7 @@ import numpy as np
 from reference import QuantizedWeight, dequantize
 from reference.packing import pack_int4_along_k, unpack_int4_along_k
 
-from .step import Packed, Step
+from .step import SUPPORTED, Packed, Step, Support
 
 
 def plain_int4_layout(qw: QuantizedWeight) -> dict[str, np.ndarray]:
@@ -27,6 +27,11 @@ def plain_int4_layout(qw: QuantizedWeight) -> dict[str, np.ndarray]:
     if qw.zeros is not None:
         arrays["zeros"] = np.ascontiguousarray(qw.zeros)
     return arrays
+
+
+def plain_layout_support(K: int) -> Support:
+    """The plain layout packs eight codes per int32 along K."""
+    return SUPPORTED if K % 8 == 0 else Support(False, f"K={K} must be divisible by 8 (eight 4-bit codes per int32 word)")
 
 
 def quantized_weight_from_plain(packed: Packed) -> QuantizedWeight:
@@ -42,6 +47,9 @@ class NumpyDequantMatmul(Step):
     device = "cpu"
     error_c = 4.0
     supports_zero_points = True
+
+    def _supports(self, M: int, K: int, N: int, group_size: int) -> Support:
+        return plain_layout_support(K)
 
     def pack_host(self, qw: QuantizedWeight) -> dict[str, np.ndarray]:
         return plain_int4_layout(qw)

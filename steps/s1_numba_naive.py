@@ -22,7 +22,7 @@ from typing import Any
 from reference import QuantizedWeight
 
 from ._arrays import array_kind, caller_stream
-from .s0_numpy import plain_int4_layout
+from .s0_numpy import plain_int4_layout, plain_layout_support
 from .step import SUPPORTED, Packed, Step, Support
 
 THREADS_PER_BLOCK = 128
@@ -83,9 +83,7 @@ class NumbaNaive(Step):
         return SUPPORTED if usable else Support(False, "no CUDA device found")
 
     def _supports(self, M: int, K: int, N: int, group_size: int) -> Support:
-        if K % 8:
-            return Support(False, f"K={K} must be divisible by 8 (eight 4-bit codes per int32 word)")
-        return SUPPORTED
+        return plain_layout_support(K)
 
     def pack_host(self, qw: QuantizedWeight) -> dict:
         return plain_int4_layout(qw)

@@ -111,6 +111,9 @@ class Step:
             raise ValueError(f"{self.name} cannot pack this weight: {ok.reason}")
         if qw.zeros is not None and not self.supports_zero_points:
             raise ValueError(f"{self.name} supports symmetric quantization only (zeros=None); this weight has zero points")
+        available = self.available()
+        if not available:
+            raise RuntimeError(f"{self.name} cannot run on this machine: {available.reason}; pack_host() gives its layout anyway")
         arrays = self.pack_host(qw)
         if not self.host_arrays:
             import cupy

@@ -49,6 +49,8 @@ def measure(launch: Callable[[int], object], variants: int = 1, device: str = "c
 
     `device` is "cuda" (the launches go to torch's current stream) or "cpu".
     """
+    if samples < 2:
+        raise ValueError(f"measure needs at least 2 samples for a median and a spread, got samples={samples}")
     if device == "cpu":
         return _measure_host(launch, variants, samples)
     return _measure_cuda(launch, variants, samples)

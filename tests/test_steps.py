@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import assume, given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import reference as ref
@@ -157,6 +157,28 @@ def test_unsupported_problems_say_why(step):
         step.pack(bad)
 
 
+@pytest.mark.parametrize("step", [p for p in ALL_STEPS if p.values[0].host_arrays])
+def test_what_supports_accepts_runs_and_what_it_refuses_says_why(step):
+    """supports() is the contract: any shape it accepts packs and multiplies within the
+    bound, any it refuses comes with a reason (odd K and N included, for group size -1)."""
+    simulated = _simulated(step)
+
+    @settings(deadline=None, max_examples=10 if simulated else settings().max_examples)
+    @given(st.integers(1, 3), st.integers(1, 48 if simulated else 300), st.integers(1, 16 if simulated else 80),
+           st.sampled_from(ref.GROUP_SIZES), st.integers(0, 2**32 - 1))  # fmt: skip
+    def check(M, K, N, g, seed):
+        verdict = step.supports(M, K, N, g)
+        if not verdict:
+            assert verdict.reason
+            return
+        rng = np.random.default_rng(seed)
+        qw = ref.random_quantized_weight(rng, K, N, g)
+        A = rng.standard_normal((M, K)).astype(np.float16)
+        assert ref.error_excess(run(step, A, qw), A, step.reference_weight(qw), step.error_c) <= 1
+
+    check()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("step", [p for p in ALL_STEPS if not p.values[0].host_arrays])
 def test_torch_tensors_in_torch_tensors_out_on_the_current_stream(step):
@@ -172,3 +194,19 @@ def test_torch_tensors_in_torch_tensors_out_on_the_current_stream(step):
     stream.synchronize()
     assert isinstance(C, torch.Tensor) and C.is_cuda and C.dtype == torch.float16
     assert ref.error_excess(C.cpu().numpy(), A_host, step.reference_weight(qw), step.error_c) <= 1.0
+
+
+@pytest.mark.parametrize("step", [pytest.param(s, id=s.name) for s in steps.STEPS if not s.available()])
+def test_packing_for_a_rung_this_machine_cannot_run_says_why(step):
+    qw = ref.random_quantized_weight(np.random.default_rng(0), 256, 128)
+    with pytest.raises(RuntimeError, match=f"{step.name} cannot run on this machine: .+"):
+        step.pack(qw)
+    assert step.pack_host(qw)  # the layout itself needs no GPU
+
+
+def test_timing_needs_two_samples():
+    from steps.timing import measure
+
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        measure(lambda i: None, device="cpu", samples=1)
+    assert measure(lambda i: None, device="cpu", samples=2).samples == 2

@@ -68,6 +68,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
 from reference import dequantize, error_excess, random_quantized_weight
+from reference.sparse_marlin import prune_quantized_2_4
 
 from .bench import CHECK_COLUMNS, Machine, copies_needed
 from .registry import get
@@ -117,9 +118,10 @@ def block_linears(model: nn.Module) -> list[str]:
 
 
 def build_models(
-    config: LlamaConfig, device: str, group_size: int = 128, rung: str | None = None, seed: int = 0
+    config: LlamaConfig, device: str, group_size: int = 128, rung: str | None = None, seed: int = 0, sparse: bool = False
 ) -> Models:
-    """The dequantized FP16 twin and the MarlinLinear model, random weights, on `device`."""
+    """The dequantized FP16 twin and the MarlinLinear model, random weights, on `device`;
+    with `sparse`, the weights are pruned 2:4 (in both models) and the layers are sparse."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     with torch.device(device):
@@ -134,8 +136,10 @@ def build_models(
             pool[position] = []
             for _ in range(WEIGHT_POOL):
                 qw = random_quantized_weight(rng, linear.in_features, linear.out_features, group_size)
+                if sparse:
+                    qw = prune_quantized_2_4(qw)
                 w_deq = torch.from_numpy(np.ascontiguousarray(dequantize(qw).T)).to(device)  # (N, K) like nn.Linear
-                pool[position].append((MarlinLinear(qw, step=rung, device=device), w_deq))
+                pool[position].append((MarlinLinear(qw, step=rung, device=device, sparse=sparse), w_deq))
         layer_index = int(name.split(".layers.", 1)[1].split(".", 1)[0])
         marlin, w_deq = pool[position][layer_index % WEIGHT_POOL]
         linear.weight.copy_(w_deq)
@@ -334,6 +338,7 @@ class Row:
     new_tokens: int
     max_cache_len: int
     group_size: int
+    sparse: bool  # weights pruned 2:4 (in the FP16 twin too)
     model: str  # "fp16" or the rung(s) of the MarlinLinear layers
     step_us: float
     q1_us: float
@@ -361,6 +366,7 @@ def run(
     group_size: int = 128,
     rung: str | None = None,
     seed: int = 0,
+    sparse: bool = False,
 ) -> tuple[Check, list[Row]]:
     """Build both models, check them, and time decoding at each batch size (no rows if the check fails)."""
     if machine.device == "cpu" and dims != "tiny":
@@ -368,7 +374,7 @@ def run(
     if new_tokens < 1 or prompt_len < 1 or min(batches) < 1:
         raise ValueError("--tokens, --prompt-len and every --batch must be at least 1")
     config = llama_config(dims, layers)
-    models = build_models(config, machine.device, group_size, rung, seed)
+    models = build_models(config, machine.device, group_size, rung, seed, sparse)
     check = check_logits(models, prompt_len, seed)
     if not check.passed:
         return check, []
@@ -391,7 +397,7 @@ def run(
             t, tokens = timed[label]
             lin = linear_us(model, models.replaced, batch, machine.device)
             rows.append(Row(
-                "e2e", dims, config.num_hidden_layers, batch, prompt_len, new_tokens, max_len, group_size, label,
+                "e2e", dims, config.num_hidden_layers, batch, prompt_len, new_tokens, max_len, group_size, sparse, label,
                 t.median_us, t.q1_us, t.q3_us, t.method, batch / (t.median_us * 1e-6),
                 base_t.median_us / t.median_us, lin, attn, t.median_us - lin - attn,
                 float((tokens == base_tokens).float().mean()), check.max_gemm_error_ratio, check.logits_rel_err,

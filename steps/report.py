@@ -214,7 +214,7 @@ def write_e2e(e2e_dir: Path) -> None:
         return
     runs: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
-        runs[(r["gpu"], r["dims"], r["layers"], r["group_size"], r["date"][:10])].append(r)
+        runs[(r["gpu"], r["dims"], r["layers"], r["group_size"], r.get("sparse", False), r["date"][:10])].append(r)
     parts = [
         "# End-to-end decoding",
         "",
@@ -224,8 +224,9 @@ def write_e2e(e2e_dir: Path) -> None:
         "",
         "![decode speedup over FP16 by batch size](e2e.png)",
     ]
-    for (gpu, dims, layers, g, date), rs in sorted(runs.items()):
-        parts += ["", f"**{gpu}**, Llama-2 {dims} dimensions, {layers} layers, group size {g}, measured {date}", ""]
+    for (gpu, dims, layers, g, sparse, date), rs in sorted(runs.items()):
+        weights = ", 2:4-sparse weights" if sparse else ""
+        parts += ["", f"**{gpu}**, Llama-2 {dims} dimensions, {layers} layers, group size {g}{weights}, measured {date}", ""]
         parts.append("| " + " | ".join(E2E_COLUMNS) + " |")
         parts.append("|---|---|" + "---:|" * (len(E2E_COLUMNS) - 2))
         for r in sorted(rs, key=lambda r: (r["batch"], r["model"] != "fp16", r["model"])):
@@ -240,8 +241,8 @@ def write_e2e(e2e_dir: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    curves = {f"Llama-2 {dims}, {layers} layers": [(r["batch"], r["speedup_vs_fp16"]) for r in rs if r["model"] != "fp16"]
-              for (gpu, dims, layers, g, date), rs in sorted(runs.items())}  # fmt: skip
+    curves = {f"Llama-2 {dims}, {layers} layers{', 2:4' if sparse else ''}": [(r["batch"], r["speedup_vs_fp16"]) for r in rs if r["model"] != "fp16"]
+              for (gpu, dims, layers, g, sparse, date), rs in sorted(runs.items())}  # fmt: skip
     ax.axhline(1.0, color="grey", lw=0.8)
     _speedup_axes(ax, curves, "batch size", "decode tokens/s over FP16",
                   f"{rows[0]['gpu']}: MarlinLinear in every block linear layer")  # fmt: skip

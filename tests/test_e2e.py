@@ -95,3 +95,19 @@ def test_cli_prints_a_table_and_writes_json(tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert {(r["batch"], r["model"]) for r in rows} == {(b, m) for b in (1, 2) for m in ("fp16", "s0_numpy")}
     assert all(r["kind"] == "e2e" and r["tokens_per_s"] > 0 and {"date", "gpu", "versions"} <= r.keys() for r in rows)
+
+
+def test_sparse_models_prune_both_twins_and_pass_the_check(tmp_path):
+    sparse = e2e.build_models(e2e.llama_config("tiny", 1), "cpu", sparse=True)
+    for name in sparse.replaced:
+        layer = sparse.quant.get_submodule(name)
+        assert isinstance(layer, MarlinLinear) and layer.sparse
+        w = sparse.twin.get_submodule(name).weight  # (N, K): 2:4 along K
+        assert ((w.reshape(w.shape[0], -1, 4) != 0).sum(-1) <= 2).all()
+    assert e2e.check_logits(sparse, PROMPT).passed
+    out = tmp_path / "sparse.jsonl"
+    args = ["e2e", "--dims", "tiny", "--layers", "1", "--batch", "1", "--tokens", "2", "--prompt-len", "4", "--sparse",
+            "--json", str(out)]  # fmt: skip
+    result = subprocess.run([sys.executable, "-m", "steps", *args], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert all(json.loads(line)["sparse"] for line in out.read_text().splitlines())

@@ -1,4 +1,5 @@
-// marlin_core.cuh: the building blocks of the MARLIN rungs (s4, s5, s6).
+// marlin_core.cuh: the building blocks of the MARLIN rungs (s4, s5, s6; s7 reuses the
+// output-side pieces: the k-warp reduction, the striped schedule and the global reduction).
 //
 // The three rungs share one weight layout (reference/marlin_layout.py) and therefore one
 // way of turning a lane's 128-bit word into tensor-core operands. This header holds
@@ -455,8 +456,10 @@ __device__ __forceinline__ int partial_slot(int block, int iters, int slice_t0) 
 // stores its fp32 partial sums in its slot and counts itself in the slice's counter; the
 // one that arrives last adds all partials in ascending block order (a fixed order, so
 // results are bit-identical run to run), resets the counter (the workspace stays zeroed
-// for the next launch) and writes the output. Only one hop of global-memory latency is
-// on the critical path however many blocks share the slice, and no block ever spins.
+// for the next launch) and writes the output. No block ever spins, and the blocks'
+// stores, fences and counts overlap; what stays serial is the last block's read of every
+// contributor's partials (up to MAX_SLICE_BLOCKS of them, by its k_warp 0 warps only),
+// which grows with the tile: 8 KB per partial for 16 x 128, 64 KB for 64 x 256.
 // Returns whether this block writes the slice; then the k_warp 0 warps hold the sum.
 // A partial is stored [strip][m][value][lane]: 128-byte coalesced rows per warp.
 template <int kMBlocks, int kStrips>

@@ -90,6 +90,11 @@ class Marlin(PipelinedStep):
     def schedule(self, M: int, K: int, N: int, group_size: int, device: int):
         """(config, iters, blocks) of each launch's slab group, from the CPU model."""
         cfg = self.config(M, K, N, group_size, device)
+        if 16 * cfg.m_blocks * cfg.tile_n > MAX_PARTIAL_FLOATS:  # neighbouring slots would overlap
+            raise ValueError(
+                f"{self.name}: a {16 * cfg.m_blocks} x {cfg.tile_n} tile's partial sums exceed the workspace slot "
+                f"of {MAX_PARTIAL_FLOATS} floats; use TILE_N <= {MAX_PARTIAL_FLOATS // (16 * cfg.m_blocks)}"
+            )
         slabs = -(-M // (16 * cfg.m_blocks))
         k_tiles, n_tiles = K // cfg.tile_k, N // cfg.tile_n
         sms = self.sms or sm_count(device)

@@ -158,7 +158,6 @@ def test_striped_schedule_slots_never_collide(problem):
         shared = [s.slot for s in segments if s.contributors > 1]
         assert len(shared) == len(set(shared)) <= 2
         for i, s in enumerate(segments):
-            assert s.slot == (0 if i == 0 else 1)
             if 0 < i < len(segments) - 1:
                 assert s.contributors == 1 and s.rows == problem[1]
 

@@ -81,3 +81,15 @@ def test_show_source_selects_whole_functions_and_kernels():
     assert lines[0].startswith("//") and lines[-1] == "}"  # with its comment, to its closing brace
     assert "not in this checkout yet" in show_source("csrc/no_such_rung.cu", "kernel").text
     assert "not in this checkout yet" in show_source("steps/s0_numpy.py", "def no_such_function").text
+
+
+def test_keep_outputs_keeps_them_only_where_the_code_is_unchanged():
+    build = _build_module()
+    old = build.build("x", [("markdown", "# a"), ("code", "x = 1  # one"), ("code", "print(x)")])
+    for cell, text in zip([c for c in old.cells if c.cell_type == "code"], ("", "1\n")):
+        cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text=text or "x")]
+    fresh = build.build("x", [("markdown", "# b"), ("code", "x = 1  # the number one"), ("code", "print(x + 1)")])
+    build.keep_outputs(fresh, old)
+    kept = [c.outputs for c in fresh.cells if c.cell_type == "code"]
+    assert kept[0] and kept[0][0]["text"] == "x"  # only a comment changed
+    assert kept[1] == []  # the code changed: its old output would be stale

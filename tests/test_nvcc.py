@@ -97,3 +97,14 @@ def test_every_shipped_variant_compiles_for_sm90_without_warnings_or_spills(tmp_
     with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 2) as pool:
         failures = [f for f in pool.map(compile_variant, range(len(variants))) if f]
     assert not failures, "\n\n".join(failures)
+
+
+def test_every_shipped_s6_s7_tile_fits_the_partial_sum_slot():
+    """The global reduction gives each block MAX_PARTIAL_FLOATS floats per slot; a tile
+    whose partial sums were larger would overlap its neighbour's slot."""
+    from steps.s6_marlin import MAX_PARTIAL_FLOATS
+
+    for source, defines in shipped_variants():
+        d = dict(defines)
+        if source in ("s6_marlin", "s7_sparse_marlin"):
+            assert 16 * d["M_BLOCKS"] * d["TILE_N"] <= MAX_PARTIAL_FLOATS, (source, d)

@@ -336,6 +336,18 @@ def test_cuda_layer_matches_the_reference(M):
 
 
 @pytest.mark.gpu
+def test_cuda_sparse_layer_runs_on_the_sparse_rung():
+    rng = np.random.default_rng(13)
+    linear = random_linear(rng, 1024, 512).cuda()
+    layer = MarlinLinear.from_linear(linear, sparse=True)
+    assert layer.step == "s7_sparse_marlin"
+    layer.bias = None
+    qw = prune_quantized_2_4(ref.quantize(linear.weight.detach().cpu().numpy().T, 128))
+    x = activations(rng, 16, 1024, "cuda")
+    assert excess(layer(x), x, qw, layer.step) <= 1.0
+
+
+@pytest.mark.gpu
 def test_cuda_compile_fullgraph_matches_eager():
     rng = np.random.default_rng(13)
     layer, qw, _ = cuda_layer(rng)

@@ -11,6 +11,7 @@ Shared helpers live in `steps.notebook_support`, imported as `nb`.
 
 from __future__ import annotations
 
+import difflib
 import io
 import sys
 import tokenize
@@ -769,8 +770,7 @@ memory-bound kernel the compute does not matter; the bytes do: half the codes, p
 of metadata per kept code. Pruning a model to 2:4 costs accuracy that has to be recovered by
 fine-tuning, which is why this is a separate rung.
 
-If this checkout does not have the rung yet, the notebook shows what exists: the 2:4
-pruning and compression of the reference, which the rung will be tested against."""),
+First the 2:4 pruning and compression of the reference, on a small matrix:"""),
         code("""\
 rng = np.random.default_rng(0)
 W = rng.standard_normal((16, 8)).astype(np.float16)
@@ -789,10 +789,31 @@ for ax in axes[:2]:
 plt.show()"""),
         md("""
 The metadata is what the hardware reads to route the kept values to the right rows of A:
-two 2-bit indices per group of 4, increasing, i.e. 4 bits per 4 rows per column. (How the
-kernel reorders them for `mma.sp` is part of the rung; `reference/marlin_layout.py` will
-model it when the rung lands.)
+two 2-bit indices per group of 4, increasing, i.e. 4 bits per 4 rows per column.
 
+## The metadata, lane by lane
+
+`mma.sp` takes the *sparse* operand as its left factor, so the kernel multiplies W^T by
+A^T and each 16-column tile of W is one sparse A operand. Its metadata must sit in the
+registers the instruction reads: per k32 step and 64-column strip, every lane holds two
+32-bit words, and lane 4g + 2s + h serves K half h of tile rows g and g + 8 through
+selector s. `reference/sparse_marlin.py` packs them that way (`pack_sparse_metadata`, with
+its exact inverse tested); here is which lane holds the 4-bit metadata of each group of 4
+rows (down) of each column (across) in one k32 step:"""),
+        code("""\
+from reference import sparse_marlin as sm
+
+owner = np.full((8, 64), -1)
+lanes = np.broadcast_to(np.arange(32)[:, None, None, None], sm.META_TILE_OF.shape)
+owner[sm.META_GROUP_OF, 16 * sm.META_TILE_OF + sm.META_ROW_OF] = lanes
+assert (owner >= 0).all() and np.bincount(owner.ravel()).tolist() == [16] * 32  # each nibble once, 16 per lane
+fig, ax = plt.subplots(figsize=(13, 2.6))
+nb.draw_grid(ax, owner % 4, "lane holding each column's metadata nibble for each group of 4 rows "
+             "(colour: lane % 4 = 2 x selector + K half)", labels=owner, cmap="Pastel1")
+for x in (15.5, 31.5, 47.5):
+    ax.axvline(x, color="black", lw=1)
+plt.show()"""),
+        md("""
 ## Floor
 
 Half the codes, the same scales, and the metadata:"""),
@@ -975,10 +996,12 @@ def keep_outputs(fresh: nbformat.NotebookNode, old: nbformat.NotebookNode) -> No
     fresh.metadata = old.metadata
     old_code = [c for c in old.cells if c.cell_type == "code"]
     new_code = [c for c in fresh.cells if c.cell_type == "code"]
-    if len(old_code) != len(new_code):
-        return
-    for new, previous in zip(new_code, old_code):
-        if _code_only(new.source) == _code_only(previous.source):
+    matcher = difflib.SequenceMatcher(
+        a=[tuple(_code_only(c.source)) for c in old_code], b=[tuple(_code_only(c.source)) for c in new_code], autojunk=False
+    )
+    for block in matcher.get_matching_blocks():
+        for k in range(block.size):
+            previous, new = old_code[block.a + k], new_code[block.b + k]
             new.outputs, new.execution_count = previous.outputs, previous.execution_count
 
 

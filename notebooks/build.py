@@ -579,7 +579,7 @@ from steps.s5_async_pipeline import TileConfig, tile_shapes_for
 s5 = nb.rung("s5_async_pipeline")
 for M in (1, 16, 64):
     plan = s5.tile_plan(M)
-    tk, tn = tile_shapes_for(M, 4096, 4096, plan)
+    tk, tn = tile_shapes_for(4096, 4096, plan)
     stage = TileConfig(m_blocks_for(M), tn, tk, 1, 128).stage_bytes
     stages = min(plan.max_stages, plan.smem_budget // stage)
     print(f"M={M:3d}: tiles {tk}x{tn}, {stage / 1024:.1f} KB per stage, {stages} stages "

@@ -88,7 +88,7 @@ SMALL_BATCH_PLAN = TilePlan(((256, 128), (128, 128), (64, 256)), 200 * 1024, 4)
 LARGE_BATCH_PLAN = TilePlan(((128, 128), (64, 256)), 96 * 1024, 8)
 
 
-def tile_shapes_for(M: int, K: int, N: int, plan: TilePlan) -> tuple[int, int] | None:
+def tile_shapes_for(K: int, N: int, plan: TilePlan) -> tuple[int, int] | None:
     """The plan's first (TILE_K, TILE_N) that divides K and N, or None."""
     return next(((tk, tn) for tk, tn in plan.tiles if K % tk == 0 and N % tn == 0), None)
 
@@ -115,11 +115,10 @@ class PipelinedStep(CudaStep):
         return SMALL_BATCH_PLAN if M <= 32 else LARGE_BATCH_PLAN
 
     def _supports(self, M: int, K: int, N: int, group_size: int) -> Support:
-        if tile_shapes_for(M, K, N, self.tile_plan(M)) is None:
-            return Support(
-                False,
-                f"{self.name} needs K divisible by 128 and N by 128, or K by 64 and N by 256 (its tile shapes), got K={K}, N={N}",
-            )
+        plan = self.tile_plan(M)
+        if tile_shapes_for(K, N, plan) is None:
+            shapes = ", ".join(f"K by {tk} and N by {tn}" for tk, tn in plan.tiles)
+            return Support(False, f"{self.name} needs K and N divisible by one of its tile shapes ({shapes}), got K={K}, N={N}")
         return SUPPORTED
 
     def pack_host(self, qw: QuantizedWeight) -> dict[str, Any]:
@@ -127,7 +126,7 @@ class PipelinedStep(CudaStep):
 
     def config(self, M: int, K: int, N: int, group_size: int, device: int) -> TileConfig:
         plan = self.tile_plan(M)
-        tk, tn = tile_shapes_for(M, K, N, plan)
+        tk, tn = tile_shapes_for(K, N, plan)
         if self.tile_override and K % self.tile_override[0] == 0 and N % self.tile_override[1] == 0:
             tk, tn = self.tile_override
         probe = TileConfig(m_blocks_for(M), tn, tk, 1, group_rows(group_size), self.evict_first)

@@ -31,12 +31,15 @@ from reference import QuantizedWeight
 from reference.sparse_marlin import pack_sparse_marlin, prune_quantized_2_4
 
 from .s4_marlin_layout import group_rows, i32, m_blocks_for
-from .s5_async_pipeline import THREADS, TileConfig, max_dynamic_smem
+from .s5_async_pipeline import THREADS, TileConfig, TilePlan, max_dynamic_smem, tile_shapes_for
 from .s6_marlin import MAX_SLABS, Marlin
-from .step import SUPPORTED, Packed, Support
+from .step import Packed
 
 SMALL_BATCH_TILE = (256, 128)  # (TILE_K, TILE_N): more column slices, finer balance across SMs
 LARGE_BATCH_TILE = (128, 256)  # each A fragment feeds more weight tiles
+# Up to 16 rows the small tile first, above it the large one; stages fill 160 KB, up to 8.
+SPARSE_SMALL_BATCH_PLAN = TilePlan((SMALL_BATCH_TILE, LARGE_BATCH_TILE), 160 * 1024, 8)
+SPARSE_LARGE_BATCH_PLAN = TilePlan((LARGE_BATCH_TILE, SMALL_BATCH_TILE), 160 * 1024, 8)
 # With 256 x 128 tiles, 4 m-blocks of accumulators no longer fit in registers next to the
 # pipeline state (ptxas spills), so batches above 48 rows use 48-row slabs there.
 SMALL_TILE_MAX_M_BLOCKS = 3
@@ -56,14 +59,6 @@ class SparseTileConfig(TileConfig):
         return 16 * (a + codes + meta + s_rows * self.tile_n // 8)
 
 
-def sparse_tile_shapes_for(M: int, K: int, N: int) -> tuple[int, int] | None:
-    order = (SMALL_BATCH_TILE, LARGE_BATCH_TILE) if M <= 16 else (LARGE_BATCH_TILE, SMALL_BATCH_TILE)
-    for tk, tn in order:
-        if K % tk == 0 and N % tn == 0:
-            return tk, tn
-    return None
-
-
 class SparseMarlin(Marlin):
     name = "s7_sparse_marlin"
     title = "Sparse-MARLIN: 2:4-pruned weights on sparse tensor cores (mma.sp)"
@@ -72,16 +67,9 @@ class SparseMarlin(Marlin):
         "multiply with mma.sp on the transposed product: 3/4 of the bytes and half the tensor-core work."
     )
     error_c = 10.0
-    smem_budget = 160 * 1024  # pipeline stages per block; capped by the device's opt-in maximum
 
-    def _supports(self, M: int, K: int, N: int, group_size: int) -> Support:
-        if sparse_tile_shapes_for(1, K, N) is None and sparse_tile_shapes_for(64, K, N) is None:
-            return Support(
-                False,
-                f"{self.name} needs K divisible by 256 and N by 128, or K by 128 and N by 256 (its tile shapes), "
-                f"got K={K}, N={N}",
-            )
-        return SUPPORTED
+    def tile_plan(self, M: int) -> TilePlan:
+        return SPARSE_SMALL_BATCH_PLAN if M <= 16 else SPARSE_LARGE_BATCH_PLAN
 
     def reference_weight(self, qw: QuantizedWeight) -> QuantizedWeight:
         return prune_quantized_2_4(qw)
@@ -90,13 +78,14 @@ class SparseMarlin(Marlin):
         return pack_sparse_marlin(qw)
 
     def config(self, M: int, K: int, N: int, group_size: int, device: int) -> SparseTileConfig:
-        tk, tn = sparse_tile_shapes_for(M, K, N)
+        plan = self.tile_plan(M)
+        tk, tn = tile_shapes_for(K, N, plan)
         m_blocks = m_blocks_for(M)
         if (tk, tn) == SMALL_BATCH_TILE:
             m_blocks = min(m_blocks, SMALL_TILE_MAX_M_BLOCKS)
         probe = SparseTileConfig(m_blocks, tn, tk, 1, group_rows(group_size), self.evict_first)
-        budget = min(self.smem_budget, max_dynamic_smem(device))
-        stages = max(3, min(self.max_stages or 8, budget // probe.stage_bytes))
+        budget = min(self.smem_budget or plan.smem_budget, max_dynamic_smem(device))
+        stages = max(3, min(self.max_stages or plan.max_stages, budget // probe.stage_bytes))
         return SparseTileConfig(probe.m_blocks, tn, tk, stages, probe.group_rows, self.evict_first)
 
     def _launch(self, A: Any, packed: Packed, out: Any) -> None:

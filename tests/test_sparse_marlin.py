@@ -232,13 +232,15 @@ def test_step_multiplies_by_the_pruned_weight_and_packs_the_model_layout():
 
 
 def test_llama_and_ideal_shapes_are_supported_with_both_tiles():
-    from steps.s7_sparse_marlin import sparse_tile_shapes_for
+    from steps.registry import get
+    from steps.s5_async_pipeline import tile_shapes_for
 
+    s7 = get("s7_sparse_marlin")
     shapes = [(4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096), (8192, 10240), (8192, 8192),
               (8192, 57344), (28672, 8192), (33792, 16896)]  # fmt: skip
     for K, N in shapes:
-        assert sparse_tile_shapes_for(1, K, N) == (256, 128)
-        assert sparse_tile_shapes_for(64, K, N) == (128, 256)
+        assert tile_shapes_for(K, N, s7.tile_plan(1)) == (256, 128)
+        assert tile_shapes_for(K, N, s7.tile_plan(64)) == (128, 256)
 
 
 @pytest.mark.gpu

@@ -371,29 +371,17 @@ extern "C" __global__ void __launch_bounds__(Pipe::THREADS, 1)
                      int* __restrict__ counters, float* __restrict__ partials, int iters) {
   extern __shared__ int4 smem[];
   constexpr int SLAB_ROWS = 16 * M_BLOCKS;
-  const int k_tiles = K / TILE_K, n_tiles = N / TILE_N;
-  const int slabs = (M + SLAB_ROWS - 1) / SLAB_ROWS;
-  const int total = slabs * n_tiles * k_tiles;
-
   Pipe pipe;
   pipe.init(smem, K, N);
   marlin::FragC acc[M_BLOCKS][4][2];
-
-  int t = blockIdx.x * iters;
-  const int end = min(t + iters, total);
-  while (t < end) {
-    const marlin::StripeSegment seg = marlin::stripe_segment(t, end, k_tiles, n_tiles, iters);
-    const int rows_valid = min(SLAB_ROWS, M - seg.slab * SLAB_ROWS);
-
-    pipe.begin_column(A + size_t(seg.slab) * SLAB_ROWS * (K / 8), W, Meta, S, rows_valid, seg.col, seg.row0, seg.rows);
-    pipe.run(acc);
-    pipe.reduce_across_k_warps(acc);
-
-    const bool writes = marlin::add_partial_sums<M_BLOCKS, Pipe::N_STRIPS>(
-        acc, partials, &counters[seg.slice], seg, iters, k_tiles, pipe.strip, pipe.k_warp);
-    if (writes && pipe.k_warp == 0)
-      sparse::fold_into_output<M_BLOCKS>(acc, C + size_t(seg.slab) * SLAB_ROWS * N, N, rows_valid,
-                                         seg.col * TILE_N + 64 * pipe.strip);
-    t += seg.rows;
-  }
+  marlin::run_stripes<M_BLOCKS>(
+      pipe, acc, M, K / TILE_K, N / TILE_N, counters, partials, iters,
+      [&](const marlin::StripeSegment& seg, int rows_valid) {
+        pipe.begin_column(A + size_t(seg.slab) * SLAB_ROWS * (K / 8), W, Meta, S, rows_valid, seg.col, seg.row0,
+                          seg.rows);
+      },
+      [&](const marlin::StripeSegment& seg, int rows_valid) {
+        sparse::fold_into_output<M_BLOCKS>(acc, C + size_t(seg.slab) * SLAB_ROWS * N, N, rows_valid,
+                                           seg.col * TILE_N + 64 * pipe.strip);
+      });
 }

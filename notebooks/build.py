@@ -720,7 +720,7 @@ plt.figure(figsize=(7, 3))
 plt.bar(x - 0.2, plain, 0.4, label="s5: one block per column slice")
 plt.bar(x + 0.2, striped, 0.4, label="s6: striped")
 plt.xticks(x, names); plt.ylabel("busy share of SM-time"); plt.ylim(0, 1.2); plt.legend(fontsize=8, ncol=2); plt.show()"""),
-        code('nb.show_source("csrc/s6_marlin.cu", "int t = blockIdx.x * iters;", "t += seg.rows;")'),
+        code('nb.show_source("csrc/marlin_core.cuh", "__device__ __forceinline__ void run_stripes")'),
         code('nb.show_source("csrc/marlin_core.cuh", "__device__ __forceinline__ bool add_partial_sums")'),
         md("""
 ## Prediction

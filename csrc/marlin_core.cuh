@@ -225,6 +225,50 @@ __device__ __forceinline__ void reduce_k_warp_partials(FragC (&acc)[kMBlocks][4]
   }
 }
 
+// The A operand's share of a pipeline stage, for the dense (s5, s6) and sparse (s7)
+// pipelines alike: 16 * kMBlocks rows of kTileK fp16, copied by the block's threads 16
+// bytes each into the swizzled layout ldmatrix reads, rows past the batch zero-filled.
+template <int kMBlocks, int kTileK, int kThreads>
+struct ATileCopy {
+  static constexpr int ROW_CHUNKS = kTileK / 8;
+  static constexpr int CHUNKS = 16 * kMBlocks * ROW_CHUNKS;
+  static constexpr int COPIES = (CHUNKS + kThreads - 1) / kThreads;
+
+  const int4* next;  // this thread's first chunk of the next tile (clamped row)
+  int stride;        // 16-byte units per row of A
+  bool valid[COPIES];
+  int smem_chunk[COPIES];
+
+  __device__ __forceinline__ void init(int K) { stride = K / 8; }
+
+  // Point at the slab starting at A (rows_valid real rows), k-tile k_tile0.
+  __device__ __forceinline__ void begin(const int4* A, int rows_valid, int k_tile0) {
+    const int t = threadIdx.x;
+#pragma unroll
+    for (int i = 0; i < COPIES; ++i) {
+      const int chunk = t + kThreads * i;
+      const int row = chunk / ROW_CHUNKS;
+      valid[i] = chunk < CHUNKS && row < rows_valid;
+      smem_chunk[i] = a_swizzle<ROW_CHUNKS>(row, chunk % ROW_CHUNKS);
+    }
+    const int row = t / ROW_CHUNKS;
+    next = A + size_t(row < rows_valid ? row : 0) * stride + size_t(k_tile0) * ROW_CHUNKS + t % ROW_CHUNKS;
+  }
+
+  // Issue this thread's copies of the next tile into `stage`.
+  __device__ __forceinline__ void copy(int4* stage) const {
+    const int t = threadIdx.x;
+#pragma unroll
+    for (int i = 0; i < COPIES; ++i) {
+      constexpr int ROWS_PER_COPY = kThreads / ROW_CHUNKS;
+      if (kThreads * i + t < CHUNKS)
+        cp_async16_zfill(&stage[smem_chunk[i]], next + (valid[i] ? size_t(ROWS_PER_COPY) * i * stride : 0), valid[i]);
+    }
+  }
+
+  __device__ __forceinline__ void advance() { next += ROW_CHUNKS; }
+};
+
 // ---------------------------------------------------------------------------------
 // The multi-stage pipeline of s5 and s6 over one column of weight tiles.
 //
@@ -253,9 +297,9 @@ struct Pipeline {
   static_assert(kGroupRows == 0 || kGroupRows >= kTileK ? kGroupRows % kTileK == 0 : kTileK % kGroupRows == 0,
                 "a group must hold whole tiles or a tile whole groups");
 
-  static constexpr int A_ROW_CHUNKS = kTileK / 8;
-  static constexpr int A_CHUNKS = 16 * kMBlocks * A_ROW_CHUNKS;
-  static constexpr int A_COPIES = (A_CHUNKS + THREADS - 1) / THREADS;
+  using ATile = ATileCopy<kMBlocks, kTileK, THREADS>;
+  static constexpr int A_ROW_CHUNKS = ATile::ROW_CHUNKS;
+  static constexpr int A_CHUNKS = ATile::CHUNKS;
   static constexpr int B_CHUNKS = K16_STEPS * kTileN / 2;  // 16 rows x kTileN codes / 32 per chunk
   static constexpr int B_COPIES = B_CHUNKS / THREADS;      // == SUBSTEPS
   // kGroupRows == 0 means one scale per column (group size -1): every tile uses row 0.
@@ -272,15 +316,13 @@ struct Pipeline {
   int4* smem;
   int warp, lane, k_warp, strip;
   // Per column: where the next tile to fetch starts, and how many remain to be fetched.
-  const int4* a_next;  // this thread's first A chunk of the next tile (clamped row)
+  ATile a_tile;
   const int4* b_next;  // this thread's first weight chunk of the next tile
   const int4* s_base;  // this thread's scale chunk in group row 0 of the column
-  int a_stride, b_stride, s_stride;  // 16-byte units per row of A, per k16 row of W, per group row
+  int b_stride, s_stride;  // 16-byte units per k16 row of W, per group row
   int next_tile;     // k-tile index (from the start of the column) of the next fetch
   int first_k_tile;  // absolute k-tile of the column's first tile, for the scale rows
   int tiles;         // tiles in this column
-  bool a_valid[A_COPIES];
-  int a_smem[A_COPIES];
   unsigned long long policy;
 
   __device__ __forceinline__ void init(int4* smem_, int K, int N) {
@@ -289,7 +331,7 @@ struct Pipeline {
     lane = threadIdx.x % 32;
     k_warp = warp / N_STRIPS;
     strip = warp % N_STRIPS;
-    a_stride = K / 8;
+    a_tile.init(K);
     b_stride = N / 2;
     s_stride = N / 8;
     policy = kEvictFirst ? make_evict_first_policy() : 0ull;
@@ -300,15 +342,7 @@ struct Pipeline {
   __device__ __forceinline__ void begin_column(const int4* A, const int4* B, const int4* S, int rows_valid,
                                                int col, int k_tile0, int tiles_) {
     const int t = threadIdx.x;
-#pragma unroll
-    for (int i = 0; i < A_COPIES; ++i) {
-      const int chunk = t + THREADS * i;
-      const int row = chunk / A_ROW_CHUNKS;
-      a_valid[i] = chunk < A_CHUNKS && row < rows_valid;
-      a_smem[i] = a_swizzle<A_ROW_CHUNKS>(row, chunk % A_ROW_CHUNKS);
-    }
-    const int row = t / A_ROW_CHUNKS;
-    a_next = A + size_t(row < rows_valid ? row : 0) * a_stride + size_t(k_tile0) * A_ROW_CHUNKS + t % A_ROW_CHUNKS;
+    a_tile.begin(A, rows_valid, k_tile0);
     // Weight chunk t of a stage is k16 row t / (kTileN/2), chunk t % (kTileN/2) of the
     // tile's row; copy i adds 256 / (kTileN/2) k16 rows.
     b_next = B + size_t(k_tile0) * K16_STEPS * b_stride + size_t(t / (kTileN / 2)) * b_stride +
@@ -329,14 +363,7 @@ struct Pipeline {
   __device__ __forceinline__ void fetch(int slot) {
     if (next_tile < tiles) {
       const int t = threadIdx.x;
-      int4* a = stage_a(slot);
-#pragma unroll
-      for (int i = 0; i < A_COPIES; ++i) {
-        constexpr int ROWS_PER_COPY = THREADS / A_ROW_CHUNKS;
-        if (THREADS * i + t < A_CHUNKS)
-          cp_async16_zfill(&a[a_smem[i]], a_next + (a_valid[i] ? size_t(ROWS_PER_COPY) * i * a_stride : 0),
-                           a_valid[i]);
-      }
+      a_tile.copy(stage_a(slot));
       int4* b = stage_b(slot);
 #pragma unroll
       for (int i = 0; i < B_COPIES; ++i) {
@@ -352,7 +379,7 @@ struct Pipeline {
         const int group_row = kGroupRows == 0 ? 0 : ((first_k_tile + next_tile) * kTileK) / kGroupRows;
         cp_async16(&stage_s(slot)[t], s_base + size_t(group_row) * s_stride);
       }
-      a_next += A_ROW_CHUNKS;
+      a_tile.advance();
       b_next += size_t(K16_STEPS) * b_stride;
       ++next_tile;
     }

@@ -162,9 +162,9 @@ struct Pipeline {
   static_assert(kGroupRows == 0 || kGroupRows >= kTileK ? kGroupRows % kTileK == 0 : kTileK % kGroupRows == 0,
                 "a group must hold whole tiles or a tile whole groups");
 
-  static constexpr int A_ROW_CHUNKS = kTileK / 8;
-  static constexpr int A_CHUNKS = 16 * kMBlocks * A_ROW_CHUNKS;
-  static constexpr int A_COPIES = (A_CHUNKS + THREADS - 1) / THREADS;
+  using ATile = marlin::ATileCopy<kMBlocks, kTileK, THREADS>;
+  static constexpr int A_ROW_CHUNKS = ATile::ROW_CHUNKS;
+  static constexpr int A_CHUNKS = ATile::CHUNKS;
   // Per k32 step: kTileN / 2 chunks of kept codes (32 per strip, one per lane) and
   // kTileN / 4 of metadata (16 per strip, 8 bytes per lane).
   static constexpr int W_ROW_CHUNKS = kTileN / 2;
@@ -184,14 +184,12 @@ struct Pipeline {
 
   int4* smem;
   int warp, lane, k_warp, strip;
-  const int4* a_next;  // this thread's first A chunk of the next tile (clamped row)
+  ATile a_tile;
   const int4* w_next;  // this thread's first chunk of kept codes of the next tile
   const int4* m_next;  // this thread's first metadata chunk of the next tile
   const int4* s_base;  // this thread's scale chunk in group row 0 of the column
-  int a_stride, w_stride, m_stride, s_stride;  // 16-byte units per row of A, per k32 row of codes / metadata, per group row
+  int w_stride, m_stride, s_stride;  // 16-byte units per k32 row of codes / metadata, per group row
   int next_tile, first_k_tile, tiles;
-  bool a_valid[A_COPIES];
-  int a_smem[A_COPIES];
   unsigned long long policy;
 
   __device__ __forceinline__ void init(int4* smem_, int K, int N) {
@@ -200,7 +198,7 @@ struct Pipeline {
     lane = threadIdx.x % 32;
     k_warp = warp / N_STRIPS;
     strip = warp % N_STRIPS;
-    a_stride = K / 8;
+    a_tile.init(K);
     w_stride = N / 2;
     m_stride = N / 4;
     s_stride = N / 8;
@@ -210,15 +208,7 @@ struct Pipeline {
   __device__ __forceinline__ void begin_column(const int4* A, const int4* W, const int4* Meta, const int4* S,
                                                int rows_valid, int col, int k_tile0, int tiles_) {
     const int t = threadIdx.x;
-#pragma unroll
-    for (int i = 0; i < A_COPIES; ++i) {
-      const int chunk = t + THREADS * i;
-      const int row = chunk / A_ROW_CHUNKS;
-      a_valid[i] = chunk < A_CHUNKS && row < rows_valid;
-      a_smem[i] = marlin::a_swizzle<A_ROW_CHUNKS>(row, chunk % A_ROW_CHUNKS);
-    }
-    const int row = t / A_ROW_CHUNKS;
-    a_next = A + size_t(row < rows_valid ? row : 0) * a_stride + size_t(k_tile0) * A_ROW_CHUNKS + t % A_ROW_CHUNKS;
+    a_tile.begin(A, rows_valid, k_tile0);
     // Chunk t of a stage's codes is k32 row t / W_ROW_CHUNKS of the tile, chunk
     // t % W_ROW_CHUNKS of the slice; the metadata likewise with M_ROW_CHUNKS.
     const size_t k32_row0 = size_t(k_tile0) * K32_STEPS;
@@ -248,14 +238,7 @@ struct Pipeline {
   __device__ __forceinline__ void fetch(int slot) {
     if (next_tile < tiles) {
       const int t = threadIdx.x;
-      int4* a = stage_a(slot);
-#pragma unroll
-      for (int i = 0; i < A_COPIES; ++i) {
-        constexpr int ROWS_PER_COPY = THREADS / A_ROW_CHUNKS;
-        if (THREADS * i + t < A_CHUNKS)
-          marlin::cp_async16_zfill(&a[a_smem[i]], a_next + (a_valid[i] ? size_t(ROWS_PER_COPY) * i * a_stride : 0),
-                                   a_valid[i]);
-      }
+      a_tile.copy(stage_a(slot));
       int4* w = stage_w(slot);
 #pragma unroll
       for (int i = 0; i < W_COPIES; ++i)
@@ -269,7 +252,7 @@ struct Pipeline {
         const int group_row = kGroupRows == 0 ? 0 : ((first_k_tile + next_tile) * kTileK) / kGroupRows;
         marlin::cp_async16(&stage_s(slot)[t], s_base + size_t(group_row) * s_stride);
       }
-      a_next += A_ROW_CHUNKS;
+      a_tile.advance();
       w_next += size_t(K32_STEPS) * w_stride;
       m_next += size_t(K32_STEPS) * m_stride;
       ++next_tile;

@@ -530,19 +530,21 @@ __device__ __forceinline__ bool add_partial_sums(FragC (&acc)[kMBlocks][4][2], f
   return true;
 }
 
-// The striped walk shared by s6 and s7: for each segment of this block's run, point the
-// pipeline at it (`begin(seg, rows_valid)`), stream its tiles, add the block's k-warp
-// partials and then those of the other blocks sharing the slice, and let the block that
-// completes the slice write it (`write(seg, rows_valid)`, called by the k_warp 0 warps,
-// whose `acc` then holds the sum). M is cut into 16 * kMBlocks-row slabs, which are just
-// more column slices in the numbering.
+// The striped walk shared by s6 and s7: set the pipeline up, then for each segment of
+// this block's run point the pipeline at it (`begin(seg, rows_valid)`), stream its
+// tiles, add the block's k-warp partials and then those of the other blocks sharing the
+// slice, and let the block that completes the slice write it (`write(seg, rows_valid)`,
+// called by the k_warp 0 warps, whose `acc` then holds the sum). M is cut into
+// 16 * kMBlocks-row slabs, which are just more column slices in the numbering.
 template <int kMBlocks, class Pipe, class Begin, class Write>
-__device__ __forceinline__ void run_stripes(Pipe& pipe, FragC (&acc)[kMBlocks][4][2], int M, int k_tiles, int n_tiles,
-                                            int* __restrict__ counters, float* __restrict__ partials, int iters,
-                                            Begin begin, Write write) {
+__device__ __forceinline__ void run_stripes(Pipe& pipe, FragC (&acc)[kMBlocks][4][2], int4* smem, int M, int K, int N,
+                                            int tile_k, int tile_n, int* __restrict__ counters,
+                                            float* __restrict__ partials, int iters, Begin begin, Write write) {
   constexpr int SLAB_ROWS = 16 * kMBlocks;
+  const int k_tiles = K / tile_k, n_tiles = N / tile_n;
   const int slabs = (M + SLAB_ROWS - 1) / SLAB_ROWS;
   const int total = slabs * n_tiles * k_tiles;
+  pipe.init(smem, K, N);
   int t = blockIdx.x * iters;
   const int end = min(t + iters, total);
   while (t < end) {

@@ -52,10 +52,9 @@ extern "C" __global__ void __launch_bounds__(Pipe::THREADS, 1)
   extern __shared__ int4 smem[];
   constexpr int SLAB_ROWS = 16 * M_BLOCKS;
   Pipe pipe;
-  pipe.init(smem, K, N);
   marlin::FragC acc[M_BLOCKS][4][2];
   marlin::run_stripes<M_BLOCKS>(
-      pipe, acc, M, K / TILE_K, N / TILE_N, counters, partials, iters,
+      pipe, acc, smem, M, K, N, TILE_K, TILE_N, counters, partials, iters,
       [&](const marlin::StripeSegment& seg, int rows_valid) {
         pipe.begin_column(A + size_t(seg.slab) * SLAB_ROWS * (K / 8), B, S, rows_valid, seg.col, seg.row0, seg.rows);
       },

@@ -270,22 +270,32 @@ struct ATileCopy {
 };
 
 // ---------------------------------------------------------------------------------
-// The multi-stage pipeline of s5 and s6 over one column of weight tiles.
+// The multi-stage pipeline of s5 and s6 over a block's run of weight tiles.
 //
 // A block of 8 warps computes a 16*kMBlocks x kTileN output tile, kTileK rows of K per
 // pipeline stage. kTileN / 64 warps lie side by side along N (one 64-column strip each);
 // the other factor, K_WARPS, splits each stage's kTileK / 16 k16 steps between warps, so
 // every warp has work even when kTileN is small, and the block's partial sums are added
-// in shared memory at the end of the column (reduce_across_k_warps).
+// in shared memory at the end of a column (reduce_across_k_warps).
+//
+// Tiles are numbered t = (slab * n_tiles + col) * k_tiles + k_tile, as in the striped
+// schedule below. start(t0, t1) primes the pipeline with the first tiles of the run
+// [t0, t1); consume(acc, n) multiplies the next n tiles into acc. The fetches run ahead
+// of the consumer along the whole run, across column slices: when a block finishes one
+// slice and reduces it, the first tiles of its next slice are already on their way, so
+// the weight stream has no gap at a slice switch. (s5's run is one column; s6's crosses
+// slices, and kOwnReduceBuffer gives the k-warp reduction shared memory of its own so it
+// cannot collide with those tiles in flight.)
 //
 // Stage layout in shared memory (16-byte units): A tile | weights | scales. Thread t
 // copies weight chunks t, t + 256, ... of a stage and -- because chunk index =
 // 256 * substep + 32 * warp + lane is exactly what the consuming lane needs -- later
 // reads back the very chunks it copied. Only A is truly shared between warps.
 // ---------------------------------------------------------------------------------
-template <int kMBlocks, int kTileN, int kTileK, int kStages, int kGroupRows, bool kEvictFirst>
+template <int kMBlocks, int kTileN, int kTileK, int kStages, int kGroupRows, bool kEvictFirst, bool kOwnReduceBuffer>
 struct Pipeline {
   static constexpr int THREADS = 256;
+  static constexpr int TILE_N_COLS = kTileN, TILE_K_ROWS = kTileK, SLAB_ROWS = 16 * kMBlocks;
   static constexpr int N_STRIPS = kTileN / 64;
   static constexpr int K_WARPS = 8 / N_STRIPS;
   static constexpr int K16_STEPS = kTileK / 16;
@@ -308,60 +318,72 @@ struct Pipeline {
   static constexpr int S_CHUNKS = S_ROWS * S_ROW_CHUNKS;
   static_assert(S_CHUNKS <= THREADS, "one scale chunk per thread at most");
   static constexpr int STAGE_CHUNKS = A_CHUNKS + B_CHUNKS + S_CHUNKS;
-  // The in-block reduction reuses the stage buffers: (K_WARPS - 1) warps per strip store
-  // 32 floats per lane for one m-block at a time.
+  // The in-block reduction: (K_WARPS - 1) warps per strip store 32 floats per lane for one
+  // m-block at a time, after the stages or over them (then only once they are idle).
   static constexpr int REDUCE_CHUNKS = (K_WARPS - 1) * N_STRIPS * 32 * 32 / 4;
-  static constexpr int SMEM_BYTES = 16 * (kStages * STAGE_CHUNKS > REDUCE_CHUNKS ? kStages * STAGE_CHUNKS : REDUCE_CHUNKS);
+  static constexpr int REDUCE_OFFSET = kOwnReduceBuffer ? kStages * STAGE_CHUNKS : 0;
+  static constexpr int SMEM_BYTES =
+      16 * (kOwnReduceBuffer ? kStages * STAGE_CHUNKS + REDUCE_CHUNKS
+                             : (kStages * STAGE_CHUNKS > REDUCE_CHUNKS ? kStages * STAGE_CHUNKS : REDUCE_CHUNKS));
 
   int4* smem;
   int warp, lane, k_warp, strip;
-  // Per column: where the next tile to fetch starts, and how many remain to be fetched.
+  const int4 *A, *B, *S;
+  int M, k_tiles, n_tiles;
+  // The fetch side: the next tile to fetch (numbered as above), the run's end, how many
+  // tiles of the current column slice remain, and where they start.
+  int fetch_t, fetch_end, fetch_left;
+  int fetch_k_tile;  // k-tile (within its slice) of the next fetch, for the scale rows
   ATile a_tile;
   const int4* b_next;  // this thread's first weight chunk of the next tile
-  const int4* s_base;  // this thread's scale chunk in group row 0 of the column
+  const int4* s_base;  // this thread's scale chunk in group row 0 of the slice
   int b_stride, s_stride;  // 16-byte units per k16 row of W, per group row
-  int next_tile;     // k-tile index (from the start of the column) of the next fetch
-  int first_k_tile;  // absolute k-tile of the column's first tile, for the scale rows
-  int tiles;         // tiles in this column
+  int read_slot;     // the stage the consumer reads next
   unsigned long long policy;
 
-  __device__ __forceinline__ void init(int4* smem_, int K, int N) {
+  __device__ __forceinline__ void init(int4* smem_, const int4* A_, const int4* B_, const int4* S_, int M_, int K,
+                                       int N) {
     smem = smem_;
     warp = threadIdx.x / 32;
     lane = threadIdx.x % 32;
     k_warp = warp / N_STRIPS;
     strip = warp % N_STRIPS;
+    A = A_;
+    B = B_;
+    S = S_;
+    M = M_;
+    k_tiles = K / kTileK;
+    n_tiles = N / kTileN;
     a_tile.init(K);
     b_stride = N / 2;
     s_stride = N / 8;
     policy = kEvictFirst ? make_evict_first_policy() : 0ull;
   }
 
-  // Point the pipeline at column `col` of the slab starting at A row `a_row0`, k-tiles
-  // [k_tile0, k_tile0 + tiles).
-  __device__ __forceinline__ void begin_column(const int4* A, const int4* B, const int4* S, int rows_valid,
-                                               int col, int k_tile0, int tiles_) {
-    const int t = threadIdx.x;
-    a_tile.begin(A, rows_valid, k_tile0);
-    // Weight chunk t of a stage is k16 row t / (kTileN/2), chunk t % (kTileN/2) of the
-    // tile's row; copy i adds 256 / (kTileN/2) k16 rows.
-    b_next = B + size_t(k_tile0) * K16_STEPS * b_stride + size_t(t / (kTileN / 2)) * b_stride +
-             col * (kTileN / 2) + t % (kTileN / 2);
-    s_base = S + col * S_ROW_CHUNKS + (t / S_ROW_CHUNKS) * s_stride + t % S_ROW_CHUNKS;
-    next_tile = 0;
-    first_k_tile = k_tile0;
-    tiles = tiles_;
+  // Point the fetches at tile t, the first of a column slice or of the run.
+  __device__ __forceinline__ void point_at(int t) {
+    const int tid = threadIdx.x;
+    const int slice = t / k_tiles, slab = slice / n_tiles, col = slice - slab * n_tiles;
+    fetch_k_tile = t - slice * k_tiles;
+    fetch_left = min(k_tiles - fetch_k_tile, fetch_end - t);
+    a_tile.begin(A + size_t(slab) * SLAB_ROWS * a_tile.stride, min(SLAB_ROWS, M - slab * SLAB_ROWS), fetch_k_tile);
+    // Weight chunk tid of a stage is k16 row tid / (kTileN/2), chunk tid % (kTileN/2) of
+    // the tile's row; copy i adds 256 / (kTileN/2) k16 rows.
+    b_next = B + size_t(fetch_k_tile) * K16_STEPS * b_stride + size_t(tid / (kTileN / 2)) * b_stride +
+             col * (kTileN / 2) + tid % (kTileN / 2);
+    s_base = S + col * S_ROW_CHUNKS + (tid / S_ROW_CHUNKS) * s_stride + tid % S_ROW_CHUNKS;
   }
 
   __device__ __forceinline__ int4* stage_a(int slot) const { return smem + slot * STAGE_CHUNKS; }
   __device__ __forceinline__ int4* stage_b(int slot) const { return stage_a(slot) + A_CHUNKS; }
   __device__ __forceinline__ int4* stage_s(int slot) const { return stage_b(slot) + B_CHUNKS; }
 
-  // Issue the copies of the next tile into `slot` (nothing past the column's end), and
+  // Issue the copies of the next tile of the run into `slot` (nothing past its end), and
   // always commit a group, so "wait until at most kStages-2 groups are pending" keeps
   // meaning "the tile consumed next has landed".
   __device__ __forceinline__ void fetch(int slot) {
-    if (next_tile < tiles) {
+    if (fetch_t < fetch_end) {
+      if (fetch_left == 0) point_at(fetch_t);
       const int t = threadIdx.x;
       a_tile.copy(stage_a(slot));
       int4* b = stage_b(slot);
@@ -376,14 +398,28 @@ struct Pipeline {
       }
       if (t < S_CHUNKS) {
         // Scales are small and re-read by the next tiles of the same group: no hint.
-        const int group_row = kGroupRows == 0 ? 0 : ((first_k_tile + next_tile) * kTileK) / kGroupRows;
+        const int group_row = kGroupRows == 0 ? 0 : (fetch_k_tile * kTileK) / kGroupRows;
         cp_async16(&stage_s(slot)[t], s_base + size_t(group_row) * s_stride);
       }
       a_tile.advance();
       b_next += size_t(K16_STEPS) * b_stride;
-      ++next_tile;
+      ++fetch_k_tile;
+      ++fetch_t;
+      --fetch_left;
     }
     cp_async_commit();
+  }
+
+  // Prime the pipeline with the first kStages - 1 tiles of the run [t_begin, t_end).
+  __device__ __forceinline__ void start(int t_begin, int t_end) {
+    fetch_t = t_begin;
+    fetch_end = t_end;
+    fetch_left = 0;
+#pragma unroll
+    for (int slot = 0; slot < kStages - 1; ++slot) fetch(slot);
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    read_slot = 0;
   }
 
   // Registers for one substep: the warp's k16 step of this stage, its A blocks, its
@@ -399,47 +435,37 @@ struct Pipeline {
     s = stage_s(slot)[s_row * S_ROW_CHUNKS + 8 * strip + lane / 4];
   }
 
-  // Stream the whole column through the pipeline into acc (zeroed here).
-  __device__ __forceinline__ void run(FragC (&acc)[kMBlocks][4][2]) {
+  // Multiply the next `tiles` tiles of the run into acc (zeroed here). The fetches go on
+  // past them: nothing is drained.
+  __device__ __forceinline__ void consume(FragC (&acc)[kMBlocks][4][2], int tiles) {
     FragA a[2][kMBlocks];
     int4 w[2], s[2];
-#pragma unroll
-    for (int slot = 0; slot < kStages - 1; ++slot) fetch(slot);
     zero_accumulators<kMBlocks>(acc);
-    cp_async_wait<kStages - 2>();
-    __syncthreads();
-    load_fragments(0, 0, a[0], w[0], s[0]);
-
-    int tile = 0;
-    while (true) {
-      // Unrolled over the slots so every shared-memory offset is a constant.
+    load_fragments(read_slot, 0, a[0], w[0], s[0]);
+    for (int tile = 0; tile < tiles; ++tile) {
+      const int slot = read_slot;
+      read_slot = slot + 1 == kStages ? 0 : slot + 1;
 #pragma unroll
-      for (int slot = 0; slot < kStages; ++slot) {
-#pragma unroll
-        for (int sub = 0; sub < SUBSTEPS; ++sub) {
-          // Double-buffered fragments: load substep sub+1 while sub multiplies.
-          if (sub + 1 < SUBSTEPS) load_fragments(slot, sub + 1, a[(sub + 1) % 2], w[(sub + 1) % 2], s[(sub + 1) % 2]);
-          if (sub == SUBSTEPS - 2) {
-            // The slot before this one was last read before the previous barrier, so it
-            // can be refilled; then wait for the next tile and make it visible to all.
-            fetch((slot + kStages - 1) % kStages);
-            cp_async_wait<kStages - 2>();
-            __syncthreads();
-          }
-          if (sub == SUBSTEPS - 1) load_fragments((slot + 1) % kStages, 0, a[0], w[0], s[0]);
-          multiply_k16<kMBlocks>(a[sub % 2], w[sub % 2], s[sub % 2], acc);
-        }
-        if (++tile == tiles) {
-          cp_async_wait<0>();
+      for (int sub = 0; sub < SUBSTEPS; ++sub) {
+        // Double-buffered fragments: load substep sub+1 while sub multiplies.
+        if (sub + 1 < SUBSTEPS) load_fragments(slot, sub + 1, a[(sub + 1) % 2], w[(sub + 1) % 2], s[(sub + 1) % 2]);
+        if (sub == SUBSTEPS - 2) {
+          // The slot before this one was last read before the previous barrier, so it
+          // can be refilled; then wait for the next tile and make it visible to all.
+          fetch(slot == 0 ? kStages - 1 : slot - 1);
+          cp_async_wait<kStages - 2>();
           __syncthreads();
-          return;
         }
+        if (sub == SUBSTEPS - 1) load_fragments(read_slot, 0, a[0], w[0], s[0]);
+        multiply_k16<kMBlocks>(a[sub % 2], w[sub % 2], s[sub % 2], acc);
       }
     }
   }
 
   __device__ __forceinline__ void reduce_across_k_warps(FragC (&acc)[kMBlocks][4][2]) {
-    reduce_k_warp_partials<kMBlocks, N_STRIPS, K_WARPS>(acc, reinterpret_cast<float*>(smem), k_warp, strip);
+    if (!kOwnReduceBuffer) __syncthreads();  // every warp is done reading the stages it will overwrite
+    reduce_k_warp_partials<kMBlocks, N_STRIPS, K_WARPS>(acc, reinterpret_cast<float*>(smem + REDUCE_OFFSET), k_warp,
+                                                        strip);
   }
 };
 
@@ -514,45 +540,56 @@ __device__ __forceinline__ bool add_partial_sums(FragC (&acc)[kMBlocks][4][2], f
   if (!__syncthreads_or(is_last)) return false;
   if (k_warp == 0) {
     zero_accumulators<kMBlocks>(acc);
-    const int slice_t0 = s.slice * k_tiles;
-    for (int b = s.first_block; b < s.first_block + s.contributors; ++b) {
-      const float* theirs = partials + size_t(2 * b + partial_slot(b, iters, slice_t0)) * PARTIAL_FLOATS + offset;
+    const int slice_t0 = s.slice * k_tiles, end = s.first_block + s.contributors;
+    // Each contributor's partials cost an L2 round trip; with one m-block (decode) two
+    // are in flight at once. They are still added in ascending block order.
+    constexpr int AHEAD = kMBlocks == 1 ? 2 : 1;
+    for (int b0 = s.first_block; b0 < end; b0 += AHEAD) {
 #pragma unroll
       for (int m = 0; m < kMBlocks; ++m) {
-        float v32[32];
+        float v32[AHEAD][32];
 #pragma unroll
-        for (int v = 0; v < 32; ++v) v32[v] = __ldcg(theirs + 32 * (32 * m + v));
+        for (int i = 0; i < AHEAD; ++i) {
+          const int b = b0 + i;
+          if (b >= end) continue;
+          const float* theirs = partials + size_t(2 * b + partial_slot(b, iters, slice_t0)) * PARTIAL_FLOATS + offset;
 #pragma unroll
-        for (int v = 0; v < 32; ++v) acc[m][v / 8][(v / 4) % 2].v[v % 4] += v32[v];
+          for (int v = 0; v < 32; ++v) v32[i][v] = __ldcg(theirs + 32 * (32 * m + v));
+        }
+#pragma unroll
+        for (int i = 0; i < AHEAD; ++i) {
+          if (b0 + i >= end) continue;
+#pragma unroll
+          for (int v = 0; v < 32; ++v) acc[m][v / 8][(v / 4) % 2].v[v % 4] += v32[i][v];
+        }
       }
     }
   }
   return true;
 }
 
-// The striped walk shared by s6 and s7: set the pipeline up, then for each segment of
-// this block's run point the pipeline at it (`begin(seg, rows_valid)`), stream its
-// tiles, add the block's k-warp partials and then those of the other blocks sharing the
-// slice, and let the block that completes the slice write it (`write(seg, rows_valid)`,
-// called by the k_warp 0 warps, whose `acc` then holds the sum). M is cut into
-// 16 * kMBlocks-row slabs, which are just more column slices in the numbering.
-template <int kMBlocks, class Pipe, class Begin, class Write>
-__device__ __forceinline__ void run_stripes(Pipe& pipe, FragC (&acc)[kMBlocks][4][2], int4* smem, int M, int K, int N,
-                                            int tile_k, int tile_n, int* __restrict__ counters,
-                                            float* __restrict__ partials, int iters, Begin begin, Write write) {
-  constexpr int SLAB_ROWS = 16 * kMBlocks;
-  const int k_tiles = K / tile_k, n_tiles = N / tile_n;
-  const int slabs = (M + SLAB_ROWS - 1) / SLAB_ROWS;
+// The striped walk shared by s6 and s7, for a pipeline set up with init(): prime it with
+// this block's run of tiles, then for each segment of the run multiply its tiles (the
+// next segment's are fetched meanwhile), add the block's k-warp partials and then those
+// of the other blocks sharing the slice, and let the block that completes the slice
+// write it (`write(seg, rows_valid)`, called by the k_warp 0 warps, whose `acc` then
+// holds the sum). M is cut into SLAB_ROWS-row slabs, which are just more column slices
+// in the numbering.
+template <int kMBlocks, class Pipe, class Write>
+__device__ __forceinline__ void run_stripes(Pipe& pipe, FragC (&acc)[kMBlocks][4][2], int M, int K, int N,
+                                            int* __restrict__ counters, float* __restrict__ partials, int iters,
+                                            Write write) {
+  const int k_tiles = K / Pipe::TILE_K_ROWS, n_tiles = N / Pipe::TILE_N_COLS;
+  const int slabs = (M + Pipe::SLAB_ROWS - 1) / Pipe::SLAB_ROWS;
   const int total = slabs * n_tiles * k_tiles;
-  pipe.init(smem, K, N);
   int t = blockIdx.x * iters;
   const int end = min(t + iters, total);
+  pipe.start(t, end);
   while (t < end) {
     const StripeSegment seg = stripe_segment(t, end, k_tiles, n_tiles, iters);
-    const int rows_valid = min(SLAB_ROWS, M - seg.slab * SLAB_ROWS);
+    const int rows_valid = min(Pipe::SLAB_ROWS, M - seg.slab * Pipe::SLAB_ROWS);
 
-    begin(seg, rows_valid);
-    pipe.run(acc);
+    pipe.consume(acc, seg.rows);
     pipe.reduce_across_k_warps(acc);
 
     const bool writes = add_partial_sums<kMBlocks, Pipe::N_STRIPS>(acc, partials, &counters[seg.slice], seg, iters,

@@ -11,10 +11,10 @@
 // tile's K and adding their partial sums in shared memory at the end.
 //
 // The pipeline itself lives in marlin_core.cuh (struct marlin::Pipeline) because s6
-// runs it unchanged; this file is the plain grid around it: one block per (column
-// slice of TILE_N columns, 64-row slab of A), each walking all of K. That grid is its
-// weakness: N / TILE_N blocks rarely match the SM count (a 4096-wide layer gives 32
-// blocks for 132 SMs). s6 fixes the partition.
+// runs it too, over runs of tiles that cross column slices; this file is the plain grid
+// around it: one block per (column slice of TILE_N columns, 64-row slab of A), each
+// walking all of K. That grid is its weakness: N / TILE_N blocks rarely match the SM
+// count (a 4096-wide layer gives 32 blocks for 132 SMs). s6 fixes the partition.
 #include "marlin_core.cuh"
 
 #ifndef M_BLOCKS
@@ -36,21 +36,22 @@
 #define EVICT_FIRST 1  // L2 evict-first hint on the weight copies
 #endif
 
-using Pipe = marlin::Pipeline<M_BLOCKS, TILE_N, TILE_K, STAGES, GROUP_ROWS, EVICT_FIRST != 0>;
+// One column per block: the k-warp reduction may reuse the stages once they are idle.
+using Pipe = marlin::Pipeline<M_BLOCKS, TILE_N, TILE_K, STAGES, GROUP_ROWS, EVICT_FIRST != 0, false>;
 
 extern "C" __global__ void __launch_bounds__(Pipe::THREADS, 1)
     s5_async_pipeline(const int4* __restrict__ A, const int4* __restrict__ B, const int4* __restrict__ S,
                       half* __restrict__ C, int M, int K, int N) {
   extern __shared__ int4 smem[];
-  constexpr int SLAB_ROWS = 16 * M_BLOCKS;
-  const int col = blockIdx.x, slab_row0 = blockIdx.y * SLAB_ROWS;
-  const int rows_valid = min(SLAB_ROWS, M - slab_row0);
+  const int col = blockIdx.x, slab_row0 = blockIdx.y * Pipe::SLAB_ROWS;
+  const int rows_valid = min(Pipe::SLAB_ROWS, M - slab_row0);
+  const int k_tiles = K / TILE_K, first_tile = (blockIdx.y * gridDim.x + col) * k_tiles;
 
   Pipe pipe;
-  pipe.init(smem, K, N);
-  pipe.begin_column(A + size_t(slab_row0) * (K / 8), B, S, rows_valid, col, 0, K / TILE_K);
+  pipe.init(smem, A, B, S, M, K, N);
+  pipe.start(first_tile, first_tile + k_tiles);
   marlin::FragC acc[M_BLOCKS][4][2];
-  pipe.run(acc);
+  pipe.consume(acc, k_tiles);
   pipe.reduce_across_k_warps(acc);
   if (pipe.k_warp == 0)
     marlin::fold_into_output<M_BLOCKS>(acc, C + size_t(slab_row0) * N, N, rows_valid, col * TILE_N + 64 * pipe.strip);

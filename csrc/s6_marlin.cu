@@ -43,23 +43,21 @@
 #define EVICT_FIRST 1  // L2 evict-first hint on the weight copies
 #endif
 
-using Pipe = marlin::Pipeline<M_BLOCKS, TILE_N, TILE_K, STAGES, GROUP_ROWS, EVICT_FIRST != 0>;
+// The fetches run on into a block's next column slice while it reduces the current one,
+// so the k-warp reduction gets shared memory of its own.
+using Pipe = marlin::Pipeline<M_BLOCKS, TILE_N, TILE_K, STAGES, GROUP_ROWS, EVICT_FIRST != 0, true>;
 
 extern "C" __global__ void __launch_bounds__(Pipe::THREADS, 1)
     s6_marlin(const int4* __restrict__ A, const int4* __restrict__ B, const int4* __restrict__ S,
               half* __restrict__ C, int M, int K, int N, int* __restrict__ counters, float* __restrict__ partials,
               int iters) {
   extern __shared__ int4 smem[];
-  constexpr int SLAB_ROWS = 16 * M_BLOCKS;
   Pipe pipe;
+  pipe.init(smem, A, B, S, M, K, N);
   marlin::FragC acc[M_BLOCKS][4][2];
-  marlin::run_stripes<M_BLOCKS>(
-      pipe, acc, smem, M, K, N, TILE_K, TILE_N, counters, partials, iters,
-      [&](const marlin::StripeSegment& seg, int rows_valid) {
-        pipe.begin_column(A + size_t(seg.slab) * SLAB_ROWS * (K / 8), B, S, rows_valid, seg.col, seg.row0, seg.rows);
-      },
-      [&](const marlin::StripeSegment& seg, int rows_valid) {
-        marlin::fold_into_output<M_BLOCKS>(acc, C + size_t(seg.slab) * SLAB_ROWS * N, N, rows_valid,
-                                           seg.col * TILE_N + 64 * pipe.strip);
-      });
+  marlin::run_stripes<M_BLOCKS>(pipe, acc, M, K, N, counters, partials, iters,
+                                [&](const marlin::StripeSegment& seg, int rows_valid) {
+                                  marlin::fold_into_output<M_BLOCKS>(acc, C + size_t(seg.slab) * Pipe::SLAB_ROWS * N, N,
+                                                                     rows_valid, seg.col * TILE_N + 64 * pipe.strip);
+                                });
 }

@@ -142,14 +142,16 @@ __device__ __forceinline__ void fold_into_output(const FragC (&acc)[kMBlocks][4]
 }
 
 // ---------------------------------------------------------------------------------
-// The pipeline over one column of tiles: s6's, with a k32 step where s6 has a k16 step
-// and the metadata as a fourth stream. A block's 8 warps are kTileN / 64 strips side by
-// side along N times K_WARPS warps splitting each stage's k32 steps.
+// The pipeline over a block's run of tiles: s6's (fetches run ahead across column
+// slices, the k-warp reduction has shared memory of its own), with a k32 step where s6
+// has a k16 step and the metadata as a fourth stream. A block's 8 warps are kTileN / 64
+// strips side by side along N times K_WARPS warps splitting each stage's k32 steps.
 // Stage layout (16-byte units): A tile | kept codes | metadata | scales.
 // ---------------------------------------------------------------------------------
 template <int kMBlocks, int kTileN, int kTileK, int kStages, int kGroupRows, bool kEvictFirst>
 struct Pipeline {
   static constexpr int THREADS = 256;
+  static constexpr int TILE_N_COLS = kTileN, TILE_K_ROWS = kTileK, SLAB_ROWS = 16 * kMBlocks;
   static constexpr int N_STRIPS = kTileN / 64;
   static constexpr int K_WARPS = 8 / N_STRIPS;
   static constexpr int K32_STEPS = kTileK / 32;
@@ -180,24 +182,35 @@ struct Pipeline {
   static_assert(S_CHUNKS <= THREADS, "one scale chunk per thread at most");
   static constexpr int STAGE_CHUNKS = A_CHUNKS + W_CHUNKS + M_CHUNKS + S_CHUNKS;
   static constexpr int REDUCE_CHUNKS = (K_WARPS - 1) * N_STRIPS * 32 * 32 / 4;
-  static constexpr int SMEM_BYTES = 16 * (kStages * STAGE_CHUNKS > REDUCE_CHUNKS ? kStages * STAGE_CHUNKS : REDUCE_CHUNKS);
+  static constexpr int SMEM_BYTES = 16 * (kStages * STAGE_CHUNKS + REDUCE_CHUNKS);
 
   int4* smem;
   int warp, lane, k_warp, strip;
+  const int4 *A, *W, *Meta, *S;
+  int M, k_tiles, n_tiles;
+  int fetch_t, fetch_end, fetch_left, fetch_k_tile;  // as in marlin::Pipeline
   ATile a_tile;
   const int4* w_next;  // this thread's first chunk of kept codes of the next tile
   const int4* m_next;  // this thread's first metadata chunk of the next tile
-  const int4* s_base;  // this thread's scale chunk in group row 0 of the column
+  const int4* s_base;  // this thread's scale chunk in group row 0 of the slice
   int w_stride, m_stride, s_stride;  // 16-byte units per k32 row of codes / metadata, per group row
-  int next_tile, first_k_tile, tiles;
+  int read_slot;
   unsigned long long policy;
 
-  __device__ __forceinline__ void init(int4* smem_, int K, int N) {
+  __device__ __forceinline__ void init(int4* smem_, const int4* A_, const int4* W_, const int4* Meta_, const int4* S_,
+                                       int M_, int K, int N) {
     smem = smem_;
     warp = threadIdx.x / 32;
     lane = threadIdx.x % 32;
     k_warp = warp / N_STRIPS;
     strip = warp % N_STRIPS;
+    A = A_;
+    W = W_;
+    Meta = Meta_;
+    S = S_;
+    M = M_;
+    k_tiles = K / kTileK;
+    n_tiles = N / kTileN;
     a_tile.init(K);
     w_stride = N / 2;
     m_stride = N / 4;
@@ -205,19 +218,18 @@ struct Pipeline {
     policy = kEvictFirst ? marlin::make_evict_first_policy() : 0ull;
   }
 
-  __device__ __forceinline__ void begin_column(const int4* A, const int4* W, const int4* Meta, const int4* S,
-                                               int rows_valid, int col, int k_tile0, int tiles_) {
-    const int t = threadIdx.x;
-    a_tile.begin(A, rows_valid, k_tile0);
-    // Chunk t of a stage's codes is k32 row t / W_ROW_CHUNKS of the tile, chunk
-    // t % W_ROW_CHUNKS of the slice; the metadata likewise with M_ROW_CHUNKS.
-    const size_t k32_row0 = size_t(k_tile0) * K32_STEPS;
-    w_next = W + (k32_row0 + t / W_ROW_CHUNKS) * w_stride + col * W_ROW_CHUNKS + t % W_ROW_CHUNKS;
-    m_next = Meta + (k32_row0 + t / M_ROW_CHUNKS) * m_stride + col * M_ROW_CHUNKS + t % M_ROW_CHUNKS;
-    s_base = S + col * S_ROW_CHUNKS + (t / S_ROW_CHUNKS) * s_stride + t % S_ROW_CHUNKS;
-    next_tile = 0;
-    first_k_tile = k_tile0;
-    tiles = tiles_;
+  __device__ __forceinline__ void point_at(int t) {
+    const int tid = threadIdx.x;
+    const int slice = t / k_tiles, slab = slice / n_tiles, col = slice - slab * n_tiles;
+    fetch_k_tile = t - slice * k_tiles;
+    fetch_left = min(k_tiles - fetch_k_tile, fetch_end - t);
+    a_tile.begin(A + size_t(slab) * SLAB_ROWS * a_tile.stride, min(SLAB_ROWS, M - slab * SLAB_ROWS), fetch_k_tile);
+    // Chunk tid of a stage's codes is k32 row tid / W_ROW_CHUNKS of the tile, chunk
+    // tid % W_ROW_CHUNKS of the slice; the metadata likewise with M_ROW_CHUNKS.
+    const size_t k32_row0 = size_t(fetch_k_tile) * K32_STEPS;
+    w_next = W + (k32_row0 + tid / W_ROW_CHUNKS) * w_stride + col * W_ROW_CHUNKS + tid % W_ROW_CHUNKS;
+    m_next = Meta + (k32_row0 + tid / M_ROW_CHUNKS) * m_stride + col * M_ROW_CHUNKS + tid % M_ROW_CHUNKS;
+    s_base = S + col * S_ROW_CHUNKS + (tid / S_ROW_CHUNKS) * s_stride + tid % S_ROW_CHUNKS;
   }
 
   __device__ __forceinline__ int4* stage_a(int slot) const { return smem + slot * STAGE_CHUNKS; }
@@ -232,11 +244,11 @@ struct Pipeline {
       marlin::cp_async16(dst, src);
   }
 
-  // Issue the copies of the next tile into `slot` (nothing past the column's end), and
-  // always commit a group, so "at most kStages-2 groups pending" means "the next tile
-  // has landed".
+  // Issue the copies of the next tile of the run into `slot` (nothing past its end), and
+  // always commit a group, so a count of pending groups names the tiles that have landed.
   __device__ __forceinline__ void fetch(int slot) {
-    if (next_tile < tiles) {
+    if (fetch_t < fetch_end) {
+      if (fetch_left == 0) point_at(fetch_t);
       const int t = threadIdx.x;
       a_tile.copy(stage_a(slot));
       int4* w = stage_w(slot);
@@ -249,15 +261,28 @@ struct Pipeline {
         if (THREADS * i + t < M_CHUNKS)
           copy_streamed(&m[THREADS * i + t], m_next + size_t(THREADS / M_ROW_CHUNKS) * i * m_stride);
       if (t < S_CHUNKS) {
-        const int group_row = kGroupRows == 0 ? 0 : ((first_k_tile + next_tile) * kTileK) / kGroupRows;
+        const int group_row = kGroupRows == 0 ? 0 : (fetch_k_tile * kTileK) / kGroupRows;
         marlin::cp_async16(&stage_s(slot)[t], s_base + size_t(group_row) * s_stride);
       }
       a_tile.advance();
       w_next += size_t(K32_STEPS) * w_stride;
       m_next += size_t(K32_STEPS) * m_stride;
-      ++next_tile;
+      ++fetch_k_tile;
+      ++fetch_t;
+      --fetch_left;
     }
     marlin::cp_async_commit();
+  }
+
+  __device__ __forceinline__ void start(int t_begin, int t_end) {
+    fetch_t = t_begin;
+    fetch_end = t_end;
+    fetch_left = 0;
+#pragma unroll
+    for (int slot = 0; slot < kStages - 1; ++slot) fetch(slot);
+    marlin::cp_async_wait<kStages - 2>();
+    __syncthreads();
+    read_slot = 0;
   }
 
   // Registers for one substep, loaded one substep ahead: the warp's 128 bits of kept
@@ -296,50 +321,39 @@ struct Pipeline {
     }
   }
 
-  // Stream the whole column through the pipeline into acc (zeroed here). Unlike s6, the
-  // A fragments are read from shared memory during multiply(), so a slot may only be
-  // refilled after a barrier that follows every warp's last multiply on it: the refill is
-  // issued just after the barrier of the next slot, which makes the wait one group deeper.
-  __device__ __forceinline__ void run(FragC (&acc)[kMBlocks][4][2]) {
+  // Multiply the next `tiles` tiles of the run into acc (zeroed here), without draining.
+  // Unlike s6, the A fragments are read from shared memory during multiply(), so a slot
+  // may only be refilled after a barrier that follows every warp's last multiply on it:
+  // the refill is issued just after the barrier of the next slot, which makes the wait
+  // one group deeper.
+  __device__ __forceinline__ void consume(FragC (&acc)[kMBlocks][4][2], int tiles) {
     int4 w[2], s[2];
     uint2 meta[2];
-#pragma unroll
-    for (int slot = 0; slot < kStages - 1; ++slot) fetch(slot);
     marlin::zero_accumulators<kMBlocks>(acc);
-    marlin::cp_async_wait<kStages - 2>();
-    __syncthreads();
-    load_fragments(0, 0, w[0], meta[0], s[0]);
-
-    int tile = 0;
-    while (true) {
-      // Unrolled over the slots so every shared-memory offset is a constant.
+    load_fragments(read_slot, 0, w[0], meta[0], s[0]);
+    for (int tile = 0; tile < tiles; ++tile) {
+      const int slot = read_slot;
+      read_slot = slot + 1 == kStages ? 0 : slot + 1;
 #pragma unroll
-      for (int slot = 0; slot < kStages; ++slot) {
-#pragma unroll
-        for (int sub = 0; sub < SUBSTEPS; ++sub) {
-          const int next = (sub + 1) % 2;
-          if (sub + 1 < SUBSTEPS) load_fragments(slot, sub + 1, w[next], meta[next], s[next]);
-          if (sub == SUBSTEPS - 2) {
-            // Wait for the next tile and make it visible; past this barrier every warp is
-            // done with the previous slot, which is refilled with the tile kStages - 1 ahead.
-            marlin::cp_async_wait<kStages - 3>();
-            __syncthreads();
-            fetch((slot + kStages - 1) % kStages);
-          }
-          if (sub == SUBSTEPS - 1) load_fragments((slot + 1) % kStages, 0, w[0], meta[0], s[0]);
-          multiply(slot, sub, w[sub % 2], meta[sub % 2], s[sub % 2], acc);
-        }
-        if (++tile == tiles) {
-          marlin::cp_async_wait<0>();
+      for (int sub = 0; sub < SUBSTEPS; ++sub) {
+        const int next = (sub + 1) % 2;
+        if (sub + 1 < SUBSTEPS) load_fragments(slot, sub + 1, w[next], meta[next], s[next]);
+        if (sub == SUBSTEPS - 2) {
+          // Wait for the next tile and make it visible; past this barrier every warp is
+          // done with the previous slot, which is refilled with the tile kStages - 1 ahead.
+          marlin::cp_async_wait<kStages - 3>();
           __syncthreads();
-          return;
+          fetch(slot == 0 ? kStages - 1 : slot - 1);
         }
+        if (sub == SUBSTEPS - 1) load_fragments(read_slot, 0, w[0], meta[0], s[0]);
+        multiply(slot, sub, w[sub % 2], meta[sub % 2], s[sub % 2], acc);
       }
     }
   }
 
   __device__ __forceinline__ void reduce_across_k_warps(FragC (&acc)[kMBlocks][4][2]) {
-    marlin::reduce_k_warp_partials<kMBlocks, N_STRIPS, K_WARPS>(acc, reinterpret_cast<float*>(smem), k_warp, strip);
+    marlin::reduce_k_warp_partials<kMBlocks, N_STRIPS, K_WARPS>(
+        acc, reinterpret_cast<float*>(smem + kStages * STAGE_CHUNKS), k_warp, strip);
   }
 };
 
@@ -353,17 +367,12 @@ extern "C" __global__ void __launch_bounds__(Pipe::THREADS, 1)
                      const int4* __restrict__ S, half* __restrict__ C, int M, int K, int N,
                      int* __restrict__ counters, float* __restrict__ partials, int iters) {
   extern __shared__ int4 smem[];
-  constexpr int SLAB_ROWS = 16 * M_BLOCKS;
   Pipe pipe;
+  pipe.init(smem, A, W, Meta, S, M, K, N);
   marlin::FragC acc[M_BLOCKS][4][2];
-  marlin::run_stripes<M_BLOCKS>(
-      pipe, acc, smem, M, K, N, TILE_K, TILE_N, counters, partials, iters,
-      [&](const marlin::StripeSegment& seg, int rows_valid) {
-        pipe.begin_column(A + size_t(seg.slab) * SLAB_ROWS * (K / 8), W, Meta, S, rows_valid, seg.col, seg.row0,
-                          seg.rows);
-      },
-      [&](const marlin::StripeSegment& seg, int rows_valid) {
-        sparse::fold_into_output<M_BLOCKS>(acc, C + size_t(seg.slab) * SLAB_ROWS * N, N, rows_valid,
-                                           seg.col * TILE_N + 64 * pipe.strip);
-      });
+  marlin::run_stripes<M_BLOCKS>(pipe, acc, M, K, N, counters, partials, iters,
+                                [&](const marlin::StripeSegment& seg, int rows_valid) {
+                                  sparse::fold_into_output<M_BLOCKS>(acc, C + size_t(seg.slab) * Pipe::SLAB_ROWS * N, N,
+                                                                     rows_valid, seg.col * TILE_N + 64 * pipe.strip);
+                                });
 }

@@ -20,12 +20,12 @@ stages that fit in 96 KB above.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from reference import QuantizedWeight
 
-from ._cuda import CudaStep, get_kernel
+from ._cuda import CudaStep, get_kernel, sm_count
 from .s4_marlin_layout import group_rows, i32, m_blocks_for, pack_marlin
 from .step import SUPPORTED, Packed, Support
 
@@ -42,6 +42,8 @@ class TileConfig:
     stages: int
     group_rows: int
     evict_first: bool = True
+    own_reduce_buffer: bool = False  # the kernel's kOwnReduceBuffer (s6, s7); not a define
+
 
     @property
     def stage_bytes(self) -> int:
@@ -51,12 +53,17 @@ class TileConfig:
         return 16 * (a + b + s_rows * self.tile_n // 8)
 
     @property
-    def smem_bytes(self) -> int:
-        """Dynamic shared memory: the stages, or the in-block reduction if that is larger
-        (mirrors marlin::Pipeline::SMEM_BYTES)."""
+    def reduce_bytes(self) -> int:
+        """The in-block reduction's buffer: (K_WARPS - 1) x N_STRIPS warps' 32 x 32 floats."""
         strips = self.tile_n // 64
-        reduce_bytes = (THREADS // 32 // strips - 1) * strips * 32 * 32 * 4
-        return max(self.stages * self.stage_bytes, reduce_bytes)
+        return (THREADS // 32 // strips - 1) * strips * 32 * 32 * 4
+
+    @property
+    def smem_bytes(self) -> int:
+        """Dynamic shared memory (mirrors the pipelines' SMEM_BYTES): the stages and the
+        reduction buffer after them, or over them when the reduction reuses the stages."""
+        stages = self.stages * self.stage_bytes
+        return stages + self.reduce_bytes if self.own_reduce_buffer else max(stages, self.reduce_bytes)
 
     def defines(self) -> tuple[tuple[str, int], ...]:
         return (
@@ -73,7 +80,7 @@ class TileConfig:
 class TilePlan:
     """How a rung picks its configuration for a batch: tile shapes (TILE_K, TILE_N) in order
     of preference (the first that divides K and N wins), the shared memory the stages may
-    use, and the most stages worth having."""
+    use (a reduction buffer of its own comes on top), and the most stages worth having."""
 
     tiles: tuple[tuple[int, int], ...]
     smem_budget: int
@@ -106,16 +113,21 @@ class PipelinedStep(CudaStep):
 
     error_c = 10.0
     evict_first = True
+    own_reduce_buffer = False  # True where a block's fetches run on past a column (s6, s7)
+    config_type = TileConfig
+    even_stages = True  # odd pipeline depths above 4 measured slower (s5, s6)
     # Tuning overrides of the plan (None: use tile_plan's value).
     smem_budget: int | None = None
     max_stages: int | None = None
     tile_override: tuple[int, int] | None = None  # (TILE_K, TILE_N)
 
-    def tile_plan(self, M: int) -> TilePlan:
+    def tile_plan(self, M: int, N: int, sms: int | None) -> TilePlan:
+        """The plan for an M x N output on a GPU with `sms` SMs; sms=None stands for any GPU
+        (supports() must not depend on the device), which a plan may only widen."""
         return SMALL_BATCH_PLAN if M <= 32 else LARGE_BATCH_PLAN
 
     def _supports(self, M: int, K: int, N: int, group_size: int) -> Support:
-        plan = self.tile_plan(M)
+        plan = self.tile_plan(M, N, None)
         if tile_shapes_for(K, N, plan) is None:
             shapes = ", ".join(f"K by {tk} and N by {tn}" for tk, tn in plan.tiles)
             return Support(False, f"{self.name} needs K and N divisible by one of its tile shapes ({shapes}), got K={K}, N={N}")
@@ -124,16 +136,27 @@ class PipelinedStep(CudaStep):
     def pack_host(self, qw: QuantizedWeight) -> dict[str, Any]:
         return pack_marlin(qw)
 
+    def m_blocks(self, M: int, tile_k: int, tile_n: int) -> int:
+        """16-row blocks of A per slab for an M-row batch with this tile."""
+        return m_blocks_for(M)
+
     def config(self, M: int, K: int, N: int, group_size: int, device: int) -> TileConfig:
-        plan = self.tile_plan(M)
+        plan = self.tile_plan(M, N, sm_count(device))
         tk, tn = tile_shapes_for(K, N, plan)
         if self.tile_override and K % self.tile_override[0] == 0 and N % self.tile_override[1] == 0:
             tk, tn = self.tile_override
-        probe = TileConfig(m_blocks_for(M), tn, tk, 1, group_rows(group_size), self.evict_first)
-        budget = min(self.smem_budget or plan.smem_budget, max_dynamic_smem(device))
-        stages = min(self.max_stages or plan.max_stages, budget // probe.stage_bytes)
-        stages = max(3, stages - (stages % 2 if stages > 4 else 0))  # odd depths > 4 measured slower
-        return TileConfig(probe.m_blocks, tn, tk, stages, probe.group_rows, self.evict_first)
+        probe = self.config_type(self.m_blocks(M, tk, tn), tn, tk, 1, group_rows(group_size), self.evict_first,
+                                 self.own_reduce_buffer)  # fmt: skip
+        stages = min(self.max_stages or plan.max_stages, self.stage_budget(probe, plan, device) // probe.stage_bytes)
+        if self.even_stages and stages > 4:
+            stages -= stages % 2
+        return replace(probe, stages=max(3, stages))
+
+    def stage_budget(self, probe: TileConfig, plan: TilePlan, device: int) -> int:
+        """Shared memory the stages may fill: the plan's budget, within what the device allows
+        next to an own reduction buffer."""
+        own = probe.reduce_bytes if probe.own_reduce_buffer else 0
+        return min(self.smem_budget or plan.smem_budget, max_dynamic_smem(device) - own)
 
     def kernel(self, cfg: TileConfig, device: int) -> Any:
         return _load(self.name, cfg, device)

@@ -35,10 +35,14 @@ from .step import Packed
 
 MAX_SLABS = 16  # 64-row slabs per launch: M up to 1024 rows in one launch
 MIN_TILE_N = 128
-# Above 32 rows the striped grid does not need many column slices, so s6 can use wide
-# 128 x 256 tiles (each A fragment feeds twice the weights) with a deep pipeline: on the
-# H100 ideal shape at M = 64 that measured 3 % faster than s5's 128 x 128 plan.
+# Above 32 rows s6 can use wide 128 x 256 tiles (each A fragment feeds twice the weights)
+# with a deep pipeline, as long as there are enough of them: with fewer than one 256-wide
+# column slice per two SMs, several blocks share each slice and the last one's serial read
+# of their 64 x 256 fp32 partials costs more than the wide tiles save (H100, docs/rungs.md).
 LARGE_BATCH_WIDE_PLAN = TilePlan(((128, 256),) + LARGE_BATCH_PLAN.tiles, 200 * 1024, 8)
+LARGE_BATCH_NARROW_PLAN = TilePlan(LARGE_BATCH_PLAN.tiles, 200 * 1024, 8)
+# The same holds up to 32 rows, where wide tiles also halve the A tiles each block reads.
+SMALL_BATCH_WIDE_PLAN = TilePlan(((128, 256),) + SMALL_BATCH_PLAN.tiles, SMALL_BATCH_PLAN.smem_budget, 4)
 MAX_PARTIAL_FLOATS = 64 * 256  # one block's partial sums of a slice: a 64-row slab x TILE_N <= 256
 
 
@@ -58,13 +62,20 @@ class Marlin(PipelinedStep):
         "store fp32 partials and the last to arrive adds them in a fixed order."
     )
     error_c = 10.0
+    own_reduce_buffer = True
     sms: int | None = None  # blocks per launch; None = the device's SM count
+    # What sharing a column slice costs a block, in weight tiles (reference.marlin_layout.
+    # stripe_length): storing its partials and counting itself, or reading everyone's.
+    reduction_cost: float = 4.0
 
     def __init__(self) -> None:
         self._workspaces: dict[int, ReductionWorkspace] = {}
 
-    def tile_plan(self, M: int) -> TilePlan:
-        return SMALL_BATCH_PLAN if M <= 32 else LARGE_BATCH_WIDE_PLAN
+    def tile_plan(self, M: int, N: int, sms: int | None) -> TilePlan:
+        wide = sms is None or N >= 128 * (self.sms or sms)  # N / 256 column slices >= half the SMs
+        if M <= 32:
+            return SMALL_BATCH_WIDE_PLAN if wide else SMALL_BATCH_PLAN
+        return LARGE_BATCH_WIDE_PLAN if wide else LARGE_BATCH_NARROW_PLAN
 
     def pack(self, qw: QuantizedWeight) -> Packed:
         packed = super().pack(qw)
@@ -98,7 +109,7 @@ class Marlin(PipelinedStep):
         slabs = -(-M // (16 * cfg.m_blocks))
         k_tiles, n_tiles = K // cfg.tile_k, N // cfg.tile_n
         sms = self.sms or sm_count(device)
-        iters = stripe_length(slabs * k_tiles * n_tiles, k_tiles, sms)
+        iters = stripe_length(slabs * k_tiles * n_tiles, k_tiles, sms, self.reduction_cost)
         return cfg, iters, -(-(slabs * k_tiles * n_tiles) // iters)
 
     def _launch(self, A: Any, packed: Packed, out: Any) -> None:

@@ -30,8 +30,8 @@ from typing import Any
 from reference import QuantizedWeight
 from reference.sparse_marlin import pack_sparse_marlin, prune_quantized_2_4
 
-from .s4_marlin_layout import group_rows, i32, m_blocks_for
-from .s5_async_pipeline import THREADS, TileConfig, TilePlan, max_dynamic_smem, tile_shapes_for
+from .s4_marlin_layout import i32, m_blocks_for
+from .s5_async_pipeline import THREADS, TileConfig, TilePlan
 from .s6_marlin import MAX_SLABS, Marlin
 from .step import Packed
 
@@ -67,8 +67,10 @@ class SparseMarlin(Marlin):
         "multiply with mma.sp on the transposed product: 3/4 of the bytes and half the tensor-core work."
     )
     error_c = 10.0
+    config_type = SparseTileConfig
+    even_stages = False
 
-    def tile_plan(self, M: int) -> TilePlan:
+    def tile_plan(self, M: int, N: int, sms: int | None) -> TilePlan:
         return SPARSE_SMALL_BATCH_PLAN if M <= 16 else SPARSE_LARGE_BATCH_PLAN
 
     def reference_weight(self, qw: QuantizedWeight) -> QuantizedWeight:
@@ -77,16 +79,9 @@ class SparseMarlin(Marlin):
     def pack_host(self, qw: QuantizedWeight) -> dict[str, Any]:
         return pack_sparse_marlin(qw)
 
-    def config(self, M: int, K: int, N: int, group_size: int, device: int) -> SparseTileConfig:
-        plan = self.tile_plan(M)
-        tk, tn = tile_shapes_for(K, N, plan)
+    def m_blocks(self, M: int, tile_k: int, tile_n: int) -> int:
         m_blocks = m_blocks_for(M)
-        if (tk, tn) == SMALL_BATCH_TILE:
-            m_blocks = min(m_blocks, SMALL_TILE_MAX_M_BLOCKS)
-        probe = SparseTileConfig(m_blocks, tn, tk, 1, group_rows(group_size), self.evict_first)
-        budget = min(self.smem_budget or plan.smem_budget, max_dynamic_smem(device))
-        stages = max(3, min(self.max_stages or plan.max_stages, budget // probe.stage_bytes))
-        return SparseTileConfig(probe.m_blocks, tn, tk, stages, probe.group_rows, self.evict_first)
+        return min(m_blocks, SMALL_TILE_MAX_M_BLOCKS) if (tile_k, tile_n) == SMALL_BATCH_TILE else m_blocks
 
     def _launch(self, A: Any, packed: Packed, out: Any) -> None:
         M, K, N = A.shape[0], packed.K, packed.N

@@ -111,13 +111,14 @@ schedules = st.tuples(
     st.integers(1, 300),  # k_tiles
     st.integers(1, 200),  # n_tiles
     st.sampled_from([1, 2, 7, 108, 114, 132, 144]),  # SMs
+    st.sampled_from([0.0, 4.0]),  # reduction cost in tiles (s6 ships 4)
 )
 
 
 @given(schedules)
 def test_striped_schedule_covers_every_tile_once(problem):
-    slabs, k_tiles, n_tiles, sms = problem
-    iters, schedule = ml.striped_schedule(slabs, k_tiles, n_tiles, sms)
+    slabs, k_tiles, n_tiles, sms, cost = problem
+    iters, schedule = ml.striped_schedule(slabs, k_tiles, n_tiles, sms, cost)
     assert len(schedule) <= sms
     seen = np.zeros((slabs, n_tiles, k_tiles), dtype=np.int64)
     for b, segments in enumerate(schedule):
@@ -131,8 +132,8 @@ def test_striped_schedule_covers_every_tile_once(problem):
 def test_striped_schedule_partials_of_a_slice(problem):
     """The blocks sharing a slice are contiguous, ascend in k, and each finds every other
     contributor's partials in the slot that contributor wrote (marlin::partial_slot)."""
-    slabs, k_tiles, n_tiles, sms = problem
-    iters, schedule = ml.striped_schedule(slabs, k_tiles, n_tiles, sms)
+    slabs, k_tiles, n_tiles, sms, cost = problem
+    iters, schedule = ml.striped_schedule(slabs, k_tiles, n_tiles, sms, cost)
     by_slice: dict[tuple[int, int], list[ml.Segment]] = {}
     for segments in schedule:
         for s in segments:
@@ -160,6 +161,26 @@ def test_striped_schedule_slots_never_collide(problem):
         for i, s in enumerate(segments):
             if 0 < i < len(segments) - 1:
                 assert s.contributors == 1 and s.rows == problem[1]
+
+
+@given(schedules)
+def test_stripe_length_trades_tiles_against_shared_slices(problem):
+    """The run length s6 launches costs its dearest block no more than the even share
+    does, counting tiles plus the reduction cost per shared slice on the schedule itself."""
+    slabs, k_tiles, n_tiles, sms, cost = problem
+
+    def dearest(reduction_cost):
+        _, schedule = ml.striped_schedule(slabs, k_tiles, n_tiles, sms, reduction_cost)
+        return max(sum(s.rows + cost * (s.contributors > 1) for s in segments) for segments in schedule)
+
+    assert dearest(cost) <= dearest(0.0)
+
+
+def test_stripe_length_prefers_whole_slices_when_sharing_costs_more():
+    """96 slices of 16 tiles on 132 SMs (Llama-2-7B's 4096 x 12288 with 256 x 128 tiles):
+    the even share, 12 tiles, makes every block share two slices; 16 makes none."""
+    assert ml.stripe_length(96 * 16, 16, 132) == 12
+    assert ml.stripe_length(96 * 16, 16, 132, reduction_cost=4.0) == 16
 
 
 def test_striped_schedule_ideal_shape_needs_no_reduction():

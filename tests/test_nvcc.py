@@ -46,29 +46,39 @@ def test_compiles_without_warnings_or_spills(source, arch, tmp_path):
     assert "Used" in log, f"ptxas printed no resource usage for {source.name}:\n{log}"
 
 
-def shipped_variants() -> list[tuple[str, tuple[tuple[str, int], ...]]]:
-    """(source, defines) of every s4-s7 kernel variant the host picks for the Llama-2 7B/70B
-    and ideal shapes, batch sizes 1-128 and every group size, on an H100 (227 KB of
-    opt-in shared memory): the defaults above are only one of them."""
+H100_SMEM = 227 * 1024  # opt-in dynamic shared memory per block
+
+
+def shipped_configs() -> list[tuple[str, object]]:
+    """(rung, TileConfig) of every s5-s7 kernel configuration the host picks for the
+    Llama-2 7B/70B and ideal shapes, batch sizes 1-128 and every group size, on an H100."""
     from unittest import mock
 
     import steps.s5_async_pipeline as s5
-    import steps.s7_sparse_marlin as s7
     from steps.bench import preset_shapes
     from steps.registry import get
-    from steps.s4_marlin_layout import group_rows
 
-    h100_smem = 227 * 1024
     shapes = {shape for preset in ("llama-7b", "llama-70b", "ideal") for shape in preset_shapes(preset, 132)}
-    found = {("s4_marlin_layout", (("M_BLOCKS", mb), ("GROUP_ROWS", group_rows(g)))) for mb in range(1, 5) for g in GROUPS}
-    with mock.patch.object(s5, "max_dynamic_smem", lambda device: h100_smem), mock.patch.object(
-        s7, "max_dynamic_smem", lambda device: h100_smem
+    found = set()
+    with (
+        mock.patch.object(s5, "max_dynamic_smem", lambda device: H100_SMEM),
+        mock.patch.object(s5, "sm_count", lambda device: 132),
     ):
         for name in ("s5_async_pipeline", "s6_marlin", "s7_sparse_marlin"):
             step = get(name)
             for (K, N), M, g in itertools.product(shapes, (1, 16, 32, 48, 64, 128), GROUPS):
                 if step.supports(M, K, N, g):
-                    found.add((name, step.config(M, K, N, g, 0).defines()))
+                    found.add((name, step.config(M, K, N, g, 0)))
+    return sorted(found, key=repr)
+
+
+def shipped_variants() -> list[tuple[str, tuple[tuple[str, int], ...]]]:
+    """(source, defines) of every s4-s7 kernel variant shipped (see shipped_configs): the
+    defaults in the sources are only one of them."""
+    from steps.s4_marlin_layout import group_rows
+
+    found = {("s4_marlin_layout", (("M_BLOCKS", mb), ("GROUP_ROWS", group_rows(g)))) for mb in range(1, 5) for g in GROUPS}
+    found |= {(name, cfg.defines()) for name, cfg in shipped_configs()}
     return sorted(found)
 
 
@@ -108,3 +118,9 @@ def test_every_shipped_s6_s7_tile_fits_the_partial_sum_slot():
         d = dict(defines)
         if source in ("s6_marlin", "s7_sparse_marlin"):
             assert 16 * d["M_BLOCKS"] * d["TILE_N"] <= MAX_PARTIAL_FLOATS, (source, d)
+
+
+def test_every_shipped_configuration_fits_the_h100_shared_memory():
+    """Stages plus an own reduction buffer must stay within what a block may opt into."""
+    for name, cfg in shipped_configs():
+        assert cfg.smem_bytes <= H100_SMEM, (name, cfg, cfg.smem_bytes)

@@ -239,8 +239,8 @@ def test_llama_and_ideal_shapes_are_supported_with_both_tiles():
     shapes = [(4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096), (8192, 10240), (8192, 8192),
               (8192, 57344), (28672, 8192), (33792, 16896)]  # fmt: skip
     for K, N in shapes:
-        assert tile_shapes_for(K, N, s7.tile_plan(1)) == (256, 128)
-        assert tile_shapes_for(K, N, s7.tile_plan(64)) == (128, 256)
+        assert tile_shapes_for(K, N, s7.tile_plan(1, N, 132)) == (256, 128)
+        assert tile_shapes_for(K, N, s7.tile_plan(64, N, 132)) == (128, 256)
 
 
 @pytest.mark.gpu

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Device calls: GPU tests, sanitizers, profiles, the committed benchmarks, logs under $OUT.
 # Usage on the lent GPU machine: bash scripts/gpu_acceptance.sh [tests|sanitize|ncu|bench|e2e]...
+# BENCH_PRESETS picks bench presets (default: llama-7b ideal ideal-s1 llama-70b).
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -28,10 +29,14 @@ for part in "${parts[@]}"; do
     bench)
       rungs="s2_smem_tiling s3_tensor_cores s4_marlin_layout s5_async_pipeline s6_marlin s7_sparse_marlin"
       bench() { timeout 200 python3 -m steps bench --quiet --json "$OUT/${stamp}_${gpu}_$1.jsonl" --shapes "${@:2}" 2>&1 | tee -a "$OUT/bench.txt"; }
-      bench llama-7b llama-7b --batch 1 16 64 --rungs s1_numba_naive $rungs
-      bench ideal ideal --batch 1 2 4 8 16 32 64 128 --rungs $rungs
-      bench ideal-s1 ideal --batch 16 --rungs s1_numba_naive
-      bench llama-70b llama-70b --batch 1 16 64 --rungs s3_tensor_cores s4_marlin_layout s5_async_pipeline s6_marlin s7_sparse_marlin ;;
+      for preset in ${BENCH_PRESETS:-llama-7b ideal ideal-s1 llama-70b}; do
+        case $preset in
+          llama-7b) bench llama-7b llama-7b --batch 1 16 64 --rungs s1_numba_naive $rungs ;;
+          ideal) bench ideal ideal --batch 1 2 4 8 16 32 64 128 --rungs $rungs ;;
+          ideal-s1) bench ideal-s1 ideal --batch 16 --rungs s1_numba_naive ;;
+          llama-70b) bench llama-70b llama-70b --batch 1 16 64 --rungs s3_tensor_cores s4_marlin_layout s5_async_pipeline s6_marlin s7_sparse_marlin ;;
+        esac
+      done ;;
     e2e)
       mkdir -p "$OUT/e2e"
       timeout 330 python3 -m steps e2e --dims 7b --json "$OUT/e2e/${stamp}_${gpu}_7b.jsonl" 2>&1 | tee -a "$OUT/e2e.txt"

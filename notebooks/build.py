@@ -578,7 +578,7 @@ from steps.s5_async_pipeline import TileConfig, tile_shapes_for
 
 s5 = nb.rung("s5_async_pipeline")
 for M in (1, 16, 64):
-    plan = s5.tile_plan(M)
+    plan = s5.tile_plan(M, 4096, None)
     tk, tn = tile_shapes_for(4096, 4096, plan)
     stage = TileConfig(m_blocks_for(M), tn, tk, 1, 128).stage_bytes
     stages = min(plan.max_stages, plan.smem_budget // stage)
@@ -587,7 +587,7 @@ for M in (1, 16, 64):
         md("""
 ## The timeline
 
-A model of the loop in `marlin::Pipeline::run` (`csrc/marlin_core.cuh`): while tile *t* is
+A model of the loop in `marlin::Pipeline::consume` (`csrc/marlin_core.cuh`): while tile *t* is
 multiplied, the copy of tile *t + STAGES − 1* is issued into the slot tile *t − 1* just
 freed; `cp.async.wait_group` then waits until tile *t + 1* has landed. The reference has no
 model of this pipeline, so the picture is drawn from the loop itself, with a copy taking
@@ -734,18 +734,21 @@ partial sums. MARLIN does it in the fp16 output, one block after another, each w
 a lock; here each block stores fp32 partials and the last to arrive adds them, so nobody
 waits and the sum is rounded once."""),
     ] + measured("s6_marlin", "s5_async_pipeline", "M=16, K=1024, N=512", """
-On the benchmark shape the prediction holds: at M ≤ 16 s6 and rung 5 both stream at the
-measured read bandwidth, and the two profile rows are nearly the same. Above 32 rows s6
+On the benchmark shape the prediction holds: at M ≤ 16 s6 and rung 5 both stream at about
+the measured read bandwidth, and the two profile rows are nearly the same. Where there are
+at least half as many 256-wide column slices as SMs (the benchmark shape among them) s6
 uses 128 × 256 tiles, which its striped grid allows (rung 5 needs many column slices to
-fill the SMs), and it pulls ahead of rung 5 at M = 64 and 128; there both are limited by
-`mma.sync` arithmetic rather than bytes (the M = 64 profile: tensor pipe busy more than half
-the time, DRAM under half of peak).
+fill the SMs); above 32 rows both are limited by `mma.sync` arithmetic rather than bytes
+(the M = 64 profile: tensor pipe busy more than half the time, DRAM under half of peak).
 
-On the Llama-2-7B sum s6 is ahead of rung 5 at every printed M, as predicted. That took a
-second try: with MARLIN's serial reduction (each block waits for the previous one, then
+On the Llama-2-7B sum s6 is ahead of rung 5 at every printed M, as predicted. That took
+three tries. With MARLIN's serial reduction (each block waits for the previous one, then
 reads, adds and writes the fp16 partials) s6 was *behind* rung 5 at M = 16 and 64, because
-on layers this small the chain of hand-offs cost about as much as streaming the weights.
-The no-wait fp32 reduction removed the chain.""") + [
+on layers this small the chain of hand-offs cost about as much as streaming the weights;
+the no-wait fp32 reduction removed the chain. Then the fixed costs per block: the pipeline
+now keeps fetching the next slice's tiles while a block reduces the current one, and a
+block's run is made longer when that spares it a shared slice (`stripe_length` with a
+reduction cost). docs/rungs.md has each prediction and what was measured.""") + [
         md("""
 ## Try this
 

@@ -1,6 +1,9 @@
 """Run every CUDA rung once on a few small shapes: the workload for compute-sanitizer.
 The tall, narrow shapes have fewer tiles than SMs, so s6 and s7 split every column slice
-between several blocks and their global reduction runs."""
+between several blocks and their global reduction runs. Rung names as arguments limit the
+run to those rungs."""
+
+import sys
 
 import numpy as np
 
@@ -9,6 +12,8 @@ import steps
 
 rng = np.random.default_rng(0)
 for step in steps.STEPS:
+    if sys.argv[1:] and step.name not in sys.argv[1:]:
+        continue
     if step.host_arrays or not step.available():
         continue
     import cupy

@@ -87,7 +87,8 @@ def cmd_e2e(args: argparse.Namespace) -> int:
     if device == "cpu":
         print("No CUDA GPU here: the CPU rung on tiny dimensions checks the pipeline; real numbers need a GPU.")
     machine = bench.describe_machine(device)
-    check, rows = e2e.run(machine, dims, args.layers, batches, args.tokens, args.prompt_len, args.group_size, args.rung, args.seed, args.sparse)
+    check, rows = e2e.run(machine, dims, args.layers, batches, args.tokens, args.prompt_len, args.group_size, args.rung, args.seed,
+                          args.sparse, args.compile)  # fmt: skip
     print(e2e.format_check(check))
     if not check.passed:
         print("The MarlinLinear model failed its correctness check; nothing was timed.")
@@ -133,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--group-size", type=int, default=128, choices=(-1, 32, 64, 128))
     e.add_argument("--rung", help="force this rung for the MarlinLinear layers (default: the fastest that runs)")
     e.add_argument("--sparse", action="store_true", help="prune the weights 2:4 (both models) and use sparse layers")
+    e.add_argument("--compile", action="store_true", help="run both models' forward under torch.compile(fullgraph=True)")
     e.add_argument("--json", help="append JSON lines (with GPU, versions, date) to this file")
     e.add_argument("--seed", type=int, default=0)
     r = sub.add_parser("report", help="regenerate the results tables and plots from docs/results/*.jsonl")

@@ -42,6 +42,12 @@ steps.timing.measure times that step (on a GPU it captures the step in a CUDA gr
 replays it; after each step the cache is rewound by one position so that every replay
 decodes the same last position). tokens/s = batch / step time.
 
+With `compiled`, both models' forward runs under torch.compile(fullgraph=True) (the
+MarlinLinear custom op has a fake implementation, so there is no graph break): inductor
+fuses the norms, rotary embedding, residual adds and the SiLU gate that otherwise run as
+many small kernels, and the step is then captured and timed like the eager one. The
+correctness check and the breakdown below stay eager.
+
 Breakdown (measured, then subtracted): "linear" is the sum over the replaced layers of one
 call at the decode shape (batch x K), timed with measure per distinct (K, N) while rotating
 over the model's own layers of that shape; "attention" is the SDPA kernel over the full
@@ -232,8 +238,14 @@ class Decoder:
     also bypasses transformers' mask construction, which differs between versions.
     """
 
-    def __init__(self, model: nn.Module, batch: int, max_len: int):
+    def __init__(self, model: nn.Module, batch: int, max_len: int, compiled: bool = False):
         self.model, self.batch, self.max_len = model, batch, max_len
+        self.forward = model.forward
+        if compiled:
+            # One graph per (model, batch): start from empty dynamo caches so earlier batch
+            # sizes do not count against its recompilation limit.
+            torch._dynamo.reset()
+            self.forward = torch.compile(model.forward, fullgraph=True)
         device = model.device
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
         self.cache_keyword = _cache_keyword(model)
@@ -244,7 +256,7 @@ class Decoder:
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         kwargs = {self.cache_keyword: self.cache}
-        out = self.model(ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **kwargs)
+        out = self.forward(ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **kwargs)
         return out.logits[:, -1:].argmax(-1)
 
     @torch.no_grad()
@@ -339,6 +351,7 @@ class Row:
     max_cache_len: int
     group_size: int
     sparse: bool  # weights pruned 2:4 (in the FP16 twin too)
+    compiled: bool  # both models' forward under torch.compile(fullgraph=True)
     model: str  # "fp16" or the rung(s) of the MarlinLinear layers
     step_us: float
     q1_us: float
@@ -367,6 +380,7 @@ def run(
     rung: str | None = None,
     seed: int = 0,
     sparse: bool = False,
+    compiled: bool = False,
 ) -> tuple[Check, list[Row]]:
     """Build both models, check them, and time decoding at each batch size (no rows if the check fails)."""
     if machine.device == "cpu" and dims != "tiny":
@@ -385,7 +399,7 @@ def run(
         prompt = torch.from_numpy(rng.integers(0, config.vocab_size, (batch, prompt_len))).to(machine.device)
         timed = {}
         for label, model in (("fp16", models.twin), (models.rung, models.quant)):
-            decoder = Decoder(model, batch, max_len)
+            decoder = Decoder(model, batch, max_len, compiled)
             tokens = decoder.generate(prompt, new_tokens)
             timed[label] = (decoder.time_step(machine.device), tokens)
             del decoder
@@ -397,7 +411,8 @@ def run(
             t, tokens = timed[label]
             lin = linear_us(model, models.replaced, batch, machine.device)
             rows.append(Row(
-                "e2e", dims, config.num_hidden_layers, batch, prompt_len, new_tokens, max_len, group_size, sparse, label,
+                "e2e", dims, config.num_hidden_layers, batch, prompt_len, new_tokens, max_len, group_size, sparse, compiled,
+                label,
                 t.median_us, t.q1_us, t.q3_us, t.method, batch / (t.median_us * 1e-6),
                 base_t.median_us / t.median_us, lin, attn, t.median_us - lin - attn,
                 float((tokens == base_tokens).float().mean()), check.max_gemm_error_ratio, check.logits_rel_err,

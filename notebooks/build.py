@@ -943,14 +943,14 @@ if stored.is_file():
 else:
     print("No end-to-end results are stored in docs/results/e2e/ yet.")"""),
         md("""
-Up to batch 16 the linear layers take about half the FP16 time, as the layer benchmark
-predicts; at batch 64 and 128 they are slower than FP16's, and so is the whole 7B model.
-At every batch size the *rest* column (norms, rotary embedding, cache writes, residual
-adds, the SiLU gate, lm_head and the gaps between these many small kernels) is the same in
-both models and is a large share of a 7B decode step, so the end-to-end gain is well below
-the linear layers' gain. The 70B
-layers are wider, so the rest is a smaller share and the end-to-end gain is larger. Fusing
-the rest (compiling the decoder with `torch.compile`) is the next step, not done yet.
+Up to batch 16 the linear layers take about half the FP16 time or less; at batch 128 they
+are slower than FP16's, and so is the whole 7B model. At every batch size the *rest*
+column (norms, rotary embedding, cache writes, residual adds, the SiLU gate, lm_head and
+the gaps between these many small kernels) is the same in both models and is a large
+share of a 7B decode step, so the end-to-end gain is well below the linear layers' gain.
+The 70B layers are wider, so the rest is a smaller share and the end-to-end gain is
+larger. Fusing the rest is what `python -m steps e2e --compile` tries (both models under
+`torch.compile`); it has not been measured on a GPU yet.
 
 ## Try this
 

@@ -615,7 +615,7 @@ timeline(axes[0], 3, 2.5)
 timeline(axes[1], 4, 2.5)
 axes[1].set_xlabel("time (one step = multiplying one tile); blue: copy in flight, orange: multiply")
 fig.tight_layout(); plt.show()"""),
-        code('nb.show_source("csrc/marlin_core.cuh", "__device__ __forceinline__ void run(")'),
+        code('nb.show_source("csrc/marlin_core.cuh", "__device__ __forceinline__ void consume(")'),
         md("""
 ## Prediction
 

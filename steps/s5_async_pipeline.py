@@ -141,16 +141,26 @@ class PipelinedStep(CudaStep):
         return m_blocks_for(M)
 
     def config(self, M: int, K: int, N: int, group_size: int, device: int) -> TileConfig:
+        """The compiled variant for this call: the plan's first tile shape that divides K and
+        N and whose stages (at least 3) fit the device's shared memory."""
         plan = self.tile_plan(M, N, sm_count(device))
-        tk, tn = tile_shapes_for(K, N, plan)
+        tiles = [(tk, tn) for tk, tn in plan.tiles if K % tk == 0 and N % tn == 0]
         if self.tile_override and K % self.tile_override[0] == 0 and N % self.tile_override[1] == 0:
-            tk, tn = self.tile_override
-        probe = self.config_type(self.m_blocks(M, tk, tn), tn, tk, 1, group_rows(group_size), self.evict_first,
-                                 self.own_reduce_buffer)  # fmt: skip
-        stages = min(self.max_stages or plan.max_stages, self.stage_budget(probe, plan, device) // probe.stage_bytes)
-        if self.even_stages and stages > 4:
-            stages -= stages % 2
-        return replace(probe, stages=max(3, stages))
+            tiles = [self.tile_override]
+        limit = max_dynamic_smem(device)
+        for tk, tn in tiles:
+            probe = self.config_type(self.m_blocks(M, tk, tn), tn, tk, 1, group_rows(group_size), self.evict_first,
+                                     self.own_reduce_buffer)  # fmt: skip
+            stages = min(self.max_stages or plan.max_stages, self.stage_budget(probe, plan, device) // probe.stage_bytes)
+            if self.even_stages and stages > 4:
+                stages -= stages % 2
+            cfg = replace(probe, stages=max(3, stages))
+            if cfg.smem_bytes <= limit:
+                return cfg
+        raise ValueError(
+            f"{self.name}: no tile shape for M={M}, K={K}, N={N}, group size {group_size} fits 3 pipeline stages "
+            f"in this GPU's {limit} bytes of shared memory per block; use a rung below or a GPU with more"
+        )
 
     def stage_budget(self, probe: TileConfig, plan: TilePlan, device: int) -> int:
         """Shared memory the stages may fill: the plan's budget, within what the device allows

@@ -40,6 +40,27 @@ def test_every_chapter_has_a_notebook_and_it_is_up_to_date():
         )
 
 
+def test_every_source_listing_names_a_region_that_exists():
+    """nb.show_source prints a placeholder for a missing region, so a renamed function
+    would leave a chapter showing no code without any cell failing."""
+    import ast
+    import re
+
+    from steps.notebook_support import source_region
+
+    build = _build_module()
+    listings = [
+        ast.literal_eval(f"({args},)")
+        for chapter in build.NOTEBOOKS.values()
+        for kind, source in chapter()
+        if kind == "code"
+        for args in re.findall(r"nb\.show_source\(([^)]*)\)", source)
+    ]
+    assert listings
+    missing = [args for args in listings if source_region(*args) is None]
+    assert not missing, f"source regions not found: {missing}"
+
+
 def test_every_rung_chapter_predicts_then_measures_then_explains():
     build = _build_module()
     for stem in [s for s in build.NOTEBOOKS if s[:2] in {f"{i:02d}" for i in range(1, 8)}]:

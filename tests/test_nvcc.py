@@ -49,9 +49,11 @@ def test_compiles_without_warnings_or_spills(source, arch, tmp_path):
 H100_SMEM = 227 * 1024  # opt-in dynamic shared memory per block
 
 
-def shipped_configs() -> list[tuple[str, object]]:
+def shipped_configs(smem: int = H100_SMEM, sms: int = 132) -> list[tuple[str, object]]:
     """(rung, TileConfig) of every s5-s7 kernel configuration the host picks for the
-    Llama-2 7B/70B and ideal shapes, batch sizes 1-128 and every group size, on an H100."""
+    Llama-2 7B/70B and ideal shapes, batch sizes 1-128 and every group size, on a GPU with
+    `smem` bytes of opt-in shared memory per block and `sms` SMs (an H100 by default);
+    a case the rung refuses on that GPU is left out."""
     from unittest import mock
 
     import steps.s5_async_pipeline as s5
@@ -61,14 +63,17 @@ def shipped_configs() -> list[tuple[str, object]]:
     shapes = {shape for preset in ("llama-7b", "llama-70b", "ideal") for shape in preset_shapes(preset, 132)}
     found = set()
     with (
-        mock.patch.object(s5, "max_dynamic_smem", lambda device: H100_SMEM),
-        mock.patch.object(s5, "sm_count", lambda device: 132),
+        mock.patch.object(s5, "max_dynamic_smem", lambda device: smem),
+        mock.patch.object(s5, "sm_count", lambda device: sms),
     ):
         for name in ("s5_async_pipeline", "s6_marlin", "s7_sparse_marlin"):
             step = get(name)
             for (K, N), M, g in itertools.product(shapes, (1, 16, 32, 48, 64, 128), GROUPS):
                 if step.supports(M, K, N, g):
-                    found.add((name, step.config(M, K, N, g, 0)))
+                    try:
+                        found.add((name, step.config(M, K, N, g, 0)))
+                    except ValueError as e:
+                        assert "shared memory" in str(e), e
     return sorted(found, key=repr)
 
 
@@ -120,7 +125,11 @@ def test_every_shipped_s6_s7_tile_fits_the_partial_sum_slot():
             assert 16 * d["M_BLOCKS"] * d["TILE_N"] <= MAX_PARTIAL_FLOATS, (source, d)
 
 
-def test_every_shipped_configuration_fits_the_h100_shared_memory():
-    """Stages plus an own reduction buffer must stay within what a block may opt into."""
-    for name, cfg in shipped_configs():
-        assert cfg.smem_bytes <= H100_SMEM, (name, cfg, cfg.smem_bytes)
+@pytest.mark.parametrize("smem, sms", [(H100_SMEM, 132), (163 * 1024, 108), (99 * 1024, 84)], ids=["H100", "A100", "sm_86"])
+def test_every_configuration_fits_the_shared_memory_of_its_gpu(smem, sms):
+    """Stages plus an own reduction buffer must stay within what a block may opt into; on
+    a small GPU the rungs fall back to narrower tiles (or refuse, with a clear error)."""
+    configs = shipped_configs(smem, sms)
+    assert {name for name, _ in configs} == {"s5_async_pipeline", "s6_marlin", "s7_sparse_marlin"}
+    for name, cfg in configs:
+        assert cfg.smem_bytes <= smem, (name, cfg, cfg.smem_bytes)

@@ -269,6 +269,52 @@ struct ATileCopy {
   __device__ __forceinline__ void advance() { next += ROW_CHUNKS; }
 };
 
+// Where a pipeline's next fetch comes from, for the dense and sparse pipelines alike: the
+// next tile of a block's run [t, end), numbered t = (slab * n_tiles + col) * k_tiles +
+// k_tile, and the A rows of its slab. When `left` reaches 0 the run enters a new column
+// slice: enter_slice(t) moves A to the slice's slab and returns the column, at which the
+// pipeline points its own streams.
+template <int kMBlocks, int kTileK, int kTileN, int kThreads>
+struct RunCursor {
+  static constexpr int SLAB_ROWS = 16 * kMBlocks;
+
+  const int4* A;
+  int M, k_tiles, n_tiles;
+  int t, end;  // the next tile to fetch, the run's end
+  int left;    // tiles of the current slice still to fetch
+  int k_tile;  // k-tile (within its slice) of the next fetch, for the scale rows
+  ATileCopy<kMBlocks, kTileK, kThreads> a_tile;
+
+  __device__ __forceinline__ void init(const int4* A_, int M_, int K, int N) {
+    A = A_;
+    M = M_;
+    k_tiles = K / kTileK;
+    n_tiles = N / kTileN;
+    a_tile.init(K);
+  }
+
+  __device__ __forceinline__ void start(int t_begin, int t_end) {
+    t = t_begin;
+    end = t_end;
+    left = 0;
+  }
+
+  __device__ __forceinline__ int enter_slice(int t_) {
+    const int slice = t_ / k_tiles, slab = slice / n_tiles, col = slice - slab * n_tiles;
+    k_tile = t_ - slice * k_tiles;
+    left = min(k_tiles - k_tile, end - t_);
+    a_tile.begin(A + size_t(slab) * SLAB_ROWS * a_tile.stride, min(SLAB_ROWS, M - slab * SLAB_ROWS), k_tile);
+    return col;
+  }
+
+  // Count the tile just fetched; its streams (a_tile included) advance themselves.
+  __device__ __forceinline__ void advance() {
+    ++k_tile;
+    ++t;
+    --left;
+  }
+};
+
 // ---------------------------------------------------------------------------------
 // The multi-stage pipeline of s5 and s6 over a block's run of weight tiles.
 //
@@ -328,13 +374,8 @@ struct Pipeline {
 
   int4* smem;
   int warp, lane, k_warp, strip;
-  const int4 *A, *B, *S;
-  int M, k_tiles, n_tiles;
-  // The fetch side: the next tile to fetch (numbered as above), the run's end, how many
-  // tiles of the current column slice remain, and where they start.
-  int fetch_t, fetch_end, fetch_left;
-  int fetch_k_tile;  // k-tile (within its slice) of the next fetch, for the scale rows
-  ATile a_tile;
+  const int4 *B, *S;
+  RunCursor<kMBlocks, kTileK, kTileN, THREADS> next;  // the fetch side
   const int4* b_next;  // this thread's first weight chunk of the next tile
   const int4* s_base;  // this thread's scale chunk in group row 0 of the slice
   int b_stride, s_stride;  // 16-byte units per k16 row of W, per group row
@@ -348,13 +389,9 @@ struct Pipeline {
     lane = threadIdx.x % 32;
     k_warp = warp / N_STRIPS;
     strip = warp % N_STRIPS;
-    A = A_;
+    next.init(A_, M_, K, N);
     B = B_;
     S = S_;
-    M = M_;
-    k_tiles = K / kTileK;
-    n_tiles = N / kTileN;
-    a_tile.init(K);
     b_stride = N / 2;
     s_stride = N / 8;
     policy = kEvictFirst ? make_evict_first_policy() : 0ull;
@@ -363,13 +400,10 @@ struct Pipeline {
   // Point the fetches at tile t, the first of a column slice or of the run.
   __device__ __forceinline__ void point_at(int t) {
     const int tid = threadIdx.x;
-    const int slice = t / k_tiles, slab = slice / n_tiles, col = slice - slab * n_tiles;
-    fetch_k_tile = t - slice * k_tiles;
-    fetch_left = min(k_tiles - fetch_k_tile, fetch_end - t);
-    a_tile.begin(A + size_t(slab) * SLAB_ROWS * a_tile.stride, min(SLAB_ROWS, M - slab * SLAB_ROWS), fetch_k_tile);
+    const int col = next.enter_slice(t);
     // Weight chunk tid of a stage is k16 row tid / (kTileN/2), chunk tid % (kTileN/2) of
     // the tile's row; copy i adds 256 / (kTileN/2) k16 rows.
-    b_next = B + size_t(fetch_k_tile) * K16_STEPS * b_stride + size_t(tid / (kTileN / 2)) * b_stride +
+    b_next = B + size_t(next.k_tile) * K16_STEPS * b_stride + size_t(tid / (kTileN / 2)) * b_stride +
              col * (kTileN / 2) + tid % (kTileN / 2);
     s_base = S + col * S_ROW_CHUNKS + (tid / S_ROW_CHUNKS) * s_stride + tid % S_ROW_CHUNKS;
   }
@@ -382,10 +416,10 @@ struct Pipeline {
   // always commit a group, so "wait until at most kStages-2 groups are pending" keeps
   // meaning "the tile consumed next has landed".
   __device__ __forceinline__ void fetch(int slot) {
-    if (fetch_t < fetch_end) {
-      if (fetch_left == 0) point_at(fetch_t);
+    if (next.t < next.end) {
+      if (next.left == 0) point_at(next.t);
       const int t = threadIdx.x;
-      a_tile.copy(stage_a(slot));
+      next.a_tile.copy(stage_a(slot));
       int4* b = stage_b(slot);
 #pragma unroll
       for (int i = 0; i < B_COPIES; ++i) {
@@ -398,23 +432,19 @@ struct Pipeline {
       }
       if (t < S_CHUNKS) {
         // Scales are small and re-read by the next tiles of the same group: no hint.
-        const int group_row = kGroupRows == 0 ? 0 : (fetch_k_tile * kTileK) / kGroupRows;
+        const int group_row = kGroupRows == 0 ? 0 : (next.k_tile * kTileK) / kGroupRows;
         cp_async16(&stage_s(slot)[t], s_base + size_t(group_row) * s_stride);
       }
-      a_tile.advance();
+      next.a_tile.advance();
       b_next += size_t(K16_STEPS) * b_stride;
-      ++fetch_k_tile;
-      ++fetch_t;
-      --fetch_left;
+      next.advance();
     }
     cp_async_commit();
   }
 
   // Prime the pipeline with the first kStages - 1 tiles of the run [t_begin, t_end).
   __device__ __forceinline__ void start(int t_begin, int t_end) {
-    fetch_t = t_begin;
-    fetch_end = t_end;
-    fetch_left = 0;
+    next.start(t_begin, t_end);
 #pragma unroll
     for (int slot = 0; slot < kStages - 1; ++slot) fetch(slot);
     cp_async_wait<kStages - 2>();

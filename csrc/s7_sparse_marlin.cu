@@ -186,10 +186,8 @@ struct Pipeline {
 
   int4* smem;
   int warp, lane, k_warp, strip;
-  const int4 *A, *W, *Meta, *S;
-  int M, k_tiles, n_tiles;
-  int fetch_t, fetch_end, fetch_left, fetch_k_tile;  // as in marlin::Pipeline
-  ATile a_tile;
+  const int4 *W, *Meta, *S;
+  marlin::RunCursor<kMBlocks, kTileK, kTileN, THREADS> next;  // the fetch side
   const int4* w_next;  // this thread's first chunk of kept codes of the next tile
   const int4* m_next;  // this thread's first metadata chunk of the next tile
   const int4* s_base;  // this thread's scale chunk in group row 0 of the slice
@@ -204,14 +202,10 @@ struct Pipeline {
     lane = threadIdx.x % 32;
     k_warp = warp / N_STRIPS;
     strip = warp % N_STRIPS;
-    A = A_;
+    next.init(A_, M_, K, N);
     W = W_;
     Meta = Meta_;
     S = S_;
-    M = M_;
-    k_tiles = K / kTileK;
-    n_tiles = N / kTileN;
-    a_tile.init(K);
     w_stride = N / 2;
     m_stride = N / 4;
     s_stride = N / 8;
@@ -220,13 +214,10 @@ struct Pipeline {
 
   __device__ __forceinline__ void point_at(int t) {
     const int tid = threadIdx.x;
-    const int slice = t / k_tiles, slab = slice / n_tiles, col = slice - slab * n_tiles;
-    fetch_k_tile = t - slice * k_tiles;
-    fetch_left = min(k_tiles - fetch_k_tile, fetch_end - t);
-    a_tile.begin(A + size_t(slab) * SLAB_ROWS * a_tile.stride, min(SLAB_ROWS, M - slab * SLAB_ROWS), fetch_k_tile);
+    const int col = next.enter_slice(t);
     // Chunk tid of a stage's codes is k32 row tid / W_ROW_CHUNKS of the tile, chunk
     // tid % W_ROW_CHUNKS of the slice; the metadata likewise with M_ROW_CHUNKS.
-    const size_t k32_row0 = size_t(fetch_k_tile) * K32_STEPS;
+    const size_t k32_row0 = size_t(next.k_tile) * K32_STEPS;
     w_next = W + (k32_row0 + tid / W_ROW_CHUNKS) * w_stride + col * W_ROW_CHUNKS + tid % W_ROW_CHUNKS;
     m_next = Meta + (k32_row0 + tid / M_ROW_CHUNKS) * m_stride + col * M_ROW_CHUNKS + tid % M_ROW_CHUNKS;
     s_base = S + col * S_ROW_CHUNKS + (tid / S_ROW_CHUNKS) * s_stride + tid % S_ROW_CHUNKS;
@@ -247,10 +238,10 @@ struct Pipeline {
   // Issue the copies of the next tile of the run into `slot` (nothing past its end), and
   // always commit a group, so a count of pending groups names the tiles that have landed.
   __device__ __forceinline__ void fetch(int slot) {
-    if (fetch_t < fetch_end) {
-      if (fetch_left == 0) point_at(fetch_t);
+    if (next.t < next.end) {
+      if (next.left == 0) point_at(next.t);
       const int t = threadIdx.x;
-      a_tile.copy(stage_a(slot));
+      next.a_tile.copy(stage_a(slot));
       int4* w = stage_w(slot);
 #pragma unroll
       for (int i = 0; i < W_COPIES; ++i)
@@ -261,23 +252,19 @@ struct Pipeline {
         if (THREADS * i + t < M_CHUNKS)
           copy_streamed(&m[THREADS * i + t], m_next + size_t(THREADS / M_ROW_CHUNKS) * i * m_stride);
       if (t < S_CHUNKS) {
-        const int group_row = kGroupRows == 0 ? 0 : (fetch_k_tile * kTileK) / kGroupRows;
+        const int group_row = kGroupRows == 0 ? 0 : (next.k_tile * kTileK) / kGroupRows;
         marlin::cp_async16(&stage_s(slot)[t], s_base + size_t(group_row) * s_stride);
       }
-      a_tile.advance();
+      next.a_tile.advance();
       w_next += size_t(K32_STEPS) * w_stride;
       m_next += size_t(K32_STEPS) * m_stride;
-      ++fetch_k_tile;
-      ++fetch_t;
-      --fetch_left;
+      next.advance();
     }
     marlin::cp_async_commit();
   }
 
   __device__ __forceinline__ void start(int t_begin, int t_end) {
-    fetch_t = t_begin;
-    fetch_end = t_end;
-    fetch_left = 0;
+    next.start(t_begin, t_end);
 #pragma unroll
     for (int slot = 0; slot < kStages - 1; ++slot) fetch(slot);
     marlin::cp_async_wait<kStages - 2>();

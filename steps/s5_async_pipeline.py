@@ -44,7 +44,6 @@ class TileConfig:
     evict_first: bool = True
     own_reduce_buffer: bool = False  # the kernel's kOwnReduceBuffer (s6, s7); not a define
 
-
     @property
     def stage_bytes(self) -> int:
         a = 16 * self.m_blocks * self.tile_k // 8
@@ -95,9 +94,14 @@ SMALL_BATCH_PLAN = TilePlan(((256, 128), (128, 128), (64, 256)), 200 * 1024, 4)
 LARGE_BATCH_PLAN = TilePlan(((128, 128), (64, 256)), 96 * 1024, 8)
 
 
+def dividing_tiles(K: int, N: int, tiles) -> list[tuple[int, int]]:
+    """The (TILE_K, TILE_N) of `tiles` that divide K and N, in their order."""
+    return [(tk, tn) for tk, tn in tiles if K % tk == 0 and N % tn == 0]
+
+
 def tile_shapes_for(K: int, N: int, plan: TilePlan) -> tuple[int, int] | None:
     """The plan's first (TILE_K, TILE_N) that divides K and N, or None."""
-    return next(((tk, tn) for tk, tn in plan.tiles if K % tk == 0 and N % tn == 0), None)
+    return next(iter(dividing_tiles(K, N, plan.tiles)), None)
 
 
 @functools.cache
@@ -144,9 +148,7 @@ class PipelinedStep(CudaStep):
         """The compiled variant for this call: the plan's first tile shape that divides K and
         N and whose stages (at least 3) fit the device's shared memory."""
         plan = self.tile_plan(M, N, sm_count(device))
-        tiles = [(tk, tn) for tk, tn in plan.tiles if K % tk == 0 and N % tn == 0]
-        if self.tile_override and K % self.tile_override[0] == 0 and N % self.tile_override[1] == 0:
-            tiles = [self.tile_override]
+        tiles = dividing_tiles(K, N, [self.tile_override] if self.tile_override else []) or dividing_tiles(K, N, plan.tiles)
         limit = max_dynamic_smem(device)
         for tk, tn in tiles:
             probe = self.config_type(self.m_blocks(M, tk, tn), tn, tk, 1, group_rows(group_size), self.evict_first,

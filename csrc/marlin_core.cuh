@@ -105,26 +105,42 @@ __device__ __forceinline__ unsigned as_u32(half2 h) { return *reinterpret_cast<u
 // the fp16 value 1024 + v (low nibble) or 1024 + 16 v (high nibble). The lop3 truth
 // table for (a & b) | c is (0xF0 & 0xCC) | 0xAA over the operand tables a=F0, b=CC, c=AA.
 // Subtracting 1032, or multiplying by 1/16 and adding -72, then yields v - 8 exactly:
-// the symmetric zero point costs nothing.
+// the symmetric zero point costs nothing. For weights with zero points the same two
+// instructions with 1024 and -64 yield v, and dequantize_tile subtracts the zero point.
+template <bool kZeroPoints = false>
 __device__ __forceinline__ FragB dequantize_pairs(unsigned q) {
   constexpr int AND_OR = (0xF0 & 0xCC) | 0xAA;
+  constexpr unsigned OFFSET = kZeroPoints ? 0x64006400u : 0x64086408u;      // 1024 or 1032
+  constexpr unsigned FMA_OFFSET = kZeroPoints ? 0xD400D400u : 0xD480D480u;  // -64 or -72
   const unsigned lo = lop3<AND_OR>(q, 0x000F000Fu, 0x64006400u);
   const unsigned hi = lop3<AND_OR>(q, 0x00F000F0u, 0x64006400u);
   FragB b;
-  b.r[0] = as_u32(__hsub2(as_half2(lo), as_half2(0x64086408u)));                         // 1032
-  b.r[1] = as_u32(__hfma2(as_half2(hi), as_half2(0x2C002C00u), as_half2(0xD480D480u)));  // 1/16, -72
+  b.r[0] = as_u32(__hsub2(as_half2(lo), as_half2(OFFSET)));
+  b.r[1] = as_u32(__hfma2(as_half2(hi), as_half2(0x2C002C00u), as_half2(FMA_OFFSET)));  // x * 1/16 + offset
   return b;
 }
 
 // A lane's 32-bit word of tile j holds both of its B operands: nibbles (0,4),(1,5) the
 // left 8 columns, (2,6),(3,7) the right 8 -- reached by shifting the word right by 8.
 // Each operand is scaled by its column's fp16 scale with one __hmul2 rounding, which is
-// bit for bit the reference's fp16((q - 8) * s).
-__device__ __forceinline__ void dequantize_tile(unsigned q, unsigned scale_pair, FragB& left, FragB& right) {
+// bit for bit the reference's fp16((q - 8) * s). With zero points, `zero_pair` holds the
+// two columns' fp16 zero points, subtracted first (v - z is a small integer: exact), so
+// the result is again one rounding: fp16((q - z) * s).
+template <bool kZeroPoints = false>
+__device__ __forceinline__ void dequantize_tile(unsigned q, unsigned scale_pair, FragB& left, FragB& right,
+                                                unsigned zero_pair = 0) {
   const half2 s = as_half2(scale_pair);
   const half2 s_left = __low2half2(s), s_right = __high2half2(s);
-  left = dequantize_pairs(q);
-  right = dequantize_pairs(q >> 8);
+  left = dequantize_pairs<kZeroPoints>(q);
+  right = dequantize_pairs<kZeroPoints>(q >> 8);
+  if (kZeroPoints) {
+    const half2 z = as_half2(zero_pair);
+    const half2 z_left = __low2half2(z), z_right = __high2half2(z);
+    left.r[0] = as_u32(__hsub2(as_half2(left.r[0]), z_left));
+    left.r[1] = as_u32(__hsub2(as_half2(left.r[1]), z_left));
+    right.r[0] = as_u32(__hsub2(as_half2(right.r[0]), z_right));
+    right.r[1] = as_u32(__hsub2(as_half2(right.r[1]), z_right));
+  }
   left.r[0] = as_u32(__hmul2(as_half2(left.r[0]), s_left));
   left.r[1] = as_u32(__hmul2(as_half2(left.r[1]), s_left));
   right.r[0] = as_u32(__hmul2(as_half2(right.r[0]), s_right));
@@ -142,15 +158,16 @@ __device__ __forceinline__ void mma_16816(const FragA& a, const FragB& b, FragC&
 // One lane's whole contribution for one k16 step of its warp's 16*kMBlocks x 64 strip:
 // dequantize the four tiles of its 128-bit weight word, multiply with every m-block.
 // m is the inner loop so the dequantization of tile j+1 overlaps the mmas of tile j.
-template <int kMBlocks>
+template <int kMBlocks, bool kZeroPoints = false>
 __device__ __forceinline__ void multiply_k16(const FragA (&a)[kMBlocks], const int4& w, const int4& s,
-                                             FragC (&acc)[kMBlocks][4][2]) {
+                                             FragC (&acc)[kMBlocks][4][2], const int4& z = int4{}) {
   const unsigned words[4] = {unsigned(w.x), unsigned(w.y), unsigned(w.z), unsigned(w.w)};
   const unsigned scales[4] = {unsigned(s.x), unsigned(s.y), unsigned(s.z), unsigned(s.w)};
+  const unsigned zeros[4] = {unsigned(z.x), unsigned(z.y), unsigned(z.z), unsigned(z.w)};
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     FragB left, right;
-    dequantize_tile(words[j], scales[j], left, right);
+    dequantize_tile<kZeroPoints>(words[j], scales[j], left, right, zeros[j]);
 #pragma unroll
     for (int m = 0; m < kMBlocks; ++m) {
       mma_16816(a[m], left, acc[m][j][0]);
@@ -333,12 +350,14 @@ struct RunCursor {
 // slices, and kOwnReduceBuffer gives the k-warp reduction shared memory of its own so it
 // cannot collide with those tiles in flight.)
 //
-// Stage layout in shared memory (16-byte units): A tile | weights | scales. Thread t
+// Stage layout in shared memory (16-byte units): A tile | weights | scales | zero points
+// (only with kZeroPoints: fp16, permuted like the scales, one per group and column). Thread t
 // copies weight chunks t, t + 256, ... of a stage and -- because chunk index =
 // 256 * substep + 32 * warp + lane is exactly what the consuming lane needs -- later
 // reads back the very chunks it copied. Only A is truly shared between warps.
 // ---------------------------------------------------------------------------------
-template <int kMBlocks, int kTileN, int kTileK, int kStages, int kGroupRows, bool kEvictFirst, bool kOwnReduceBuffer>
+template <int kMBlocks, int kTileN, int kTileK, int kStages, int kGroupRows, bool kEvictFirst, bool kOwnReduceBuffer,
+          bool kZeroPoints>
 struct Pipeline {
   static constexpr int THREADS = 256;
   static constexpr int TILE_N_COLS = kTileN, TILE_K_ROWS = kTileK, SLAB_ROWS = 16 * kMBlocks;
@@ -363,7 +382,8 @@ struct Pipeline {
   static constexpr int S_ROW_CHUNKS = kTileN / 8;
   static constexpr int S_CHUNKS = S_ROWS * S_ROW_CHUNKS;
   static_assert(S_CHUNKS <= THREADS, "one scale chunk per thread at most");
-  static constexpr int STAGE_CHUNKS = A_CHUNKS + B_CHUNKS + S_CHUNKS;
+  static constexpr int Z_CHUNKS = kZeroPoints ? S_CHUNKS : 0;
+  static constexpr int STAGE_CHUNKS = A_CHUNKS + B_CHUNKS + S_CHUNKS + Z_CHUNKS;
   // The in-block reduction: (K_WARPS - 1) warps per strip store 32 floats per lane for one
   // m-block at a time, after the stages or over them (then only once they are idle).
   static constexpr int REDUCE_CHUNKS = (K_WARPS - 1) * N_STRIPS * 32 * 32 / 4;
@@ -374,16 +394,17 @@ struct Pipeline {
 
   int4* smem;
   int warp, lane, k_warp, strip;
-  const int4 *B, *S;
+  const int4 *B, *S, *Z;
   RunCursor<kMBlocks, kTileK, kTileN, THREADS> next;  // the fetch side
   const int4* b_next;  // this thread's first weight chunk of the next tile
   const int4* s_base;  // this thread's scale chunk in group row 0 of the slice
-  int b_stride, s_stride;  // 16-byte units per k16 row of W, per group row
+  const int4* z_base;  // and its zero-point chunk (kZeroPoints)
+  int b_stride, s_stride;  // 16-byte units per k16 row of W, per group row (of S and Z)
   int read_slot;     // the stage the consumer reads next
   unsigned long long policy;
 
-  __device__ __forceinline__ void init(int4* smem_, const int4* A_, const int4* B_, const int4* S_, int M_, int K,
-                                       int N) {
+  __device__ __forceinline__ void init(int4* smem_, const int4* A_, const int4* B_, const int4* S_, const int4* Z_,
+                                       int M_, int K, int N) {
     smem = smem_;
     warp = threadIdx.x / 32;
     lane = threadIdx.x % 32;
@@ -392,6 +413,7 @@ struct Pipeline {
     next.init(A_, M_, K, N);
     B = B_;
     S = S_;
+    Z = Z_;
     b_stride = N / 2;
     s_stride = N / 8;
     policy = kEvictFirst ? make_evict_first_policy() : 0ull;
@@ -406,11 +428,13 @@ struct Pipeline {
     b_next = B + size_t(next.k_tile) * K16_STEPS * b_stride + size_t(tid / (kTileN / 2)) * b_stride +
              col * (kTileN / 2) + tid % (kTileN / 2);
     s_base = S + col * S_ROW_CHUNKS + (tid / S_ROW_CHUNKS) * s_stride + tid % S_ROW_CHUNKS;
+    if (kZeroPoints) z_base = Z + (s_base - S);
   }
 
   __device__ __forceinline__ int4* stage_a(int slot) const { return smem + slot * STAGE_CHUNKS; }
   __device__ __forceinline__ int4* stage_b(int slot) const { return stage_a(slot) + A_CHUNKS; }
   __device__ __forceinline__ int4* stage_s(int slot) const { return stage_b(slot) + B_CHUNKS; }
+  __device__ __forceinline__ int4* stage_z(int slot) const { return stage_s(slot) + S_CHUNKS; }
 
   // Issue the copies of the next tile of the run into `slot` (nothing past its end), and
   // always commit a group, so "wait until at most kStages-2 groups are pending" keeps
@@ -434,6 +458,7 @@ struct Pipeline {
         // Scales are small and re-read by the next tiles of the same group: no hint.
         const int group_row = kGroupRows == 0 ? 0 : (next.k_tile * kTileK) / kGroupRows;
         cp_async16(&stage_s(slot)[t], s_base + size_t(group_row) * s_stride);
+        if (kZeroPoints) cp_async16(&stage_z(slot)[t], z_base + size_t(group_row) * s_stride);
       }
       next.a_tile.advance();
       b_next += size_t(K16_STEPS) * b_stride;
@@ -453,8 +478,11 @@ struct Pipeline {
   }
 
   // Registers for one substep: the warp's k16 step of this stage, its A blocks, its
-  // 128-bit weight word and the 128-bit word of scales of that step's group.
-  __device__ __forceinline__ void load_fragments(int slot, int substep, FragA (&a)[kMBlocks], int4& w, int4& s) const {
+  // 128-bit weight word and the 128-bit words of scales (and zero points) of that step's
+  // group. Loaded a substep ahead, so every read of a slot precedes the barrier after
+  // which the slot is refilled.
+  __device__ __forceinline__ void load_fragments(int slot, int substep, FragA (&a)[kMBlocks], int4& w, int4& s,
+                                                 int4& z) const {
     const int k16 = k_warp + K_WARPS * substep;
     const int4* sa = stage_a(slot);
 #pragma unroll
@@ -463,22 +491,24 @@ struct Pipeline {
     w = stage_b(slot)[THREADS * substep + threadIdx.x];
     const int s_row = S_ROWS == 1 ? 0 : (16 * k16) / kGroupRows;
     s = stage_s(slot)[s_row * S_ROW_CHUNKS + 8 * strip + lane / 4];
+    if (kZeroPoints) z = stage_z(slot)[s_row * S_ROW_CHUNKS + 8 * strip + lane / 4];
   }
 
   // Multiply the next `tiles` tiles of the run into acc (zeroed here). The fetches go on
   // past them: nothing is drained.
   __device__ __forceinline__ void consume(FragC (&acc)[kMBlocks][4][2], int tiles) {
     FragA a[2][kMBlocks];
-    int4 w[2], s[2];
+    int4 w[2], s[2], z[2];
     zero_accumulators<kMBlocks>(acc);
-    load_fragments(read_slot, 0, a[0], w[0], s[0]);
+    load_fragments(read_slot, 0, a[0], w[0], s[0], z[0]);
     for (int tile = 0; tile < tiles; ++tile) {
       const int slot = read_slot;
       read_slot = slot + 1 == kStages ? 0 : slot + 1;
 #pragma unroll
       for (int sub = 0; sub < SUBSTEPS; ++sub) {
         // Double-buffered fragments: load substep sub+1 while sub multiplies.
-        if (sub + 1 < SUBSTEPS) load_fragments(slot, sub + 1, a[(sub + 1) % 2], w[(sub + 1) % 2], s[(sub + 1) % 2]);
+        const int next = (sub + 1) % 2;
+        if (sub + 1 < SUBSTEPS) load_fragments(slot, sub + 1, a[next], w[next], s[next], z[next]);
         if (sub == SUBSTEPS - 2) {
           // The slot before this one was last read before the previous barrier, so it
           // can be refilled; then wait for the next tile and make it visible to all.
@@ -486,8 +516,8 @@ struct Pipeline {
           cp_async_wait<kStages - 2>();
           __syncthreads();
         }
-        if (sub == SUBSTEPS - 1) load_fragments(read_slot, 0, a[0], w[0], s[0]);
-        multiply_k16<kMBlocks>(a[sub % 2], w[sub % 2], s[sub % 2], acc);
+        if (sub == SUBSTEPS - 1) load_fragments(read_slot, 0, a[0], w[0], s[0], z[0]);
+        multiply_k16<kMBlocks, kZeroPoints>(a[sub % 2], w[sub % 2], s[sub % 2], acc, z[sub % 2]);
       }
     }
   }

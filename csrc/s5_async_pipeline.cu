@@ -35,20 +35,23 @@
 #ifndef EVICT_FIRST
 #define EVICT_FIRST 1  // L2 evict-first hint on the weight copies
 #endif
+#ifndef ZERO_POINTS
+#define ZERO_POINTS 0  // 1: w = (q - z) * s with a zero point z per group and column (Z), else (q - 8) * s
+#endif
 
 // One column per block: the k-warp reduction may reuse the stages once they are idle.
-using Pipe = marlin::Pipeline<M_BLOCKS, TILE_N, TILE_K, STAGES, GROUP_ROWS, EVICT_FIRST != 0, false>;
+using Pipe = marlin::Pipeline<M_BLOCKS, TILE_N, TILE_K, STAGES, GROUP_ROWS, EVICT_FIRST != 0, false, ZERO_POINTS != 0>;
 
 extern "C" __global__ void __launch_bounds__(Pipe::THREADS, 1)
     s5_async_pipeline(const int4* __restrict__ A, const int4* __restrict__ B, const int4* __restrict__ S,
-                      half* __restrict__ C, int M, int K, int N) {
+                      const int4* __restrict__ Z, half* __restrict__ C, int M, int K, int N) {
   extern __shared__ int4 smem[];
   const int col = blockIdx.x, slab_row0 = blockIdx.y * Pipe::SLAB_ROWS;
   const int rows_valid = min(Pipe::SLAB_ROWS, M - slab_row0);
   const int k_tiles = K / TILE_K, first_tile = (blockIdx.y * gridDim.x + col) * k_tiles;
 
   Pipe pipe;
-  pipe.init(smem, A, B, S, M, K, N);
+  pipe.init(smem, A, B, S, Z, M, K, N);
   pipe.start(first_tile, first_tile + k_tiles);
   marlin::FragC acc[M_BLOCKS][4][2];
   pipe.consume(acc, k_tiles);

@@ -42,18 +42,21 @@
 #ifndef EVICT_FIRST
 #define EVICT_FIRST 1  // L2 evict-first hint on the weight copies
 #endif
+#ifndef ZERO_POINTS
+#define ZERO_POINTS 0  // 1: w = (q - z) * s with a zero point z per group and column (Z), else (q - 8) * s
+#endif
 
 // The fetches run on into a block's next column slice while it reduces the current one,
 // so the k-warp reduction gets shared memory of its own.
-using Pipe = marlin::Pipeline<M_BLOCKS, TILE_N, TILE_K, STAGES, GROUP_ROWS, EVICT_FIRST != 0, true>;
+using Pipe = marlin::Pipeline<M_BLOCKS, TILE_N, TILE_K, STAGES, GROUP_ROWS, EVICT_FIRST != 0, true, ZERO_POINTS != 0>;
 
 extern "C" __global__ void __launch_bounds__(Pipe::THREADS, 1)
     s6_marlin(const int4* __restrict__ A, const int4* __restrict__ B, const int4* __restrict__ S,
-              half* __restrict__ C, int M, int K, int N, int* __restrict__ counters, float* __restrict__ partials,
-              int iters) {
+              const int4* __restrict__ Z, half* __restrict__ C, int M, int K, int N, int* __restrict__ counters,
+              float* __restrict__ partials, int iters) {
   extern __shared__ int4 smem[];
   Pipe pipe;
-  pipe.init(smem, A, B, S, M, K, N);
+  pipe.init(smem, A, B, S, Z, M, K, N);
   marlin::FragC acc[M_BLOCKS][4][2];
   marlin::run_stripes<M_BLOCKS>(pipe, acc, M, K, N, counters, partials, iters,
                                 [&](const marlin::StripeSegment& seg, int rows_valid) {

@@ -131,13 +131,18 @@ def unpermute_scales(permuted: np.ndarray) -> np.ndarray:
 # fp16 1024 + v; OR-ing it in 4 bits higher gives 1024 + 16 v. A subtraction of 1032
 # (0x6408) or a fused multiply-add x * 1/16 - 72 (0x2C00, 0xD480) then yields v - 8,
 # the symmetric code, exactly. One `lop3` instruction does each (q AND mask) OR 0x6400
-# for both fp16 halves of a register at once.
+# for both fp16 halves of a register at once. With zero points the offset is the
+# weight's own: subtracting 1024 (0x6400), or x * 1/16 - 64 (0xD400), yields v itself,
+# and the kernels subtract the fp16 zero point z (v - z is a small integer: exact)
+# before scaling, so fp16((v - z) * s) is again one rounding, as in the reference.
 MAGIC_EXPONENT = 0x64006400
 LOW_NIBBLES = 0x000F000F
 HIGH_NIBBLES = 0x00F000F0
 FP16_1032 = np.uint16(0x6408)
+FP16_1024 = np.uint16(0x6400)
 FP16_ONE_SIXTEENTH = np.uint16(0x2C00)
 FP16_MINUS_72 = np.uint16(0xD480)
+FP16_MINUS_64 = np.uint16(0xD400)
 
 
 def _halves(word: np.ndarray) -> np.ndarray:
@@ -145,20 +150,22 @@ def _halves(word: np.ndarray) -> np.ndarray:
     return np.asarray(word, dtype=np.uint32)[..., None].view(np.uint16).view(np.float16).reshape(*np.shape(word), 2)
 
 
-def lop3_dequantize_word(word: np.ndarray) -> np.ndarray:
-    """What the kernels' `dequantize_word` computes: uint32 word -> 8 fp16 (q - 8), fragment order.
+def lop3_dequantize_word(word: np.ndarray, zero_points: bool = False) -> np.ndarray:
+    """What the kernels' `dequantize_pairs` computes: uint32 word -> 8 fp16 (q - 8), or q
+    itself for weights with zero points, in fragment order.
 
     Output (..., 8): values e = 0..3 form the first B operand (tile half 0), e = 4..7 the
     second (half 1). Emulates every instruction with its fp16 rounding (all exact here).
     """
     word = np.asarray(word, dtype=np.uint32)
+    offset, fma_offset = (FP16_1024, FP16_MINUS_64) if zero_points else (FP16_1032, FP16_MINUS_72)
     out = []
     for q in (word, word >> np.uint32(8)):
         lo = _halves((q & LOW_NIBBLES) | MAGIC_EXPONENT)
         hi = _halves((q & HIGH_NIBBLES) | MAGIC_EXPONENT)
-        sub = lo - FP16_1032.view(np.float16)  # __hsub2: one fp16 rounding
+        sub = lo - offset.view(np.float16)  # __hsub2: one fp16 rounding
         fma = (
-            hi.astype(np.float64) * float(FP16_ONE_SIXTEENTH.view(np.float16)) + float(FP16_MINUS_72.view(np.float16))
+            hi.astype(np.float64) * float(FP16_ONE_SIXTEENTH.view(np.float16)) + float(fma_offset.view(np.float16))
         ).astype(np.float16)  # __hfma2: one rounding of the exact result
         out += [sub, fma]
     return np.concatenate(out, axis=-1)
@@ -170,24 +177,33 @@ def scale_fragment(values: np.ndarray, scale_pair: np.ndarray) -> np.ndarray:
     return (values.astype(np.float32) * s.astype(np.float32)).astype(np.float16)
 
 
-def dequantize_marlin(words: np.ndarray, permuted_scales: np.ndarray, group_size: int) -> np.ndarray:
+def dequantize_marlin(
+    words: np.ndarray, permuted_scales: np.ndarray, group_size: int, permuted_zeros: np.ndarray | None = None
+) -> np.ndarray:
     """The fp16 weights (K, N) exactly as the kernels form them from the packed arrays.
 
     Goes through the same steps as a lane: its 128-bit word, lop3 dequantization, the
-    scale pair from its 128-bit scale load, __hmul2; then puts each value back at its
-    (row, column). Equal to reference.dequantize bit for bit.
+    scale pair (and zero-point pair) from its 128-bit loads, __hsub2 of the zero points,
+    __hmul2 of the scales; then puts each value back at its (row, column). Equal to
+    reference.dequantize bit for bit.
     """
     R, N = words.shape[0], words.shape[1] // 2
     K = R * TILE
     g = K if group_size == -1 else group_size
     w = words.view(np.uint32).reshape(R, N // WARP_COLUMNS, LANES, TILES_PER_WARP)
-    values = lop3_dequantize_word(w)  # (R, chunks, 32, 4, 8) in fragment order
-    s = np.asarray(permuted_scales).reshape(-1, N // WARP_COLUMNS, 8, TILES_PER_WARP, 2)  # [group, chunk, g, j, h]
+    values = lop3_dequantize_word(w, permuted_zeros is not None)  # (R, chunks, 32, 4, 8) in fragment order
     lane_g = np.arange(LANES) // 4
-    rows = np.arange(R)
     # The group of k16-row r: groups never straddle a 16-row tile (sizes are multiples of 16).
-    s_rows = s[(rows * TILE) // g][:, :, lane_g]  # (R, chunks, 32, 4, 2)
-    scaled = scale_fragment(values, s_rows)
+    group_of_row = (np.arange(R) * TILE) // g
+
+    def lane_pairs(permuted: np.ndarray) -> np.ndarray:
+        """Each lane's pair (tile j's halves 0, 1) of a permuted per-group array: (R, chunks, 32, 4, 2)."""
+        p = np.asarray(permuted, dtype=np.float16).reshape(-1, N // WARP_COLUMNS, 8, TILES_PER_WARP, 2)
+        return p[group_of_row][:, :, lane_g]
+
+    if permuted_zeros is not None:
+        values = values - np.repeat(lane_pairs(permuted_zeros), 4, axis=-1)  # __hsub2 of small integers: exact
+    scaled = scale_fragment(values, lane_pairs(permuted_scales))
     # Fragment order e -> nibble order n (nibble n holds value VALUE_OF_NIBBLE[n]), then
     # scatter to (row, column) exactly like unpack_marlin_weights.
     scaled = scaled[..., VALUE_OF_NIBBLE]

@@ -10,7 +10,8 @@ block per (TILE_N-column slice, 64-row slab), each walking all of K -- N / TILE_
 whether or not that matches the GPU's SM count (s6 fixes that).
 
 Error bound constant c = 10, as for s4: the partial sums of the warps are added in
-fp32, so the fp16 roundings are still just the result's and the reference's.
+fp32, so the fp16 roundings are still just the result's and the reference's. Weights with
+zero points stream them beside the scales (see s6).
 
 Tile configurations (the kernel's defines) are chosen by `tile_plan` from H100
 measurements: 256 x 128 (TILE_K x TILE_N) with 4 stages up to 32 rows, 128 x 128 with the
@@ -26,7 +27,7 @@ from typing import Any
 from reference import QuantizedWeight
 
 from ._cuda import CudaStep, get_kernel, sm_count
-from .s4_marlin_layout import group_rows, i32, m_blocks_for, pack_marlin
+from .s4_marlin_layout import MAX_M_BLOCKS, group_rows, i32, m_blocks_for, pack_marlin
 from .step import SUPPORTED, Packed, Support
 
 THREADS = 256
@@ -43,13 +44,15 @@ class TileConfig:
     group_rows: int
     evict_first: bool = True
     own_reduce_buffer: bool = False  # the kernel's kOwnReduceBuffer (s6, s7); not a define
+    zero_points: bool = False  # w = (q - z) * s: a stream of fp16 zero points beside the scales
 
     @property
     def stage_bytes(self) -> int:
         a = 16 * self.m_blocks * self.tile_k // 8
         b = (self.tile_k // 16) * self.tile_n // 2
         s_rows = 1 if self.group_rows == 0 or self.group_rows >= self.tile_k else self.tile_k // self.group_rows
-        return 16 * (a + b + s_rows * self.tile_n // 8)
+        per_group_streams = 2 if self.zero_points else 1
+        return 16 * (a + b + per_group_streams * s_rows * self.tile_n // 8)
 
     @property
     def reduce_bytes(self) -> int:
@@ -72,6 +75,7 @@ class TileConfig:
             ("STAGES", self.stages),
             ("GROUP_ROWS", self.group_rows),
             ("EVICT_FIRST", int(self.evict_first)),
+            ("ZERO_POINTS", int(self.zero_points)),
         )
 
 
@@ -117,6 +121,7 @@ class PipelinedStep(CudaStep):
 
     error_c = 10.0
     evict_first = True
+    supports_zero_points = True
     own_reduce_buffer = False  # True where a block's fetches run on past a column (s6, s7)
     config_type = TileConfig
     even_stages = True  # odd pipeline depths above 4 measured slower (s5, s6)
@@ -144,15 +149,20 @@ class PipelinedStep(CudaStep):
         """16-row blocks of A per slab for an M-row batch with this tile."""
         return m_blocks_for(M)
 
-    def config(self, M: int, K: int, N: int, group_size: int, device: int) -> TileConfig:
+    def config(self, M: int, K: int, N: int, group_size: int, device: int, zero_points: bool = False) -> TileConfig:
         """The compiled variant for this call: the plan's first tile shape that divides K and
         N and whose stages (at least 3) fit the device's shared memory."""
         plan = self.tile_plan(M, N, sm_count(device))
-        tiles = dividing_tiles(K, N, [self.tile_override] if self.tile_override else []) or dividing_tiles(K, N, plan.tiles)
+        tiles = dividing_tiles(K, N, plan.tiles)
+        if zero_points and m_blocks_for(M) == MAX_M_BLOCKS:
+            # 64-row slabs of 128 x 256 tiles need more registers with zero points than a
+            # thread has (ptxas spills); a narrower tile of the plan always divides K and N then.
+            tiles = [t for t in tiles if t != (128, 256)]
+        tiles = dividing_tiles(K, N, [self.tile_override] if self.tile_override else []) or tiles
         limit = max_dynamic_smem(device)
         for tk, tn in tiles:
             probe = self.config_type(self.m_blocks(M, tk, tn), tn, tk, 1, group_rows(group_size), self.evict_first,
-                                     self.own_reduce_buffer)  # fmt: skip
+                                     self.own_reduce_buffer, zero_points)  # fmt: skip
             stages = min(self.max_stages or plan.max_stages, self.stage_budget(probe, plan, device) // probe.stage_bytes)
             if self.even_stages and stages > 4:
                 stages -= stages % 2
@@ -192,8 +202,12 @@ class AsyncPipeline(PipelinedStep):
 
     def _launch(self, A: Any, packed: Packed, out: Any) -> None:
         M, K, N = A.shape[0], packed.K, packed.N
-        cfg = self.config(M, K, N, packed.group_size, packed.device)
+        cfg = self.config(M, K, N, packed.group_size, packed.device, "zeros" in packed.arrays)
         grid = (N // cfg.tile_n, -(-M // (16 * cfg.m_blocks)))
-        args = (A, packed.arrays["qweight"], packed.arrays["scales"], out, i32(M), i32(K), i32(N))
+        args = (A, packed.arrays["qweight"], packed.arrays["scales"], zeros_or_scales(packed), out, i32(M), i32(K), i32(N))
         self.kernel(cfg, packed.device)(grid, (THREADS,), args, shared_mem=cfg.smem_bytes)
 
+
+def zeros_or_scales(packed: Packed) -> Any:
+    """The kernels' Z argument: the permuted zero points, or (never read) the scales."""
+    return packed.arrays.get("zeros", packed.arrays["scales"])

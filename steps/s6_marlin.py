@@ -11,7 +11,10 @@ the previous one, which on small layers costs as much as the weight stream. M is
 into 64-row slabs, up to 16 per launch, which are simply more column slices to stripe.
 
 Error bound constant c = 10, as for s4 and s5: partial sums stay fp32 until the single
-final rounding, and adding them is part of the fp32 sum over K.
+final rounding, and adding them is part of the fp32 sum over K. Like s5 it takes weights
+with zero points (AWQ, asymmetric GPTQ): a second per-group stream beside the scales, and
+fp16((q - z) * s) formed with one rounding, bit for bit the reference's
+(reference.marlin_layout.dequantize_marlin models it).
 
 The workspace (one int32 counter per column slice and slab, and two fp32 partial-sum
 buffers per block) is allocated once per device, when weights are first packed there,
@@ -30,7 +33,7 @@ from reference.marlin_layout import stripe_length
 
 from ._cuda import sm_count
 from .s4_marlin_layout import i32
-from .s5_async_pipeline import LARGE_BATCH_PLAN, SMALL_BATCH_PLAN, THREADS, PipelinedStep, TilePlan
+from .s5_async_pipeline import LARGE_BATCH_PLAN, SMALL_BATCH_PLAN, THREADS, PipelinedStep, TilePlan, zeros_or_scales
 from .step import Packed
 
 MAX_SLABS = 16  # 64-row slabs per launch: M up to 1024 rows in one launch
@@ -98,9 +101,9 @@ class Marlin(PipelinedStep):
             self._workspaces[device] = ws
         return ws
 
-    def schedule(self, M: int, K: int, N: int, group_size: int, device: int):
+    def schedule(self, M: int, K: int, N: int, group_size: int, device: int, zero_points: bool = False):
         """(config, iters, blocks) of each launch's slab group, from the CPU model."""
-        cfg = self.config(M, K, N, group_size, device)
+        cfg = self.config(M, K, N, group_size, device, zero_points)
         if 16 * cfg.m_blocks * cfg.tile_n > MAX_PARTIAL_FLOATS:  # neighbouring slots would overlap
             raise ValueError(
                 f"{self.name}: a {16 * cfg.m_blocks} x {cfg.tile_n} tile's partial sums exceed the workspace slot "
@@ -118,8 +121,8 @@ class Marlin(PipelinedStep):
         rows_per_launch = MAX_SLABS * 64
         for r0 in range(0, M, rows_per_launch):
             r1 = min(M, r0 + rows_per_launch)
-            cfg, iters, blocks = self.schedule(r1 - r0, K, N, packed.group_size, packed.device)
-            args = (A[r0:r1], packed.arrays["qweight"], packed.arrays["scales"], out[r0:r1],
+            cfg, iters, blocks = self.schedule(r1 - r0, K, N, packed.group_size, packed.device, "zeros" in packed.arrays)
+            args = (A[r0:r1], packed.arrays["qweight"], packed.arrays["scales"], zeros_or_scales(packed), out[r0:r1],
                     i32(r1 - r0), i32(K), i32(N), ws.counters, ws.partials, i32(iters))
             self.kernel(cfg, packed.device)((blocks,), (THREADS,), args, shared_mem=cfg.smem_bytes)
 

@@ -67,6 +67,7 @@ class SparseMarlin(Marlin):
         "multiply with mma.sp on the transposed product: 3/4 of the bytes and half the tensor-core work."
     )
     error_c = 10.0
+    supports_zero_points = False
     config_type = SparseTileConfig
     even_stages = False
 

@@ -69,6 +69,32 @@ def test_lop3_dequantization_every_code_every_nibble():
 
 
 @given(st.integers(0, 2**32 - 1))
+def test_lop3_dequantization_for_zero_points_gives_the_codes(word):
+    values = ml.lop3_dequantize_word(np.array([word], dtype=np.uint32), zero_points=True)[0]
+    expected = [(word >> (4 * ml.NIBBLE_OF_VALUE[e])) & 0xF for e in range(8)]
+    np.testing.assert_array_equal(values.astype(np.int64), expected)
+
+
+@given(st.integers(0, 0xFFFF), st.integers(0, 15))
+def test_lop3_with_any_zero_point_and_fp16_scale_equals_reference(bits, zero):
+    scale = np.array([bits], np.uint16).view(np.float16)[0]
+    codes = np.arange(16, dtype=np.uint8)[:, None].repeat(64, axis=1)
+    codes = np.concatenate([codes, codes[::-1]], axis=0)
+    qw = ref.QuantizedWeight(codes, np.full((1, 64), scale, np.float16), -1, np.full((1, 64), zero, np.uint8))
+    zeros = ml.permute_scales(qw.zeros.astype(np.float16))
+    got = ml.dequantize_marlin(ml.pack_marlin_weights(qw), ml.permute_scales(qw.scales), -1, zeros)
+    np.testing.assert_array_equal(got.view(np.uint16), ref.dequantize(qw).view(np.uint16))
+
+
+@pytest.mark.parametrize("group", ref.GROUP_SIZES)
+def test_marlin_dequantize_with_zero_points_matches_reference(group):
+    qw = ref.random_quantized_weight(np.random.default_rng(group % 97), 256, 192, group, symmetric=False)
+    zeros = ml.permute_scales(qw.zeros.astype(np.float16))
+    got = ml.dequantize_marlin(ml.pack_marlin_weights(qw), ml.permute_scales(qw.scales), group, zeros)
+    np.testing.assert_array_equal(got.view(np.uint16), ref.dequantize(qw).view(np.uint16))
+
+
+@given(st.integers(0, 2**32 - 1))
 def test_lop3_dequantization_random_words(word):
     values = ml.lop3_dequantize_word(np.array([word], dtype=np.uint32))[0]
     expected = [((word >> (4 * ml.NIBBLE_OF_VALUE[e])) & 0xF) - 8 for e in range(8)]

@@ -59,6 +59,11 @@ def poisoned(step, M: int, N: int):
     return to_device(step, np.full((M, N), np.nan, dtype=np.float16))
 
 
+def with_zero_points(step, seed: int) -> bool:
+    """Half the drawn weights get zero points, on the rungs that take them."""
+    return step.supports_zero_points and seed % 2 == 1
+
+
 def run(step, A: np.ndarray, qw: ref.QuantizedWeight) -> np.ndarray:
     out = poisoned(step, A.shape[0], qw.N)
     result = step(to_device(step, A), step.pack(qw), out=out)
@@ -73,7 +78,7 @@ def test_matches_reference_within_bound(step):
         M, K, N, g = sizes
         assume(step.supports(M, K, N, g))
         rng = np.random.default_rng(seed)
-        qw = ref.random_quantized_weight(rng, K, N, g)
+        qw = ref.random_quantized_weight(rng, K, N, g, symmetric=not with_zero_points(step, seed))
         A = rng.standard_normal((M, K), dtype=np.float32).astype(np.float16)
         C = run(step, A, qw)
         assert ref.error_excess(C, A, step.reference_weight(qw), step.error_c) <= 1.0
@@ -94,8 +99,9 @@ def test_bit_exact_on_integer_valued_data(step):
         assume(step.supports(M, K, N, g))
         rng = np.random.default_rng(seed)
         groups = 1 if g == -1 else K // g
+        zeros = rng.integers(0, 16, (groups, N), dtype=np.uint8) if with_zero_points(step, seed) else None
         qw = ref.QuantizedWeight(
-            rng.integers(0, 16, (K, N), dtype=np.uint8), np.full((groups, N), 0.125, np.float16), g
+            rng.integers(0, 16, (K, N), dtype=np.uint8), np.full((groups, N), 0.125, np.float16), g, zeros
         )
         A = rng.integers(-1, 2, (M, K)).astype(np.float16)
         terms = A.astype(np.float64)[:, :, None] * ref.dequantize(step.reference_weight(qw)).astype(np.float64)[None]

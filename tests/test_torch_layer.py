@@ -336,6 +336,20 @@ def test_cuda_layer_matches_the_reference(M):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("g", [-1, 128])
+def test_cuda_awq_layer_with_zero_points_runs_on_the_top_dense_rung(g):
+    rng = np.random.default_rng(16)
+    qw = ref.random_quantized_weight(rng, 1024, 512, g, symmetric=False)
+    t = export_awq(qw)
+    layer = MarlinLinear.from_awq(
+        torch.from_numpy(t.qweight), torch.from_numpy(t.qzeros), torch.from_numpy(t.scales), group_size=g, device="cuda"
+    )
+    assert layer.step == "s6_marlin"
+    x = activations(rng, 16, qw.K, "cuda")
+    assert excess(layer(x), x, qw, layer.step) <= 1.0
+
+
+@pytest.mark.gpu
 def test_cuda_sparse_layer_runs_on_the_sparse_rung():
     rng = np.random.default_rng(13)
     linear = random_linear(rng, 1024, 512).cuda()

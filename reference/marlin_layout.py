@@ -9,7 +9,8 @@ wants, with one 128-bit load. So the shuffling is done once, offline, here:
   64 columns one warp owns) into 32 x 16 bytes, one 128-bit word per lane. Word j of
   lane l holds the eight codes lane l needs as its B fragments for the 16 x 16 tile j,
   with the nibbles interleaved so the two-instruction `lop3` / 0x6400 dequantization
-  (modelled bit for bit by `lop3_dequantize_word`) yields them in fragment order.
+  (0x4300 for bf16; modelled bit for bit by `lop3_dequantize_word`) yields them in
+  fragment order.
 * `permute_scales` orders each 64-column chunk of the scales so one 128-bit load gives
   a lane the scales of exactly the eight columns its fragments cover.
 * `striped_schedule` is the SM-striped partition of s6: which block computes which
@@ -27,8 +28,9 @@ import functools
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
-from .quant import QuantizedWeight
+from .quant import BFLOAT16, FLOAT16, QuantizedWeight, element_dtype
 
 # -- the fragment geometry ---------------------------------------------------------
 # mma.m16n8k16 (row.col, fp16): lane l = 4*g + c holds, of the 16 x 8 B operand,
@@ -125,7 +127,7 @@ def unpermute_scales(permuted: np.ndarray) -> np.ndarray:
     return permute_scales(permuted)
 
 
-# -- the lop3 / 0x6400 dequantization, bit for bit ------------------------------------
+# -- the lop3 / 0x6400 (bf16: 0x4300) dequantization, bit for bit ---------------------
 # fp16 0x6400 is 1024.0 and its 10 mantissa bits count units of 1 for values in
 # [1024, 2048). OR-ing a nibble v into the low mantissa bits therefore gives exactly the
 # fp16 1024 + v; OR-ing it in 4 bits higher gives 1024 + 16 v. A subtraction of 1032
@@ -135,7 +137,17 @@ def unpermute_scales(permuted: np.ndarray) -> np.ndarray:
 # weight's own: subtracting 1024 (0x6400), or x * 1/16 - 64 (0xD400), yields v itself,
 # and the kernels subtract the fp16 zero point z (v - z is a small integer: exact)
 # before scaling, so fp16((v - z) * s) is again one rounding, as in the reference.
+#
+# bf16 has only 7 mantissa bits, so its magic number is 0x4300 = 128.0: in [128, 256) the
+# mantissa counts units of 1, and OR-ing a nibble v into bits 0-3 gives exactly 128 + v.
+# The fp16 shortcut for the second nibble does not fit: bits 4-7 of a bf16 half are its top
+# three mantissa bits and the lowest exponent bit, so 16 v cannot be OR-ed in there. The
+# kernel instead shifts the word right by 4 and applies the same mask, bringing nibbles
+# 1 and 5 down to bits 0-3 / 16-19. A single __hsub2 of 136 (0x4308) then leaves v - 8,
+# or of 128 (0x4300) leaves v for weights with zero points; the pairs come out in the
+# fp16 order, so the fragment layout and everything after it are shared.
 MAGIC_EXPONENT = 0x64006400
+BF16_MAGIC_EXPONENT = 0x43004300
 LOW_NIBBLES = 0x000F000F
 HIGH_NIBBLES = 0x00F000F0
 FP16_1032 = np.uint16(0x6408)
@@ -143,62 +155,89 @@ FP16_1024 = np.uint16(0x6400)
 FP16_ONE_SIXTEENTH = np.uint16(0x2C00)
 FP16_MINUS_72 = np.uint16(0xD480)
 FP16_MINUS_64 = np.uint16(0xD400)
+BF16_136 = np.uint16(0x4308)
+BF16_128 = np.uint16(0x4300)
 
 
-def _halves(word: np.ndarray) -> np.ndarray:
-    """uint32 words -> their (low, high) fp16 halves, shape (..., 2)."""
-    return np.asarray(word, dtype=np.uint32)[..., None].view(np.uint16).view(np.float16).reshape(*np.shape(word), 2)
+def _halves(word: np.ndarray, dtype: np.dtype = FLOAT16) -> np.ndarray:
+    """uint32 words -> their (low, high) 16-bit halves read as `dtype`, shape (..., 2)."""
+    return np.asarray(word, dtype=np.uint32)[..., None].view(np.uint16).view(dtype).reshape(*np.shape(word), 2)
 
 
-def lop3_dequantize_word(word: np.ndarray, zero_points: bool = False) -> np.ndarray:
-    """What the kernels' `dequantize_pairs` computes: uint32 word -> 8 fp16 (q - 8), or q
-    itself for weights with zero points, in fragment order.
+def _fp16_register_pairs(q: np.ndarray, zero_points: bool) -> list[np.ndarray]:
+    """The two fp16 pairs of nibbles (0, 4) and (1, 5) of q: lop3 + __hsub2, lop3 + __hfma2."""
+    offset, fma_offset = (FP16_1024, FP16_MINUS_64) if zero_points else (FP16_1032, FP16_MINUS_72)
+    lo = _halves((q & LOW_NIBBLES) | MAGIC_EXPONENT)
+    hi = _halves((q & HIGH_NIBBLES) | MAGIC_EXPONENT)
+    sub = lo - offset.view(np.float16)  # __hsub2: one fp16 rounding
+    fma = (
+        hi.astype(np.float64) * float(FP16_ONE_SIXTEENTH.view(np.float16)) + float(fma_offset.view(np.float16))
+    ).astype(np.float16)  # __hfma2: one rounding of the exact result
+    return [sub, fma]
+
+
+def _bf16_register_pairs(q: np.ndarray, zero_points: bool) -> list[np.ndarray]:
+    """The two bf16 pairs of nibbles (0, 4) and (1, 5) of q: lop3 + __hsub2, shift + lop3 + __hsub2."""
+    offset = np.float32((BF16_128 if zero_points else BF16_136).view(BFLOAT16))
+    lo = _halves((q & LOW_NIBBLES) | BF16_MAGIC_EXPONENT, BFLOAT16)
+    hi = _halves(((q >> np.uint32(4)) & LOW_NIBBLES) | BF16_MAGIC_EXPONENT, BFLOAT16)
+    # __hsub2: the float32 difference of these small integers is exact, so the cast to bf16
+    # is the instruction's one rounding
+    return [(pair.astype(np.float32) - offset).astype(BFLOAT16) for pair in (lo, hi)]
+
+
+def lop3_dequantize_word(word: np.ndarray, zero_points: bool = False, dtype: npt.DTypeLike = np.float16) -> np.ndarray:
+    """What the kernels' `dequantize_pairs` computes: uint32 word -> 8 values (q - 8), or q
+    itself for weights with zero points, in fragment order, as float16 or bfloat16.
 
     Output (..., 8): values e = 0..3 form the first B operand (tile half 0), e = 4..7 the
-    second (half 1). Emulates every instruction with its fp16 rounding (all exact here).
+    second (half 1). Emulates every instruction with its rounding in `dtype` (all exact here).
     """
+    register_pairs = _bf16_register_pairs if element_dtype(dtype) == BFLOAT16 else _fp16_register_pairs
     word = np.asarray(word, dtype=np.uint32)
-    offset, fma_offset = (FP16_1024, FP16_MINUS_64) if zero_points else (FP16_1032, FP16_MINUS_72)
     out = []
     for q in (word, word >> np.uint32(8)):
-        lo = _halves((q & LOW_NIBBLES) | MAGIC_EXPONENT)
-        hi = _halves((q & HIGH_NIBBLES) | MAGIC_EXPONENT)
-        sub = lo - offset.view(np.float16)  # __hsub2: one fp16 rounding
-        fma = (
-            hi.astype(np.float64) * float(FP16_ONE_SIXTEENTH.view(np.float16)) + float(fma_offset.view(np.float16))
-        ).astype(np.float16)  # __hfma2: one rounding of the exact result
-        out += [sub, fma]
+        out += register_pairs(q, zero_points)
     return np.concatenate(out, axis=-1)
 
 
 def scale_fragment(values: np.ndarray, scale_pair: np.ndarray) -> np.ndarray:
-    """__hmul2 of each B operand by its scale: values (..., 8), scales (..., 2) for halves 0, 1."""
-    s = np.repeat(np.asarray(scale_pair, dtype=np.float16), 4, axis=-1)
-    return (values.astype(np.float32) * s.astype(np.float32)).astype(np.float16)
+    """__hmul2 of each B operand by its scale: values (..., 8), scales (..., 2) for halves 0, 1.
+
+    The result has the scales' element type. The values are small integers, so their float32
+    product with a scale is exact and the cast is the instruction's one rounding.
+    """
+    scale_pair = np.asarray(scale_pair)
+    dtype = element_dtype(scale_pair.dtype)
+    s = np.repeat(scale_pair, 4, axis=-1)
+    with np.errstate(over="ignore"):  # beyond float32's range is beyond bf16's too: inf either way
+        return (values.astype(np.float32) * s.astype(np.float32)).astype(dtype)
 
 
 def dequantize_marlin(
     words: np.ndarray, permuted_scales: np.ndarray, group_size: int, permuted_zeros: np.ndarray | None = None
 ) -> np.ndarray:
-    """The fp16 weights (K, N) exactly as the kernels form them from the packed arrays.
+    """The weights (K, N) exactly as the kernels form them from the packed arrays.
 
-    Goes through the same steps as a lane: its 128-bit word, lop3 dequantization, the
-    scale pair (and zero-point pair) from its 128-bit loads, __hsub2 of the zero points,
-    __hmul2 of the scales; then puts each value back at its (row, column). Equal to
-    reference.dequantize bit for bit.
+    The element type (float16 or bfloat16) is the scales'; zero points are converted to
+    it (small integers: exact). Goes through the same steps as a lane: its 128-bit word,
+    lop3 dequantization, the scale pair (and zero-point pair) from its 128-bit loads,
+    __hsub2 of the zero points, __hmul2 of the scales; then puts each value back at its
+    (row, column). Equal to reference.dequantize bit for bit.
     """
+    dtype = element_dtype(np.asarray(permuted_scales).dtype)
     R, N = words.shape[0], words.shape[1] // 2
     K = R * TILE
     g = K if group_size == -1 else group_size
     w = words.view(np.uint32).reshape(R, N // WARP_COLUMNS, LANES, TILES_PER_WARP)
-    values = lop3_dequantize_word(w, permuted_zeros is not None)  # (R, chunks, 32, 4, 8) in fragment order
+    values = lop3_dequantize_word(w, permuted_zeros is not None, dtype)  # (R, chunks, 32, 4, 8) in fragment order
     lane_g = np.arange(LANES) // 4
     # The group of k16-row r: groups never straddle a 16-row tile (sizes are multiples of 16).
     group_of_row = (np.arange(R) * TILE) // g
 
     def lane_pairs(permuted: np.ndarray) -> np.ndarray:
         """Each lane's pair (tile j's halves 0, 1) of a permuted per-group array: (R, chunks, 32, 4, 2)."""
-        p = np.asarray(permuted, dtype=np.float16).reshape(-1, N // WARP_COLUMNS, 8, TILES_PER_WARP, 2)
+        p = np.asarray(permuted, dtype=dtype).reshape(-1, N // WARP_COLUMNS, 8, TILES_PER_WARP, 2)
         return p[group_of_row][:, :, lane_g]
 
     if permuted_zeros is not None:
@@ -207,7 +246,7 @@ def dequantize_marlin(
     # Fragment order e -> nibble order n (nibble n holds value VALUE_OF_NIBBLE[n]), then
     # scatter to (row, column) exactly like unpack_marlin_weights.
     scaled = scaled[..., VALUE_OF_NIBBLE]
-    blocks = np.empty((R, TILE, N // WARP_COLUMNS, WARP_COLUMNS), dtype=np.float16)
+    blocks = np.empty((R, TILE, N // WARP_COLUMNS, WARP_COLUMNS), dtype=dtype)
     blocks[:, FRAGMENT_ROW_OF, :, FRAGMENT_COL_OF] = np.moveaxis(scaled, (0, 1), (3, 4))
     return blocks.reshape(K, N)
 

@@ -1,25 +1,73 @@
-"""Round-to-nearest 4-bit weight quantization with fp16 scales per group along K.
+"""Round-to-nearest 4-bit weight quantization with fp16 or bf16 scales per group along K.
 
 A weight matrix W (K x N, K the reduction dimension) is cut along K into groups of
 `group_size` rows (or one group per column when group_size is -1). Each group of each
-column gets one fp16 scale `s` and, for asymmetric quantization, one zero point `z`;
-each weight becomes a 4-bit code `q` in 0..15 with
+column gets one scale `s` of the element type (float16 or bfloat16) and, for asymmetric
+quantization, one zero point `z`; each weight becomes a 4-bit code `q` in 0..15 with
 
     w ~ (q - z) * s          (z = 8 for symmetric quantization)
 
-`dequantize` defines, bit for bit, the fp16 weight every kernel multiplies with: the
-difference q - z is a small integer, exact in any float format, and the product with the
-fp16 scale is rounded once to fp16 -- exactly what `__hmul` / `__hmul2` do on the GPU.
+`dequantize` defines, bit for bit, the weight every kernel multiplies with, in the scales'
+element type: the difference q - z is a small integer, exact in any float format, and the
+product with the scale is rounded once to the element type -- exactly what `__hmul` /
+`__hmul2` do on the GPU, for fp16 and for bf16 alike.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import ml_dtypes
 import numpy as np
+import numpy.typing as npt
 
+FLOAT16 = np.dtype(np.float16)
+BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+ELEMENT_DTYPES = (FLOAT16, BFLOAT16)
 GROUP_SIZES = (-1, 32, 64, 128)
 SYMMETRIC_ZERO = 8
+
+# Significand bits (the implicit leading one included) and the exponent of the subnormal
+# spacing, i.e. of the last place of the smallest values.
+_FORMATS = {FLOAT16: (11, -24), BFLOAT16: (8, -133)}
+
+
+def element_dtype(dtype: npt.DTypeLike) -> np.dtype:
+    """float16 or bfloat16 as a NumPy dtype, from a dtype, a scalar type or a name."""
+    try:
+        resolved = None if dtype is None else np.dtype(dtype)
+    except (TypeError, ValueError):
+        resolved = None
+    if resolved is None or resolved not in ELEMENT_DTYPES:
+        got = str(dtype) if resolved is None else resolved.name
+        raise TypeError(f"the element type must be float16 or bfloat16, got {got}")
+    return resolved
+
+
+def round_to_element(x: npt.ArrayLike, dtype: npt.DTypeLike) -> np.ndarray:
+    """x rounded once, to nearest with ties to even, to the element type `dtype`.
+
+    NumPy casts float64 to float16 directly, but ml_dtypes casts float64 to bfloat16 through
+    float32, and rounding twice is wrong at rare near-ties (1 + 2**-8 + 2**-30 becomes 1, not
+    1 + 2**-7). So the rounding happens here, in float64 where each step is exact: scale x by
+    a power of two so the element type's last place at x is 1, rint (ties to even), scale
+    back. The result is representable (or beyond the largest finite value, giving inf), so
+    the final cast is exact.
+    """
+    dtype = element_dtype(dtype)
+    bits, subnormal_exponent = _FORMATS[dtype]
+    x = np.asarray(x, dtype=np.float64)
+    _, exponent = np.frexp(x)  # |x| in [2**(exponent-1), 2**exponent)
+    last_place = np.maximum(exponent - bits, subnormal_exponent)
+    rounded = np.ldexp(np.rint(np.ldexp(x, -last_place)), last_place)
+    with np.errstate(over="ignore"):
+        return rounded.astype(dtype)
+
+
+def _round_up_to_element(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """The least value of the element type not below x (float64)."""
+    nearest = round_to_element(x, dtype)
+    return np.where(nearest.astype(np.float64) < x, np.nextafter(nearest, dtype.type(np.inf)), nearest)
 
 
 @dataclass(frozen=True)
@@ -27,9 +75,19 @@ class QuantizedWeight:
     """Plain (unpermuted) 4-bit codes with their per-group scales and zero points."""
 
     codes: np.ndarray  # uint8 (K, N), values 0..15
-    scales: np.ndarray  # float16 (K // group_size, N), or (1, N) for group_size -1
+    scales: np.ndarray  # float16 or bfloat16 (K // group_size, N), or (1, N) for group_size -1
     group_size: int
     zeros: np.ndarray | None = None  # uint8 like scales; None means symmetric (zero 8)
+
+    def __post_init__(self) -> None:
+        scales_dtype = np.asarray(self.scales).dtype
+        if scales_dtype not in ELEMENT_DTYPES:
+            raise TypeError(f"scales must be float16 or bfloat16, got {scales_dtype}")
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The element type: the scales' dtype, which the dequantized weights share."""
+        return np.asarray(self.scales).dtype
 
     @property
     def K(self) -> int:
@@ -58,15 +116,18 @@ def check_group_size(group_size: int, K: int) -> None:
         raise ValueError(f"K={K} is not divisible by group_size {group_size}")
 
 
-def quantize(W: np.ndarray, group_size: int = 128, symmetric: bool = True) -> QuantizedWeight:
+def quantize(
+    W: np.ndarray, group_size: int = 128, symmetric: bool = True, dtype: npt.DTypeLike = np.float16
+) -> QuantizedWeight:
     """Quantize W (K x N, any float dtype) to 4-bit codes, round to nearest.
 
     Symmetric: s = max|w| / 7 so every weight maps to a code in 1..15 without clipping.
     Asymmetric: s = (max - min) / 15 and z = round(-min / s), clipped to 0..15.
-    The scale is rounded up to fp16 and the codes are computed against that rounded
-    scale, so |w - dequantize(w)| <= s/2 up to the final fp16 rounding of the
-    dequantized value.
+    The scale is rounded up to `dtype` (float16 or bfloat16) and the codes are computed
+    against that rounded scale, so |w - dequantize(w)| <= s/2 up to the final rounding of
+    the dequantized value to `dtype`.
     """
+    dtype = element_dtype(dtype)
     W = np.asarray(W)
     if W.ndim != 2:
         raise ValueError(f"W must be a 2-D (K, N) matrix, got shape {W.shape}")
@@ -79,19 +140,18 @@ def quantize(W: np.ndarray, group_size: int = 128, symmetric: bool = True) -> Qu
     else:
         lo, hi = np.minimum(Wg.min(axis=1), 0.0), np.maximum(Wg.max(axis=1), 0.0)
         s = (hi - lo) / 15.0
-    # Round the scale up to fp16, never down, so 15 (or 7) steps still span the range.
-    s16 = s.astype(np.float16)
-    s16 = np.where(s16.astype(np.float64) < s, np.nextafter(s16, np.float16(np.inf)), s16)
-    s16[s16 == 0] = np.float16(1.0)  # an all-zero group: any scale reproduces it
-    sf = s16.astype(np.float64)[:, None, :]
+    # Round the scale up, never down, so 15 (or 7) steps still span the range.
+    scales = _round_up_to_element(s, dtype)
+    scales[scales == 0] = 1  # an all-zero group: any scale reproduces it
+    sf = scales.astype(np.float64)
     if symmetric:
-        z = np.full(s16.shape, SYMMETRIC_ZERO, dtype=np.float64)
+        z = np.full(scales.shape, SYMMETRIC_ZERO, dtype=np.float64)
     else:
-        z = np.clip(np.rint(-lo / s16.astype(np.float64)), 0, 15)
-    q = np.clip(np.rint(Wg / sf) + z[:, None, :], 0, 15).astype(np.uint8)
+        z = np.clip(np.rint(-lo / sf), 0, 15)
+    q = np.clip(np.rint(Wg / sf[:, None, :]) + z[:, None, :], 0, 15).astype(np.uint8)
     return QuantizedWeight(
         codes=q.reshape(K, N),
-        scales=s16,
+        scales=scales,
         group_size=group_size,
         zeros=None if symmetric else z.astype(np.uint8),
     )
@@ -103,22 +163,34 @@ def expand_groups(per_group: np.ndarray, qw: QuantizedWeight) -> np.ndarray:
 
 
 def dequantize(qw: QuantizedWeight) -> np.ndarray:
-    """The fp16 weights (K x N) every kernel computes with: fp16((q - z) * s)."""
+    """The weights (K x N) every kernel computes with, in qw.dtype: (q - z) * s rounded once.
+
+    q - z is an integer in -15..15 and s has at most 11 significant bits, so their float32
+    product is exact (for subnormal scales too) and the cast to qw.dtype is the one rounding.
+    """
     diff = qw.codes.astype(np.float32) - expand_groups(qw.zeros_or_default(), qw).astype(np.float32)
-    return (diff * expand_groups(qw.scales, qw).astype(np.float32)).astype(np.float16)
+    with np.errstate(over="ignore"):  # beyond float32's range is beyond bf16's too: inf either way
+        return (diff * expand_groups(qw.scales, qw).astype(np.float32)).astype(qw.dtype)
 
 
 def random_quantized_weight(
-    rng: np.random.Generator, K: int, N: int, group_size: int = 128, symmetric: bool = True
+    rng: np.random.Generator,
+    K: int,
+    N: int,
+    group_size: int = 128,
+    symmetric: bool = True,
+    dtype: npt.DTypeLike = np.float16,
 ) -> QuantizedWeight:
     """Random codes and scales, drawn directly (fast at any size), scaled like a real layer.
 
-    Codes are uniform in 0..15; scales uniform in [0.5, 1.5) / (4 sqrt(K)), so entries of
-    A @ W stay near unit size for unit-size A. Asymmetric weights get random zero points.
+    Codes are uniform in 0..15; scales uniform in [0.5, 1.5) / (4 sqrt(K)), rounded to
+    `dtype`, so entries of A @ W stay near unit size for unit-size A. Asymmetric weights get
+    random zero points.
     """
+    dtype = element_dtype(dtype)
     check_group_size(group_size, K)
     groups = 1 if group_size == -1 else K // group_size
     codes = rng.integers(0, 16, size=(K, N), dtype=np.uint8)
-    scales = ((0.5 + rng.random((groups, N), dtype=np.float32)) / (4.0 * np.sqrt(K))).astype(np.float16)
+    scales = ((0.5 + rng.random((groups, N), dtype=np.float32)) / (4.0 * np.sqrt(K))).astype(dtype)
     zeros = None if symmetric else rng.integers(0, 16, size=(groups, N), dtype=np.uint8)
     return QuantizedWeight(codes=codes, scales=scales, group_size=group_size, zeros=zeros)

@@ -2,22 +2,25 @@
 
 Weights: the packing is a bijection with an exact inverse and puts every code where the
 mma fragment definition says the lane needs it. Dequantization: the lop3 / 0x6400 model
-equals plain q - 8 for every code in every nibble, and times any fp16 scale equals the
-reference dequantize. Schedule: every tile is computed exactly once, each column slice
+(0x4300 for bf16) equals plain q - 8 for every code in every nibble, and times any fp16
+or bf16 scale equals the reference dequantize. Schedule: every tile is computed exactly once, each column slice
 is reduced by its blocks in one fixed serial order, and no block waits on a lower one.
 """
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import reference as ref
 from reference import marlin_layout as ml
 
 shapes = st.tuples(st.integers(1, 6).map(lambda k: 16 * k), st.integers(1, 4).map(lambda n: 64 * n))
+BF16 = np.dtype(ml_dtypes.bfloat16)
+element_types = pytest.mark.parametrize("dtype", [np.dtype(np.float16), BF16], ids=["fp16", "bf16"])
 
 
 def _weight(seed: int, K: int, N: int, group: int = -1) -> ref.QuantizedWeight:
@@ -58,19 +61,24 @@ def test_lane_words_match_the_mma_fragment_definition():
                     assert (nib[2 * h + 1], nib[2 * h + 5]) == (labels[2 * c + 8, col], labels[2 * c + 9, col])
 
 
-def test_lop3_dequantization_every_code_every_nibble():
+@element_types
+@pytest.mark.parametrize("zero_points", [False, True], ids=["symmetric", "zero_points"])
+def test_lop3_dequantization_every_code_every_nibble(dtype, zero_points):
+    offset = 0 if zero_points else 8
     for code in range(16):
         for nibble in range(8):
             others = np.arange(8) * 3 % 16
             word = sum(int(others[n] if n != nibble else code) << (4 * n) for n in range(8))
-            values = ml.lop3_dequantize_word(np.array([word], dtype=np.uint32))[0]
+            values = ml.lop3_dequantize_word(np.array([word], dtype=np.uint32), zero_points, dtype)[0]
             nibbles = np.array([(word >> (4 * ml.NIBBLE_OF_VALUE[e])) & 0xF for e in range(8)])
-            np.testing.assert_array_equal(values, (nibbles - 8).astype(np.float16))
+            assert values.dtype == dtype
+            np.testing.assert_array_equal(values.view(np.uint16), (nibbles - offset).astype(dtype).view(np.uint16))
 
 
-@given(st.integers(0, 2**32 - 1))
-def test_lop3_dequantization_for_zero_points_gives_the_codes(word):
-    values = ml.lop3_dequantize_word(np.array([word], dtype=np.uint32), zero_points=True)[0]
+@element_types
+@given(word=st.integers(0, 2**32 - 1))
+def test_lop3_dequantization_for_zero_points_gives_the_codes(dtype, word):
+    values = ml.lop3_dequantize_word(np.array([word], dtype=np.uint32), zero_points=True, dtype=dtype)[0]
     expected = [(word >> (4 * ml.NIBBLE_OF_VALUE[e])) & 0xF for e in range(8)]
     np.testing.assert_array_equal(values.astype(np.int64), expected)
 
@@ -86,6 +94,54 @@ def test_lop3_with_any_zero_point_and_fp16_scale_equals_reference(bits, zero):
     np.testing.assert_array_equal(got.view(np.uint16), ref.dequantize(qw).view(np.uint16))
 
 
+def _every_code_and_zero_point(scale: np.ndarray) -> ref.QuantizedWeight:
+    """32 x 64: each code twice per column (in both row classes of a tile), column c with
+    zero point c % 16, one scale for all."""
+    codes = np.arange(16, dtype=np.uint8)[:, None].repeat(64, axis=1)
+    codes = np.concatenate([codes, codes[::-1]], axis=0)
+    zeros = (np.arange(64, dtype=np.uint8) % 16)[None, :]
+    return ref.QuantizedWeight(codes, np.full((1, 64), scale, scale.dtype), -1, zeros)
+
+
+@given(st.integers(0, 0xFFFF))
+@example(0x0001)  # the least subnormal
+@example(0x007F)  # the largest subnormal
+@example(0x0080)  # the least normal
+@example(0x7F7F)  # the largest finite value: the products overflow
+@example(0x3DCD)  # ~0.1: every product rounds
+def test_lop3_with_every_zero_point_and_any_bf16_scale_equals_reference(bits):
+    qw = _every_code_and_zero_point(np.array(bits, np.uint16).view(BF16))
+    zeros = ml.permute_scales(qw.zeros.astype(BF16))
+    got = ml.dequantize_marlin(ml.pack_marlin_weights(qw), ml.permute_scales(qw.scales), -1, zeros)
+    assert got.dtype == BF16
+    np.testing.assert_array_equal(got.view(np.uint16), ref.dequantize(qw).view(np.uint16))
+
+
+@given(st.integers(0, 0xFFFF))
+@example(0x0001)
+@example(0x7F7F)
+def test_lop3_times_any_bf16_scale_equals_reference(bits):
+    qw = _every_code_and_zero_point(np.array(bits, np.uint16).view(BF16))
+    symmetric = ref.QuantizedWeight(qw.codes, qw.scales, -1)
+    got = ml.dequantize_marlin(ml.pack_marlin_weights(symmetric), ml.permute_scales(symmetric.scales), -1)
+    np.testing.assert_array_equal(got.view(np.uint16), ref.dequantize(symmetric).view(np.uint16))
+
+
+@given(
+    st.integers(1, 3).map(lambda k: 128 * k),
+    st.integers(1, 4).map(lambda n: 64 * n),
+    st.sampled_from(ref.GROUP_SIZES),
+    st.booleans(),
+    st.integers(0, 2**32 - 1),
+)
+def test_marlin_dequantize_bf16_matches_reference(K, N, group, symmetric, seed):
+    qw = ref.random_quantized_weight(np.random.default_rng(seed), K, N, group, symmetric, dtype=BF16)
+    zeros = None if symmetric else ml.permute_scales(qw.zeros.astype(BF16))
+    got = ml.dequantize_marlin(ml.pack_marlin_weights(qw), ml.permute_scales(qw.scales), group, zeros)
+    assert got.dtype == BF16
+    np.testing.assert_array_equal(got.view(np.uint16), ref.dequantize(qw).view(np.uint16))
+
+
 @pytest.mark.parametrize("group", ref.GROUP_SIZES)
 def test_marlin_dequantize_with_zero_points_matches_reference(group):
     qw = ref.random_quantized_weight(np.random.default_rng(group % 97), 256, 192, group, symmetric=False)
@@ -94,11 +150,12 @@ def test_marlin_dequantize_with_zero_points_matches_reference(group):
     np.testing.assert_array_equal(got.view(np.uint16), ref.dequantize(qw).view(np.uint16))
 
 
-@given(st.integers(0, 2**32 - 1))
-def test_lop3_dequantization_random_words(word):
-    values = ml.lop3_dequantize_word(np.array([word], dtype=np.uint32))[0]
+@element_types
+@given(word=st.integers(0, 2**32 - 1))
+def test_lop3_dequantization_random_words(dtype, word):
+    values = ml.lop3_dequantize_word(np.array([word], dtype=np.uint32), dtype=dtype)[0]
     expected = [((word >> (4 * ml.NIBBLE_OF_VALUE[e])) & 0xF) - 8 for e in range(8)]
-    assert values.dtype == np.float16
+    assert values.dtype == dtype
     np.testing.assert_array_equal(values.astype(np.int64), expected)
 
 
@@ -121,10 +178,12 @@ def test_marlin_dequantize_matches_reference(group):
     np.testing.assert_array_equal(got.view(np.uint16), ref.dequantize(qw).view(np.uint16))
 
 
-@given(st.integers(1, 5), st.integers(1, 4), st.integers(0, 2**32 - 1))
-def test_scale_permutation_round_trip(groups, chunks, seed):
-    s = np.random.default_rng(seed).random((groups, 64 * chunks)).astype(np.float16)
+@element_types
+@given(groups=st.integers(1, 5), chunks=st.integers(1, 4), seed=st.integers(0, 2**32 - 1))
+def test_scale_permutation_round_trip(dtype, groups, chunks, seed):
+    s = np.random.default_rng(seed).random((groups, 64 * chunks)).astype(dtype)
     p = ml.permute_scales(s)
+    assert p.dtype == ml.unpermute_scales(p).dtype == dtype
     np.testing.assert_array_equal(ml.unpermute_scales(p), s)
     # lane 4g + c's 128-bit load (positions 8g..8g+7) = columns 16j + 8h + g, in (j, h) order
     for g in range(8):

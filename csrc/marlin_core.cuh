@@ -12,6 +12,7 @@
 // with the mma/ldmatrix helpers of common.cuh, which the earlier rungs use.
 #pragma once
 
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 namespace marlin {
@@ -89,7 +90,7 @@ __device__ __forceinline__ void ldmatrix_x4(FragA& a, const void* smem) {
 }
 
 // ---------------------------------------------------------------------------------
-// int4 -> fp16: four instructions per 4 weights (reference/marlin_layout.py models them).
+// int4 -> fp16 or bf16: a few instructions per 4 weights (reference/marlin_layout.py models them).
 // ---------------------------------------------------------------------------------
 template <int LUT>
 __device__ __forceinline__ unsigned lop3(unsigned a, unsigned b, unsigned c) {
@@ -98,8 +99,13 @@ __device__ __forceinline__ unsigned lop3(unsigned a, unsigned b, unsigned c) {
   return d;
 }
 
-__device__ __forceinline__ half2 as_half2(unsigned u) { return *reinterpret_cast<half2*>(&u); }
-__device__ __forceinline__ unsigned as_u32(half2 h) { return *reinterpret_cast<unsigned*>(&h); }
+// ---------------------------------------------------------------------------------
+// The element type: fp16 or bf16 activations, scales, zero points and output. The
+// weight layout, the copies, ldmatrix and the fp32 accumulators do not care; what
+// differs is the magic-number dequantization, the mma instruction and the final
+// rounding. Each type is a struct of those few operations, and the templates below
+// take it as a parameter (fp16 by default, so rungs without a bf16 path are unchanged).
+// ---------------------------------------------------------------------------------
 
 // (q AND mask) OR 0x6400 in each fp16 half puts a nibble v into the mantissa of 1024:
 // the fp16 value 1024 + v (low nibble) or 1024 + 16 v (high nibble). The lop3 truth
@@ -107,58 +113,116 @@ __device__ __forceinline__ unsigned as_u32(half2 h) { return *reinterpret_cast<u
 // Subtracting 1032, or multiplying by 1/16 and adding -72, then yields v - 8 exactly:
 // the symmetric zero point costs nothing. For weights with zero points the same two
 // instructions with 1024 and -64 yield v, and dequantize_tile subtracts the zero point.
-template <bool kZeroPoints = false>
-__device__ __forceinline__ FragB dequantize_pairs(unsigned q) {
-  constexpr int AND_OR = (0xF0 & 0xCC) | 0xAA;
-  constexpr unsigned OFFSET = kZeroPoints ? 0x64006400u : 0x64086408u;      // 1024 or 1032
-  constexpr unsigned FMA_OFFSET = kZeroPoints ? 0xD400D400u : 0xD480D480u;  // -64 or -72
-  const unsigned lo = lop3<AND_OR>(q, 0x000F000Fu, 0x64006400u);
-  const unsigned hi = lop3<AND_OR>(q, 0x00F000F0u, 0x64006400u);
-  FragB b;
-  b.r[0] = as_u32(__hsub2(as_half2(lo), as_half2(OFFSET)));
-  b.r[1] = as_u32(__hfma2(as_half2(hi), as_half2(0x2C002C00u), as_half2(FMA_OFFSET)));  // x * 1/16 + offset
-  return b;
-}
+constexpr int AND_OR = (0xF0 & 0xCC) | 0xAA;
+
+struct Fp16 {
+  using scalar = half;
+  using pair = half2;
+  static __device__ __forceinline__ pair as_pair(unsigned u) { return *reinterpret_cast<pair*>(&u); }
+  static __device__ __forceinline__ unsigned bits(pair h) { return *reinterpret_cast<unsigned*>(&h); }
+  static __device__ __forceinline__ pair low(pair h) { return __low2half2(h); }
+  static __device__ __forceinline__ pair high(pair h) { return __high2half2(h); }
+
+  template <bool kZeroPoints>
+  static __device__ __forceinline__ FragB dequantize_pairs(unsigned q) {
+    constexpr unsigned OFFSET = kZeroPoints ? 0x64006400u : 0x64086408u;      // 1024 or 1032
+    constexpr unsigned FMA_OFFSET = kZeroPoints ? 0xD400D400u : 0xD480D480u;  // -64 or -72
+    const unsigned lo = lop3<AND_OR>(q, 0x000F000Fu, 0x64006400u);
+    const unsigned hi = lop3<AND_OR>(q, 0x00F000F0u, 0x64006400u);
+    FragB b;
+    b.r[0] = bits(__hsub2(as_pair(lo), as_pair(OFFSET)));
+    b.r[1] = bits(__hfma2(as_pair(hi), as_pair(0x2C002C00u), as_pair(FMA_OFFSET)));  // x * 1/16 + offset
+    return b;
+  }
+
+  static __device__ __forceinline__ void mma(const FragA& a, const FragB& b, FragC& c) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c.v[0]), "+f"(c.v[1]), "+f"(c.v[2]), "+f"(c.v[3])
+        : "r"(a.r[0]), "r"(a.r[1]), "r"(a.r[2]), "r"(a.r[3]), "r"(b.r[0]), "r"(b.r[1]));
+  }
+
+  static __device__ __forceinline__ pair round(float x, float y) { return __float22half2_rn(make_float2(x, y)); }
+};
+
+// bf16 has 8 exponent bits and only 7 mantissa bits, so 0x4300 (128, whose ulp is 1)
+// takes the place of 0x6400: OR-ing a nibble into the low mantissa bits gives 128 + v.
+// The fp16 trick for the high nibble (OR it in 4 bits up, scale by 1/16) would reach
+// into the exponent here, so that nibble is shifted down first: one extra shift per
+// pair, and then both halves take the same subtraction of 136 (v - 8) or 128 (v).
+struct Bf16 {
+  using scalar = __nv_bfloat16;
+  using pair = __nv_bfloat162;
+  static __device__ __forceinline__ pair as_pair(unsigned u) { return *reinterpret_cast<pair*>(&u); }
+  static __device__ __forceinline__ unsigned bits(pair h) { return *reinterpret_cast<unsigned*>(&h); }
+  static __device__ __forceinline__ pair low(pair h) { return __low2bfloat162(h); }
+  static __device__ __forceinline__ pair high(pair h) { return __high2bfloat162(h); }
+
+  template <bool kZeroPoints>
+  static __device__ __forceinline__ FragB dequantize_pairs(unsigned q) {
+    constexpr unsigned OFFSET = kZeroPoints ? 0x43004300u : 0x43084308u;  // 128 or 136
+    const unsigned lo = lop3<AND_OR>(q, 0x000F000Fu, 0x43004300u);
+    const unsigned hi = lop3<AND_OR>(q >> 4, 0x000F000Fu, 0x43004300u);
+    FragB b;
+    b.r[0] = bits(__hsub2(as_pair(lo), as_pair(OFFSET)));
+    b.r[1] = bits(__hsub2(as_pair(hi), as_pair(OFFSET)));
+    return b;
+  }
+
+  static __device__ __forceinline__ void mma(const FragA& a, const FragB& b, FragC& c) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c.v[0]), "+f"(c.v[1]), "+f"(c.v[2]), "+f"(c.v[3])
+        : "r"(a.r[0]), "r"(a.r[1]), "r"(a.r[2]), "r"(a.r[3]), "r"(b.r[0]), "r"(b.r[1]));
+  }
+
+  static __device__ __forceinline__ pair round(float x, float y) { return __float22bfloat162_rn(make_float2(x, y)); }
+};
+
+// The element type a kernel is compiled for, from its 0/1 define.
+template <bool kBf16>
+struct ElementOf {
+  using type = Fp16;
+};
+template <>
+struct ElementOf<true> {
+  using type = Bf16;
+};
 
 // A lane's 32-bit word of tile j holds both of its B operands: nibbles (0,4),(1,5) the
 // left 8 columns, (2,6),(3,7) the right 8 -- reached by shifting the word right by 8.
-// Each operand is scaled by its column's fp16 scale with one __hmul2 rounding, which is
-// bit for bit the reference's fp16((q - 8) * s). With zero points, `zero_pair` holds the
-// two columns' fp16 zero points, subtracted first (v - z is a small integer: exact), so
-// the result is again one rounding: fp16((q - z) * s).
-template <bool kZeroPoints = false>
+// Each operand is scaled by its column's scale with one __hmul2 rounding, which is
+// bit for bit the reference's dequantize: E((q - 8) * s). With zero points, `zero_pair`
+// holds the two columns' zero points, subtracted first (v - z is a small integer:
+// exact), so the result is again one rounding: E((q - z) * s).
+template <bool kZeroPoints = false, class E = Fp16>
 __device__ __forceinline__ void dequantize_tile(unsigned q, unsigned scale_pair, FragB& left, FragB& right,
                                                 unsigned zero_pair = 0) {
-  const half2 s = as_half2(scale_pair);
-  const half2 s_left = __low2half2(s), s_right = __high2half2(s);
-  left = dequantize_pairs<kZeroPoints>(q);
-  right = dequantize_pairs<kZeroPoints>(q >> 8);
+  using P = typename E::pair;
+  const P s = E::as_pair(scale_pair);
+  const P s_left = E::low(s), s_right = E::high(s);
+  left = E::template dequantize_pairs<kZeroPoints>(q);
+  right = E::template dequantize_pairs<kZeroPoints>(q >> 8);
   if (kZeroPoints) {
-    const half2 z = as_half2(zero_pair);
-    const half2 z_left = __low2half2(z), z_right = __high2half2(z);
-    left.r[0] = as_u32(__hsub2(as_half2(left.r[0]), z_left));
-    left.r[1] = as_u32(__hsub2(as_half2(left.r[1]), z_left));
-    right.r[0] = as_u32(__hsub2(as_half2(right.r[0]), z_right));
-    right.r[1] = as_u32(__hsub2(as_half2(right.r[1]), z_right));
+    const P z = E::as_pair(zero_pair);
+    const P z_left = E::low(z), z_right = E::high(z);
+    left.r[0] = E::bits(__hsub2(E::as_pair(left.r[0]), z_left));
+    left.r[1] = E::bits(__hsub2(E::as_pair(left.r[1]), z_left));
+    right.r[0] = E::bits(__hsub2(E::as_pair(right.r[0]), z_right));
+    right.r[1] = E::bits(__hsub2(E::as_pair(right.r[1]), z_right));
   }
-  left.r[0] = as_u32(__hmul2(as_half2(left.r[0]), s_left));
-  left.r[1] = as_u32(__hmul2(as_half2(left.r[1]), s_left));
-  right.r[0] = as_u32(__hmul2(as_half2(right.r[0]), s_right));
-  right.r[1] = as_u32(__hmul2(as_half2(right.r[1]), s_right));
-}
-
-__device__ __forceinline__ void mma_16816(const FragA& a, const FragB& b, FragC& c) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c.v[0]), "+f"(c.v[1]), "+f"(c.v[2]), "+f"(c.v[3])
-      : "r"(a.r[0]), "r"(a.r[1]), "r"(a.r[2]), "r"(a.r[3]), "r"(b.r[0]), "r"(b.r[1]));
+  left.r[0] = E::bits(__hmul2(E::as_pair(left.r[0]), s_left));
+  left.r[1] = E::bits(__hmul2(E::as_pair(left.r[1]), s_left));
+  right.r[0] = E::bits(__hmul2(E::as_pair(right.r[0]), s_right));
+  right.r[1] = E::bits(__hmul2(E::as_pair(right.r[1]), s_right));
 }
 
 // One lane's whole contribution for one k16 step of its warp's 16*kMBlocks x 64 strip:
 // dequantize the four tiles of its 128-bit weight word, multiply with every m-block.
 // m is the inner loop so the dequantization of tile j+1 overlaps the mmas of tile j.
-template <int kMBlocks, bool kZeroPoints = false>
+template <int kMBlocks, bool kZeroPoints = false, class E = Fp16>
 __device__ __forceinline__ void multiply_k16(const FragA (&a)[kMBlocks], const int4& w, const int4& s,
                                              FragC (&acc)[kMBlocks][4][2], const int4& z = int4{}) {
   const unsigned words[4] = {unsigned(w.x), unsigned(w.y), unsigned(w.z), unsigned(w.w)};
@@ -167,11 +231,11 @@ __device__ __forceinline__ void multiply_k16(const FragA (&a)[kMBlocks], const i
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     FragB left, right;
-    dequantize_tile<kZeroPoints>(words[j], scales[j], left, right, zeros[j]);
+    dequantize_tile<kZeroPoints, E>(words[j], scales[j], left, right, zeros[j]);
 #pragma unroll
     for (int m = 0; m < kMBlocks; ++m) {
-      mma_16816(a[m], left, acc[m][j][0]);
-      mma_16816(a[m], right, acc[m][j][1]);
+      E::mma(a[m], left, acc[m][j][0]);
+      E::mma(a[m], right, acc[m][j][1]);
     }
   }
 }
@@ -191,11 +255,11 @@ __device__ __forceinline__ void zero_accumulators(FragC (&acc)[kMBlocks][4][2]) 
 // ---------------------------------------------------------------------------------
 // Output: a lane's accumulator (m, j, h) holds rows 16m + g and 16m + g + 8, columns
 // 16j + 8h + 2c and +1, of its warp's strip (lane = 4g + c). fold_into_output rounds
-// them once to fp16 and writes them as pairs. The output is small next to the weights,
+// them once to the element type and writes them as pairs. The output is small next to the weights,
 // so these 4-byte stores cost little.
 // ---------------------------------------------------------------------------------
-template <int kMBlocks>
-__device__ __forceinline__ void fold_into_output(const FragC (&acc)[kMBlocks][4][2], half* __restrict__ C,
+template <int kMBlocks, class E = Fp16>
+__device__ __forceinline__ void fold_into_output(const FragC (&acc)[kMBlocks][4][2], typename E::scalar* __restrict__ C,
                                                  int ldc, int rows_valid, int strip_col) {
   const int lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
 #pragma unroll
@@ -204,12 +268,12 @@ __device__ __forceinline__ void fold_into_output(const FragC (&acc)[kMBlocks][4]
     for (int r = 0; r < 2; ++r) {
       const int row = 16 * m + g + 8 * r;
       if (row >= rows_valid) continue;
-      half2* out = reinterpret_cast<half2*>(C + size_t(row) * ldc + strip_col + 2 * c);
+      typename E::pair* out = reinterpret_cast<typename E::pair*>(C + size_t(row) * ldc + strip_col + 2 * c);
 #pragma unroll
       for (int j = 0; j < 4; ++j)
 #pragma unroll
         for (int h = 0; h < 2; ++h)
-          out[(16 * j + 8 * h) / 2] = __float22half2_rn(make_float2(acc[m][j][h].v[2 * r], acc[m][j][h].v[2 * r + 1]));
+          out[(16 * j + 8 * h) / 2] = E::round(acc[m][j][h].v[2 * r], acc[m][j][h].v[2 * r + 1]);
     }
 }
 
@@ -351,13 +415,14 @@ struct RunCursor {
 // cannot collide with those tiles in flight.)
 //
 // Stage layout in shared memory (16-byte units): A tile | weights | scales | zero points
-// (only with kZeroPoints: fp16, permuted like the scales, one per group and column). Thread t
+// (only with kZeroPoints: permuted like the scales, one per group and column); scales and
+// zero points are of the element type E, fp16 or bf16, like A and the output. Thread t
 // copies weight chunks t, t + 256, ... of a stage and -- because chunk index =
 // 256 * substep + 32 * warp + lane is exactly what the consuming lane needs -- later
 // reads back the very chunks it copied. Only A is truly shared between warps.
 // ---------------------------------------------------------------------------------
 template <int kMBlocks, int kTileN, int kTileK, int kStages, int kGroupRows, bool kEvictFirst, bool kOwnReduceBuffer,
-          bool kZeroPoints>
+          bool kZeroPoints, class E = Fp16>
 struct Pipeline {
   static constexpr int THREADS = 256;
   static constexpr int TILE_N_COLS = kTileN, TILE_K_ROWS = kTileK, SLAB_ROWS = 16 * kMBlocks;
@@ -517,7 +582,7 @@ struct Pipeline {
           __syncthreads();
         }
         if (sub == SUBSTEPS - 1) load_fragments(read_slot, 0, a[0], w[0], s[0], z[0]);
-        multiply_k16<kMBlocks, kZeroPoints>(a[sub % 2], w[sub % 2], s[sub % 2], acc, z[sub % 2]);
+        multiply_k16<kMBlocks, kZeroPoints, E>(a[sub % 2], w[sub % 2], s[sub % 2], acc, z[sub % 2]);
       }
     }
   }

@@ -38,13 +38,19 @@
 #ifndef ZERO_POINTS
 #define ZERO_POINTS 0  // 1: w = (q - z) * s with a zero point z per group and column (Z), else (q - 8) * s
 #endif
+#ifndef BF16
+#define BF16 0  // 1: bf16 activations, scales, zero points and output; 0: fp16
+#endif
+
+using Element = marlin::ElementOf<BF16 != 0>::type;
 
 // One column per block: the k-warp reduction may reuse the stages once they are idle.
-using Pipe = marlin::Pipeline<M_BLOCKS, TILE_N, TILE_K, STAGES, GROUP_ROWS, EVICT_FIRST != 0, false, ZERO_POINTS != 0>;
+using Pipe = marlin::Pipeline<M_BLOCKS, TILE_N, TILE_K, STAGES, GROUP_ROWS, EVICT_FIRST != 0, false, ZERO_POINTS != 0,
+                              Element>;
 
 extern "C" __global__ void __launch_bounds__(Pipe::THREADS, 1)
     s5_async_pipeline(const int4* __restrict__ A, const int4* __restrict__ B, const int4* __restrict__ S,
-                      const int4* __restrict__ Z, half* __restrict__ C, int M, int K, int N) {
+                      const int4* __restrict__ Z, Element::scalar* __restrict__ C, int M, int K, int N) {
   extern __shared__ int4 smem[];
   const int col = blockIdx.x, slab_row0 = blockIdx.y * Pipe::SLAB_ROWS;
   const int rows_valid = min(Pipe::SLAB_ROWS, M - slab_row0);
@@ -57,5 +63,5 @@ extern "C" __global__ void __launch_bounds__(Pipe::THREADS, 1)
   pipe.consume(acc, k_tiles);
   pipe.reduce_across_k_warps(acc);
   if (pipe.k_warp == 0)
-    marlin::fold_into_output<M_BLOCKS>(acc, C + size_t(slab_row0) * N, N, rows_valid, col * TILE_N + 64 * pipe.strip);
+    marlin::fold_into_output<M_BLOCKS, Element>(acc, C + size_t(slab_row0) * N, N, rows_valid, col * TILE_N + 64 * pipe.strip);
 }

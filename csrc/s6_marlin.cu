@@ -45,14 +45,20 @@
 #ifndef ZERO_POINTS
 #define ZERO_POINTS 0  // 1: w = (q - z) * s with a zero point z per group and column (Z), else (q - 8) * s
 #endif
+#ifndef BF16
+#define BF16 0  // 1: bf16 activations, scales, zero points and output; 0: fp16
+#endif
+
+using Element = marlin::ElementOf<BF16 != 0>::type;
 
 // The fetches run on into a block's next column slice while it reduces the current one,
 // so the k-warp reduction gets shared memory of its own.
-using Pipe = marlin::Pipeline<M_BLOCKS, TILE_N, TILE_K, STAGES, GROUP_ROWS, EVICT_FIRST != 0, true, ZERO_POINTS != 0>;
+using Pipe = marlin::Pipeline<M_BLOCKS, TILE_N, TILE_K, STAGES, GROUP_ROWS, EVICT_FIRST != 0, true, ZERO_POINTS != 0,
+                              Element>;
 
 extern "C" __global__ void __launch_bounds__(Pipe::THREADS, 1)
     s6_marlin(const int4* __restrict__ A, const int4* __restrict__ B, const int4* __restrict__ S,
-              const int4* __restrict__ Z, half* __restrict__ C, int M, int K, int N, int* __restrict__ counters,
+              const int4* __restrict__ Z, Element::scalar* __restrict__ C, int M, int K, int N, int* __restrict__ counters,
               float* __restrict__ partials, int iters) {
   extern __shared__ int4 smem[];
   Pipe pipe;
@@ -60,7 +66,7 @@ extern "C" __global__ void __launch_bounds__(Pipe::THREADS, 1)
   marlin::FragC acc[M_BLOCKS][4][2];
   marlin::run_stripes<M_BLOCKS>(pipe, acc, M, K, N, counters, partials, iters,
                                 [&](const marlin::StripeSegment& seg, int rows_valid) {
-                                  marlin::fold_into_output<M_BLOCKS>(acc, C + size_t(seg.slab) * Pipe::SLAB_ROWS * N, N,
-                                                                     rows_valid, seg.col * TILE_N + 64 * pipe.strip);
+                                  marlin::fold_into_output<M_BLOCKS, Element>(acc, C + size_t(seg.slab) * Pipe::SLAB_ROWS * N,
+                                                                              N, rows_valid, seg.col * TILE_N + 64 * pipe.strip);
                                 });
 }

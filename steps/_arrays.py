@@ -76,13 +76,25 @@ def empty_like_kind(like: Any, shape: tuple[int, int], dtype: str = "float16") -
     return torch.empty(shape, dtype=getattr(torch, dtype), device=like.device)
 
 
+def raw_bits(x: Any) -> Any:
+    """bfloat16 arrays and tensors viewed as int16, others unchanged: the kernels need only
+    the bits, and CuPy's and torch's NumPy interop do not all know bfloat16."""
+    if dtype_name(x) != "bfloat16":
+        return x
+    if array_kind(x) == "torch":
+        import torch
+
+        return x.view(torch.int16)
+    return x.view(np.int16)
+
+
 def as_cupy(x: Any) -> Any:
-    """A zero-copy CuPy view of a CuPy array or torch CUDA tensor."""
+    """A zero-copy CuPy view of a CuPy array or torch CUDA tensor (bfloat16 as int16)."""
     if array_kind(x) == "cupy":
         return x
     import cupy
 
-    return cupy.from_dlpack(x)
+    return cupy.from_dlpack(raw_bits(x))
 
 
 def caller_stream(x: Any):

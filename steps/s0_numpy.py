@@ -1,8 +1,8 @@
 """Rung 0: dequantize, then multiply, on the CPU with NumPy.
 
 The executable specification. It unpacks the 4-bit codes, dequantizes them with the
-reference's exact rule, fp16((q - z) * s), and hands the fp16 weights to an ordinary
-float32 matrix product. Every faster rung computes this same function; what they change
+reference's exact rule, fp16((q - z) * s) (bf16 for a weight with bf16 scales), and
+hands those weights to an ordinary float32 matrix product. Every faster rung computes this same function; what they change
 is only where the bytes live and how fast they move.
 
 Error bound constant c = 4: one fp16 rounding of the result, one of the reference, and
@@ -47,6 +47,7 @@ class NumpyDequantMatmul(Step):
     device = "cpu"
     error_c = 4.0
     supports_zero_points = True
+    activation_dtypes = ("float16", "bfloat16")
 
     def _supports(self, M: int, K: int, N: int, group_size: int) -> Support:
         return plain_layout_support(K)

@@ -37,10 +37,11 @@ MAX_M_BLOCKS = 4  # a slab is at most 64 rows of A: 4 m16 blocks of accumulators
 
 def pack_marlin(qw: QuantizedWeight) -> dict[str, np.ndarray]:
     """The MARLIN layout of s4-s6: fragment-ordered int32 words (K/16, 2N), permuted scales
-    and, for weights with zero points, the zero points as fp16 permuted like the scales."""
+    and, for weights with zero points, the zero points in the scales' dtype (fp16 or bf16:
+    small integers, exact in both) permuted like the scales."""
     arrays = {"qweight": pack_marlin_weights(qw), "scales": permute_scales(qw.scales)}
     if qw.zeros is not None:
-        arrays["zeros"] = permute_scales(qw.zeros.astype(np.float16))
+        arrays["zeros"] = permute_scales(qw.zeros.astype(qw.scales.dtype))
     return arrays
 
 

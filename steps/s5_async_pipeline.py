@@ -11,7 +11,10 @@ whether or not that matches the GPU's SM count (s6 fixes that).
 
 Error bound constant c = 10, as for s4: the partial sums of the warps are added in
 fp32, so the fp16 roundings are still just the result's and the reference's. Weights with
-zero points stream them beside the scales (see s6).
+zero points stream them beside the scales (see s6). A weight quantized with bf16 scales
+runs the same pipeline on bf16 activations and output (the BF16 define: bf16 mma and a
+bf16 magic number for the dequantization, explained in marlin_core.cuh); the bound is
+then relative to bf16's unit roundoff.
 
 Tile configurations (the kernel's defines) are chosen by `tile_plan` from H100
 measurements: 256 x 128 (TILE_K x TILE_N) with 4 stages up to 32 rows, 128 x 128 with the
@@ -44,7 +47,8 @@ class TileConfig:
     group_rows: int
     evict_first: bool = True
     own_reduce_buffer: bool = False  # the kernel's kOwnReduceBuffer (s6, s7); not a define
-    zero_points: bool = False  # w = (q - z) * s: a stream of fp16 zero points beside the scales
+    zero_points: bool = False  # w = (q - z) * s: a stream of zero points beside the scales
+    bf16: bool = False  # bf16 activations, scales, zero points and output instead of fp16
 
     @property
     def stage_bytes(self) -> int:
@@ -76,6 +80,7 @@ class TileConfig:
             ("GROUP_ROWS", self.group_rows),
             ("EVICT_FIRST", int(self.evict_first)),
             ("ZERO_POINTS", int(self.zero_points)),
+            ("BF16", int(self.bf16)),
         )
 
 
@@ -122,6 +127,7 @@ class PipelinedStep(CudaStep):
     error_c = 10.0
     evict_first = True
     supports_zero_points = True
+    activation_dtypes = ("float16", "bfloat16")
     own_reduce_buffer = False  # True where a block's fetches run on past a column (s6, s7)
     config_type = TileConfig
     even_stages = True  # odd pipeline depths above 4 measured slower (s5, s6)
@@ -149,7 +155,9 @@ class PipelinedStep(CudaStep):
         """16-row blocks of A per slab for an M-row batch with this tile."""
         return m_blocks_for(M)
 
-    def config(self, M: int, K: int, N: int, group_size: int, device: int, zero_points: bool = False) -> TileConfig:
+    def config(
+        self, M: int, K: int, N: int, group_size: int, device: int, zero_points: bool = False, bf16: bool = False
+    ) -> TileConfig:
         """The compiled variant for this call: the plan's first tile shape that divides K and
         N and whose stages (at least 3) fit the device's shared memory."""
         plan = self.tile_plan(M, N, sm_count(device))
@@ -162,7 +170,7 @@ class PipelinedStep(CudaStep):
         limit = max_dynamic_smem(device)
         for tk, tn in tiles:
             probe = self.config_type(self.m_blocks(M, tk, tn), tn, tk, 1, group_rows(group_size), self.evict_first,
-                                     self.own_reduce_buffer, zero_points)  # fmt: skip
+                                     self.own_reduce_buffer, zero_points, bf16)  # fmt: skip
             stages = min(self.max_stages or plan.max_stages, self.stage_budget(probe, plan, device) // probe.stage_bytes)
             if self.even_stages and stages > 4:
                 stages -= stages % 2
@@ -202,7 +210,7 @@ class AsyncPipeline(PipelinedStep):
 
     def _launch(self, A: Any, packed: Packed, out: Any) -> None:
         M, K, N = A.shape[0], packed.K, packed.N
-        cfg = self.config(M, K, N, packed.group_size, packed.device, "zeros" in packed.arrays)
+        cfg = self.config(M, K, N, packed.group_size, packed.device, "zeros" in packed.arrays, packed.dtype == "bfloat16")
         grid = (N // cfg.tile_n, -(-M // (16 * cfg.m_blocks)))
         args = (A, packed.arrays["qweight"], packed.arrays["scales"], zeros_or_scales(packed), out, i32(M), i32(K), i32(N))
         self.kernel(cfg, packed.device)(grid, (THREADS,), args, shared_mem=cfg.smem_bytes)

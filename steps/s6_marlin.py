@@ -101,9 +101,11 @@ class Marlin(PipelinedStep):
             self._workspaces[device] = ws
         return ws
 
-    def schedule(self, M: int, K: int, N: int, group_size: int, device: int, zero_points: bool = False):
+    def schedule(
+        self, M: int, K: int, N: int, group_size: int, device: int, zero_points: bool = False, bf16: bool = False
+    ):
         """(config, iters, blocks) of each launch's slab group, from the CPU model."""
-        cfg = self.config(M, K, N, group_size, device, zero_points)
+        cfg = self.config(M, K, N, group_size, device, zero_points, bf16)
         if 16 * cfg.m_blocks * cfg.tile_n > MAX_PARTIAL_FLOATS:  # neighbouring slots would overlap
             raise ValueError(
                 f"{self.name}: a {16 * cfg.m_blocks} x {cfg.tile_n} tile's partial sums exceed the workspace slot "
@@ -121,7 +123,9 @@ class Marlin(PipelinedStep):
         rows_per_launch = MAX_SLABS * 64
         for r0 in range(0, M, rows_per_launch):
             r1 = min(M, r0 + rows_per_launch)
-            cfg, iters, blocks = self.schedule(r1 - r0, K, N, packed.group_size, packed.device, "zeros" in packed.arrays)
+            cfg, iters, blocks = self.schedule(
+                r1 - r0, K, N, packed.group_size, packed.device, "zeros" in packed.arrays, packed.dtype == "bfloat16"
+            )
             args = (A[r0:r1], packed.arrays["qweight"], packed.arrays["scales"], zeros_or_scales(packed), out[r0:r1],
                     i32(r1 - r0), i32(K), i32(N), ws.counters, ws.partials, i32(iters))
             self.kernel(cfg, packed.device)((blocks,), (THREADS,), args, shared_mem=cfg.smem_bytes)

@@ -68,6 +68,7 @@ class SparseMarlin(Marlin):
     )
     error_c = 10.0
     supports_zero_points = False
+    activation_dtypes = ("float16",)
     config_type = SparseTileConfig
     even_stages = False
 

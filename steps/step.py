@@ -19,7 +19,7 @@ import numpy as np
 
 from reference import QuantizedWeight, check_group_size
 
-from ._arrays import array_kind, check_matrix, device_index, dtype_name, empty_like_kind, is_cuda_array
+from ._arrays import array_kind, check_matrix, device_index, dtype_name, empty_like_kind, is_cuda_array, raw_bits
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,7 @@ class Packed:
     N: int
     group_size: int
     arrays: dict[str, Any] = field(default_factory=dict)
+    dtype: str = "float16"  # the element type of the scales, the activations and the output
 
     @property
     def streamed_bytes(self) -> int:
@@ -111,6 +112,11 @@ class Step:
             raise ValueError(f"{self.name} cannot pack this weight: {ok.reason}")
         if qw.zeros is not None and not self.supports_zero_points:
             raise ValueError(f"{self.name} supports symmetric quantization only (zeros=None); this weight has zero points")
+        dtype = str(qw.scales.dtype)
+        if dtype not in self.activation_dtypes:
+            raise ValueError(
+                f"{self.name} computes in {' or '.join(self.activation_dtypes)}; this weight's scales are {dtype}"
+            )
         available = self.available()
         if not available:
             raise RuntimeError(f"{self.name} cannot run on this machine: {available.reason}; pack_host() gives its layout anyway")
@@ -118,16 +124,21 @@ class Step:
         if not self.host_arrays:
             import cupy
 
-            arrays = {k: cupy.asarray(v) for k, v in arrays.items()}
-        return Packed(self.name, qw.K, qw.N, qw.group_size, arrays)
+            arrays = {k: cupy.asarray(raw_bits(v)) for k, v in arrays.items()}
+        return Packed(self.name, qw.K, qw.N, qw.group_size, arrays, dtype)
 
     # -- the product ----------------------------------------------------------------
     def __call__(self, A: Any, packed: Packed, out: Any = None) -> Any:
-        """C = A @ W for the packed weight W; A is (M, K), C is (M, N), fp16."""
+        """C = A @ W for the packed weight W; A is (M, K), C is (M, N), both of the packed dtype."""
         if not isinstance(packed, Packed) or packed.step != self.name:
             got = packed.step if isinstance(packed, Packed) else type(packed).__name__
             raise TypeError(f"{self.name} needs weights packed by its own pack(), got {got}")
         check_matrix("A", A, self.activation_dtypes, (None, packed.K))
+        if dtype_name(A) != packed.dtype:
+            raise TypeError(
+                f"A is {dtype_name(A)} but the weight was packed with {packed.dtype} scales; pass {packed.dtype} "
+                f"activations or quantize the weight with dtype={dtype_name(A)}"
+            )
         M = A.shape[0]
         self._check_device("A", A, packed)
         if out is None:

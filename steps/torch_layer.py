@@ -30,17 +30,18 @@ installed; `import steps` never imports it.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from reference import QuantizedWeight, quantize
+from reference import QuantizedWeight, element_dtype, quantize
 from reference.formats import check_permutation, import_awq, import_gptq
 from reference.sparse_marlin import prune_quantized_2_4
 
-from ._arrays import as_cupy, caller_stream, dtype_name
+from ._arrays import as_cupy, caller_stream, dtype_name, raw_bits
 from .registry import STEPS, get
 from .step import Packed, Step
 
@@ -70,6 +71,8 @@ def _why_not(step: Step, device: torch.device, qw: QuantizedWeight, sparse: bool
         return supported.reason
     if qw.zeros is not None and not step.supports_zero_points:
         return "it supports symmetric weights only and this weight has zero points"
+    if str(qw.scales.dtype) not in step.activation_dtypes:
+        return f"it computes in {' or '.join(step.activation_dtypes)}, not {qw.scales.dtype}"
     return ""
 
 
@@ -118,17 +121,22 @@ def _raw(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if raw is None else tensor.view(raw)
 
 
-def _arrays_spec(packed: dict[str, torch.Tensor]) -> str:
+def _arrays_spec(packed: dict[str, tuple[torch.Tensor, str]]) -> str:
     """"name:dtype,..." for the packed arrays, in order: what int4_matmul needs to rebuild them."""
-    return ",".join(f"{name}:{dtype_name(t)}" for name, t in packed.items())
+    return ",".join(f"{name}:{dtype}" for name, (_, dtype) in packed.items())
 
 
-def _named_arrays(arrays: list[torch.Tensor], arrays_spec: str) -> dict[str, torch.Tensor]:
-    """The op's packed arrays by name, each viewed as its original dtype again."""
+def _named_arrays(arrays: list[torch.Tensor], arrays_spec: str) -> dict[str, tuple[torch.Tensor, str]]:
+    """The op's packed arrays by name, as stored (raw), with their original dtype names."""
     entries = [entry.split(":") for entry in arrays_spec.split(",")]
     if len(entries) != len(arrays) or any(len(e) != 2 for e in entries):
         raise ValueError(f"int4_matmul got {len(arrays)} packed arrays but the spec {arrays_spec!r} describes {len(entries)}")
-    return {name: a.detach().view(getattr(torch, dtype)) for (name, dtype), a in zip(entries, arrays)}
+    return {name: (_raw(a.detach()), dtype) for (name, dtype), a in zip(entries, arrays)}
+
+
+def _host_view(raw: torch.Tensor, dtype: str) -> np.ndarray:
+    """A CPU tensor's bits as a NumPy array of `dtype` (torch cannot hand NumPy a bfloat16)."""
+    return raw.numpy().view(np.dtype(dtype))
 
 
 @torch.library.custom_op("marlin_ladder::int4_matmul", mutates_args=())
@@ -145,14 +153,16 @@ def int4_matmul(
     rung = get(step)
     _check_op_inputs(x, rung, K)
     named = _named_arrays(arrays, arrays_spec)
-    for name, a in named.items():
+    for name, (a, _) in named.items():
         if a.device != x.device:
             raise ValueError(f"int4_matmul: packed array {name} is on {a.device} but x is on {x.device}")
+    dtype = dtype_name(x)
     if rung.host_arrays:
-        packed = Packed(step, K, N, group_size, {n: a.numpy() for n, a in named.items()})
-        return torch.from_numpy(rung(x.detach().numpy(), packed))
+        packed = Packed(step, K, N, group_size, {n: _host_view(a, d) for n, (a, d) in named.items()}, dtype)
+        y = rung(_host_view(_raw(x.detach()), dtype), packed)
+        return torch.from_numpy(raw_bits(y)).view(x.dtype)
     with caller_stream(x):  # DLPack views made on torch's current stream: no cross-stream sync
-        packed = Packed(step, K, N, group_size, {n: as_cupy(a) for n, a in named.items()})
+        packed = Packed(step, K, N, group_size, {n: as_cupy(a) for n, (a, _) in named.items()}, dtype)
     return rung(x, packed)
 
 
@@ -183,19 +193,29 @@ def _as_numpy(name: str, x: Any) -> np.ndarray:
     return x.detach().cpu().numpy()
 
 
+def _in_dtype(qw: QuantizedWeight, dtype: torch.dtype) -> QuantizedWeight:
+    """qw with its scales rounded to `dtype` (float16 or bfloat16)."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(f"dtype must be torch.float16 or torch.bfloat16, got {dtype}")
+    name = str(dtype).removeprefix("torch.")
+    return qw if str(qw.scales.dtype) == name else replace(qw, scales=qw.scales.astype(element_dtype(name)))
+
+
 def _default_device(x: Any) -> torch.device:
     return x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
 
 
-def _packed_tensors(step: Step, qw: QuantizedWeight, device: torch.device) -> dict[str, torch.Tensor]:
-    """The rung's packed arrays as torch tensors on `device`, sharing memory with the pack."""
+def _packed_tensors(step: Step, qw: QuantizedWeight, device: torch.device) -> dict[str, tuple[torch.Tensor, str]]:
+    """The rung's packed arrays as raw torch tensors on `device` (sharing memory with the
+    pack on a GPU), each with the dtype name the rung reads it as."""
     if step.host_arrays:
-        return {k: torch.from_numpy(np.array(v, order="C")) for k, v in step.pack(qw).arrays.items()}  # own copy
+        arrays = step.pack(qw).arrays
+        return {k: (torch.from_numpy(np.array(raw_bits(v), order="C")), str(v.dtype)) for k, v in arrays.items()}
     import cupy
 
     index = device.index if device.index is not None else torch.cuda.current_device()
     with cupy.cuda.Device(index):
-        return {k: torch.from_dlpack(v) for k, v in step.pack(qw).arrays.items()}
+        return {k: (torch.from_dlpack(v), dtype_name(v)) for k, v in step.pack(qw).arrays.items()}
 
 
 class MarlinLinear(nn.Module):
@@ -231,17 +251,18 @@ class MarlinLinear(nn.Module):
         self.sparse = sparse
         self.in_features, self.out_features, self.group_size = qw.K, qw.N, qw.group_size
         self.step = rung.name
+        self.dtype_name = str(qw.scales.dtype)  # of the scales, the activations and the output
         packed = _packed_tensors(rung, qw, device)
         self.arrays_spec = _arrays_spec(packed)
         self.array_buffers = tuple(f"packed_{name}" for name in packed)
-        for buffer, tensor in zip(self.array_buffers, packed.values()):
+        for buffer, (tensor, _) in zip(self.array_buffers, packed.values()):
             self.register_buffer(buffer, _raw(tensor))
         if perm is not None:
             check_permutation(perm, qw.K)
             perm = torch.from_numpy(np.asarray(perm, dtype=np.int64)).to(device)
         self.register_buffer("perm", perm)
         if bias is not None:
-            bias = torch.as_tensor(bias).detach().to(device=device, dtype=torch.float16)
+            bias = torch.as_tensor(bias).detach().to(device=device, dtype=getattr(torch, self.dtype_name))
             if bias.shape != (qw.N,):
                 raise ValueError(f"bias must have shape ({qw.N},), got {tuple(bias.shape)}")
         self.register_buffer("bias", bias)
@@ -260,9 +281,11 @@ class MarlinLinear(nn.Module):
     ) -> MarlinLinear:
         """Quantize an nn.Linear with the reference quantizer (round to nearest) and pack it
         once; with `sparse`, then prune it 2:4 along K by magnitude (the layer then computes
-        the product with the pruned weight, on the sparse rung where one runs)."""
+        the product with the pruned weight, on the sparse rung where one runs). A bf16
+        linear gives a bf16 layer (bf16 scales, activations and output), any other fp16."""
         W = linear.weight.detach().to("cpu", torch.float32).numpy().T  # (K, N): K = in_features
-        qw = quantize(W, group_size, symmetric=not zero_point)
+        dtype = "bfloat16" if linear.weight.dtype == torch.bfloat16 else "float16"
+        qw = quantize(W, group_size, symmetric=not zero_point, dtype=dtype)
         if sparse:
             qw = prune_quantized_2_4(qw)
         return cls(qw, None, linear.bias, step=step, device=device or linear.weight.device, sparse=sparse)
@@ -279,10 +302,13 @@ class MarlinLinear(nn.Module):
         group_size: int | None = None,
         checkpoint_format: str = "gptq",
         bits: int = 4,
+        dtype: torch.dtype = torch.float16,
         step: str | None = None,
         device=None,
     ) -> MarlinLinear:
-        """From a GPTQ layer's tensors (torch or NumPy); see reference.formats.import_gptq."""
+        """From a GPTQ layer's tensors (torch or NumPy); see reference.formats.import_gptq.
+        `dtype=torch.bfloat16` makes a bf16 layer for a bf16 model: the checkpoint's fp16
+        scales are then rounded to bf16 (a slightly different weight)."""
         qw, perm = import_gptq(
             _as_numpy("qweight", qweight),
             _as_numpy("qzeros", qzeros),
@@ -292,7 +318,7 @@ class MarlinLinear(nn.Module):
             checkpoint_format=checkpoint_format,
             bits=bits,
         )
-        return cls(qw, perm, bias, step=step, device=device or _default_device(qweight))
+        return cls(_in_dtype(qw, dtype), perm, bias, step=step, device=device or _default_device(qweight))
 
     @classmethod
     def from_awq(
@@ -304,10 +330,12 @@ class MarlinLinear(nn.Module):
         *,
         group_size: int | None = None,
         bits: int = 4,
+        dtype: torch.dtype = torch.float16,
         step: str | None = None,
         device=None,
     ) -> MarlinLinear:
-        """From an AWQ (GEMM layout) layer's tensors (torch or NumPy); see reference.formats.import_awq."""
+        """From an AWQ (GEMM layout) layer's tensors (torch or NumPy); see reference.formats.import_awq.
+        `dtype` as for from_gptq."""
         qw = import_awq(
             _as_numpy("qweight", qweight),
             _as_numpy("qzeros", qzeros),
@@ -315,7 +343,7 @@ class MarlinLinear(nn.Module):
             group_size=group_size,
             bits=bits,
         )
-        return cls(qw, None, bias, step=step, device=device or _default_device(qweight))
+        return cls(_in_dtype(qw, dtype), None, bias, step=step, device=device or _default_device(qweight))
 
     # -- the product --------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -327,7 +355,13 @@ class MarlinLinear(nn.Module):
                 f"this MarlinLinear is packed for rung {self.step} on {packed_on} but its buffers were moved to "
                 f"{arrays[0].device}; layouts differ between rungs, so build it there instead (from_linear(..., device=...))"
             )
-        _check_activations(x, rung, self.in_features, f"MarlinLinear({self.in_features} -> {self.out_features})")
+        who = f"MarlinLinear({self.in_features} -> {self.out_features})"
+        _check_activations(x, rung, self.in_features, who)
+        if dtype_name(x) != self.dtype_name:
+            raise TypeError(
+                f"{who} holds {self.dtype_name} scales and takes {self.dtype_name} activations, got {dtype_name(x)}; "
+                f"cast the input or build the layer from a {dtype_name(x)} weight"
+            )
         leading = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         # Act-order: gather x's columns into the weight's group order (the result is contiguous).
@@ -344,6 +378,7 @@ class MarlinLinear(nn.Module):
             "K": self.in_features,
             "N": self.out_features,
             "group_size": self.group_size,
+            "dtype": self.dtype_name,
             "arrays_spec": self.arrays_spec,
         }
 
@@ -357,7 +392,8 @@ class MarlinLinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
-            f"bias={self.bias is not None}, act_order={self.perm is not None}, sparse={self.sparse}, step={self.step}"
+            f"bias={self.bias is not None}, act_order={self.perm is not None}, sparse={self.sparse}, "
+            f"dtype={self.dtype_name}, step={self.step}"
         )
 
 

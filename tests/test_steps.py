@@ -26,6 +26,17 @@ def _params():
 ALL_STEPS = list(_params())
 
 
+def _dtype_params():
+    """(step, activation dtype) for every dtype a rung takes; fp16 cases keep the rung's id."""
+    for step in steps.STEPS:
+        marks = [] if step.host_arrays else [pytest.mark.gpu]
+        for dtype in step.activation_dtypes:
+            yield pytest.param(step, dtype, marks=marks, id=step.name if dtype == "float16" else f"{step.name}-{dtype}")
+
+
+STEP_DTYPES = list(_dtype_params())
+
+
 def _simulated(step) -> bool:
     return step.device == "cuda" and step.host_arrays
 
@@ -44,19 +55,31 @@ def problem_sizes(step):
 
 
 def to_device(step, x: np.ndarray):
+    """x where the rung computes: itself for host rungs, else a CuPy array (a torch tensor
+    for bf16, which CuPy takes only with recent NumPy and ml_dtypes)."""
     if step.host_arrays:
         return x
+    if x.dtype == ref.element_dtype("bfloat16"):
+        import torch
+
+        return torch.from_numpy(x.view(np.int16)).cuda().view(torch.bfloat16)
     import cupy
 
     return cupy.asarray(x)
 
 
 def to_host(x) -> np.ndarray:
-    return x if isinstance(x, np.ndarray) else x.get()
+    if isinstance(x, np.ndarray):
+        return x
+    if type(x).__module__.startswith("torch"):
+        import torch
+
+        return x.view(torch.int16).cpu().numpy().view(ref.element_dtype("bfloat16")) if x.dtype == torch.bfloat16 else x.cpu().numpy()
+    return x.get()
 
 
-def poisoned(step, M: int, N: int):
-    return to_device(step, np.full((M, N), np.nan, dtype=np.float16))
+def poisoned(step, M: int, N: int, dtype=np.float16):
+    return to_device(step, np.full((M, N), np.nan, dtype=dtype))
 
 
 def with_zero_points(step, seed: int) -> bool:
@@ -65,32 +88,34 @@ def with_zero_points(step, seed: int) -> bool:
 
 
 def run(step, A: np.ndarray, qw: ref.QuantizedWeight) -> np.ndarray:
-    out = poisoned(step, A.shape[0], qw.N)
+    out = poisoned(step, A.shape[0], qw.N, A.dtype)
     result = step(to_device(step, A), step.pack(qw), out=out)
     assert result is out
     return to_host(out)
 
 
-@pytest.mark.parametrize("step", ALL_STEPS)
-def test_matches_reference_within_bound(step):
+@pytest.mark.parametrize("step, dtype", STEP_DTYPES)
+def test_matches_reference_within_bound(step, dtype):
     @given(problem_sizes(step), st.integers(0, 2**32 - 1))
     def check(sizes, seed):
         M, K, N, g = sizes
         assume(step.supports(M, K, N, g))
         rng = np.random.default_rng(seed)
-        qw = ref.random_quantized_weight(rng, K, N, g, symmetric=not with_zero_points(step, seed))
-        A = rng.standard_normal((M, K), dtype=np.float32).astype(np.float16)
+        qw = ref.random_quantized_weight(rng, K, N, g, symmetric=not with_zero_points(step, seed), dtype=dtype)
+        A = rng.standard_normal((M, K), dtype=np.float32).astype(ref.element_dtype(dtype))
         C = run(step, A, qw)
         assert ref.error_excess(C, A, step.reference_weight(qw), step.error_c) <= 1.0
 
     check()
 
 
-@pytest.mark.parametrize("step", ALL_STEPS)
-def test_bit_exact_on_integer_valued_data(step):
+@pytest.mark.parametrize("step, dtype", STEP_DTYPES)
+def test_bit_exact_on_integer_valued_data(step, dtype):
     """With A in {-1, 0, 1} and scales 1/8 every product and partial sum is exact in fp16
     and fp32, so any correct kernel, whatever its summation order, must reproduce the
-    reference bit for bit: a single misplaced weight or activation shows."""
+    reference bit for bit: a single misplaced weight or activation shows. (In bf16 the
+    partial sums are not all representable, but the rungs that take bf16 add in fp32 and
+    round once, as the reference does.)"""
 
     @given(problem_sizes(step), st.integers(0, 2**32 - 1))
     def check(sizes, seed):
@@ -100,10 +125,9 @@ def test_bit_exact_on_integer_valued_data(step):
         rng = np.random.default_rng(seed)
         groups = 1 if g == -1 else K // g
         zeros = rng.integers(0, 16, (groups, N), dtype=np.uint8) if with_zero_points(step, seed) else None
-        qw = ref.QuantizedWeight(
-            rng.integers(0, 16, (K, N), dtype=np.uint8), np.full((groups, N), 0.125, np.float16), g, zeros
-        )
-        A = rng.integers(-1, 2, (M, K)).astype(np.float16)
+        element = ref.element_dtype(dtype)
+        qw = ref.QuantizedWeight(rng.integers(0, 16, (K, N), dtype=np.uint8), np.full((groups, N), 0.125, element), g, zeros)
+        A = rng.integers(-1, 2, (M, K)).astype(element)
         terms = A.astype(np.float64)[:, :, None] * ref.dequantize(step.reference_weight(qw)).astype(np.float64)[None]
         prefix = np.cumsum(terms, axis=1)
         span = np.maximum(prefix.max(axis=1), 0) - np.minimum(prefix.min(axis=1), 0)
@@ -154,6 +178,13 @@ def test_bad_inputs_get_clear_errors(step):
             step(wrong_side, packed)
     empty = step(to_device(step, np.empty((0, K), np.float16)), packed)
     assert tuple(empty.shape) == (0, N)
+    bf16 = ref.element_dtype("bfloat16")
+    if "bfloat16" in step.activation_dtypes:
+        with pytest.raises(TypeError, match="A is bfloat16 but the weight was packed with float16 scales"):
+            step(to_device(step, A.astype(bf16)), packed)
+    else:
+        with pytest.raises(ValueError, match=f"{step.name} computes in float16; this weight's scales are bfloat16"):
+            step.pack(ref.random_quantized_weight(rng, K, N, 128, dtype=bf16))
 
 
 @pytest.mark.parametrize("step", ALL_STEPS)

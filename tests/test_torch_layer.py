@@ -55,12 +55,19 @@ def activations(rng, M, K, device="cpu"):
     return torch.from_numpy(rng.standard_normal((M, K), dtype=np.float32).astype(np.float16)).to(device)
 
 
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    """A tensor's values on the host; bfloat16 through its bits (torch has no NumPy bfloat16)."""
+    if t.dtype == torch.bfloat16:
+        return t.detach().view(torch.int16).cpu().numpy().view(ref.element_dtype("bfloat16"))
+    return t.detach().cpu().numpy()
+
+
 def excess(y, x, qw, step_name, perm=None):
     """How far y = x @ W is from the reference bound for its rung (<= 1 passes)."""
-    A = x.cpu().numpy()
+    A = to_numpy(x)
     if perm is not None:
         A = A[:, perm]
-    return ref.error_excess(y.cpu().numpy(), A, qw, steps.get(step_name).error_c)
+    return ref.error_excess(to_numpy(y), A, qw, steps.get(step_name).error_c)
 
 
 # -- correctness on the CPU rung ---------------------------------------------------------------------
@@ -83,6 +90,35 @@ def test_from_linear_matches_the_reference_within_the_rungs_bound(g, K, N, M, ze
     y = layer(x)
     assert y.shape == (M, N) and y.dtype == torch.float16
     assert excess(y, x, qw, layer.step) <= 1.0
+
+
+@given(st.sampled_from(ref.GROUP_SIZES), st.integers(0, 9), st.booleans(), seeds)
+def test_bf16_linear_gives_a_bf16_layer_within_the_bound(g, M, zero_point, seed):
+    rng = np.random.default_rng(seed)
+    linear = random_linear(rng, 256, 24, bias=False).to(torch.bfloat16)
+    layer = MarlinLinear.from_linear(linear, group_size=g, zero_point=zero_point)
+    W = linear.weight.detach().float().numpy().T
+    qw = ref.quantize(W, g, symmetric=not zero_point, dtype="bfloat16")
+    x = activations(rng, M, 256).to(torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16 and "dtype=bfloat16" in repr(layer)
+    assert excess(y, x, qw, layer.step) <= 1.0
+
+
+def test_checkpoint_import_in_bf16_rounds_the_scales_once():
+    rng = np.random.default_rng(21)
+    qw = ref.random_quantized_weight(rng, 256, 64, 128, symmetric=False)
+    t = export_awq(qw)
+    layer = MarlinLinear.from_awq(
+        torch.from_numpy(t.qweight), torch.from_numpy(t.qzeros), torch.from_numpy(t.scales), group_size=128,
+        dtype=torch.bfloat16,
+    )  # fmt: skip
+    bf16 = ref.QuantizedWeight(qw.codes, qw.scales.astype(ref.element_dtype("bfloat16")), 128, qw.zeros)
+    x = activations(rng, 5, 256).to(torch.bfloat16)
+    assert excess(layer(x), x, bf16, layer.step) <= 1.0
+    with pytest.raises(TypeError, match="dtype must be torch.float16 or torch.bfloat16, got torch.float32"):
+        MarlinLinear.from_awq(torch.from_numpy(t.qweight), torch.from_numpy(t.qzeros), torch.from_numpy(t.scales),
+                              group_size=128, dtype=torch.float32)  # fmt: skip
 
 
 @given(st.sampled_from(ref.GROUP_SIZES), st.integers(0, 9), st.booleans(), seeds)
@@ -265,9 +301,12 @@ def one_sentence(message: str) -> bool:
     return "\n" not in message and message.count(". ") == 0
 
 
-def test_bfloat16_activations_are_refused_until_a_rung_takes_them(layer):
-    with pytest.raises(TypeError, match="takes float16 activations, got bfloat16; cast the input") as e:
+def test_activations_of_another_dtype_than_the_layers_are_refused(layer):
+    with pytest.raises(TypeError, match="holds float16 scales and takes float16 activations, got bfloat16; cast") as e:
         layer(torch.zeros(2, 128, dtype=torch.bfloat16))
+    assert one_sentence(str(e.value))
+    with pytest.raises(TypeError, match="takes float16 or bfloat16 activations, got float32; cast the input") as e:
+        layer(torch.zeros(2, 128, dtype=torch.float32))
     assert one_sentence(str(e.value))
 
 
@@ -333,6 +372,20 @@ def test_cuda_layer_matches_the_reference(M):
     x = activations(rng, M, qw.K, "cuda")
     y = layer(x)
     assert y.is_cuda and excess(y, x, qw, layer.step, perm) <= 1.0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("zero_point", [False, True])
+@pytest.mark.parametrize("M", [1, 16, 100])
+def test_cuda_bf16_layer_matches_the_reference(M, zero_point):
+    rng = np.random.default_rng(13)
+    linear = random_linear(rng, 1024, 512, bias=False).to(torch.bfloat16)
+    layer = MarlinLinear.from_linear(linear, zero_point=zero_point, device="cuda")
+    assert layer.step == "s6_marlin"
+    qw = ref.quantize(linear.weight.detach().float().numpy().T, 128, symmetric=not zero_point, dtype="bfloat16")
+    x = activations(rng, M, qw.K, "cuda").to(torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16 and excess(y, x, qw, layer.step) <= 1.0
 
 
 @pytest.mark.gpu

@@ -107,14 +107,14 @@ __device__ __forceinline__ unsigned lop3(unsigned a, unsigned b, unsigned c) {
 // take it as a parameter (fp16 by default, so rungs without a bf16 path are unchanged).
 // ---------------------------------------------------------------------------------
 
+// lop3's truth table for (a & b) | c, over the operand tables a=F0, b=CC, c=AA.
+constexpr int AND_OR = (0xF0 & 0xCC) | 0xAA;
+
 // (q AND mask) OR 0x6400 in each fp16 half puts a nibble v into the mantissa of 1024:
-// the fp16 value 1024 + v (low nibble) or 1024 + 16 v (high nibble). The lop3 truth
-// table for (a & b) | c is (0xF0 & 0xCC) | 0xAA over the operand tables a=F0, b=CC, c=AA.
+// the fp16 value 1024 + v (low nibble) or 1024 + 16 v (high nibble), one lop3 each.
 // Subtracting 1032, or multiplying by 1/16 and adding -72, then yields v - 8 exactly:
 // the symmetric zero point costs nothing. For weights with zero points the same two
 // instructions with 1024 and -64 yield v, and dequantize_tile subtracts the zero point.
-constexpr int AND_OR = (0xF0 & 0xCC) | 0xAA;
-
 struct Fp16 {
   using scalar = half;
   using pair = half2;

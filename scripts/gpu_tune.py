@@ -3,6 +3,7 @@
     python scripts/gpu_tune.py --shapes 4096x4096 8192x57344 --M 1 16 64 \
         --variants s5_async_pipeline s6_marlin s6_marlin:sms_per_sm=2 "s6_marlin:tile_override=(128,128)"
 
+`--dtype bfloat16` runs activations, scales, output and the torch.matmul baseline in bf16.
 A variant is a rung name, optionally followed by `:attr=value;...` that sets the step's
 tuning attributes (`sms_per_sm` multiplies the device's SM count into `sms`). Weights
 are random 32-bit words and random scales made on the GPU: speed does not depend on the
@@ -35,9 +36,10 @@ def parse_variant(text: str) -> tuple[str, dict]:
 
 
 def random_arrays(name: str, K: int, N: int, group: int, cupy) -> dict:
-    """Device arrays of the rung's packed shapes, with random contents."""
+    """Device arrays of the rung's packed shapes, with random contents (bf16 scales are
+    stored as their int16 bits, as Step.pack leaves them; fp16 ones are valid bf16 too)."""
     groups = 1 if group == -1 else K // group
-    scales = (cupy.random.rand(groups, N) * 0.01 + 0.001).astype(cupy.float16)
+    scales = (cupy.random.rand(groups, N) * 0.01 + 0.001).astype(cupy.float16).view(cupy.int16)
     if name == "s7_sparse_marlin":
         # Kept codes (2 bits a weight) and metadata (1 bit a weight); every 4-bit metadata
         # field must name two different rows, and 0x4 (rows 0 and 1) does.
@@ -57,18 +59,20 @@ def main() -> int:
     p.add_argument("--M", type=int, nargs="+", default=[1, 16, 32, 64])
     p.add_argument("--group", type=int, default=128)
     p.add_argument("--variants", nargs="+", default=["s5_async_pipeline", "s6_marlin"])
+    p.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16", help="activations, scales, output")
     args = p.parse_args()
+    dtype = getattr(torch, args.dtype)
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
-    print(f"device: {torch.cuda.get_device_name(0)}, {sm_count(0)} SMs; group {args.group}", flush=True)
-    print(f"{'shape':>12} {'M':>4} {'variant':44s} {'config':30s} {'us':>8} {'fp16':>8} {'x fp16':>7} {'iqr%':>5}")
+    print(f"device: {torch.cuda.get_device_name(0)}, {sm_count(0)} SMs; group {args.group}; {args.dtype}", flush=True)
+    print(f"{'shape':>12} {'M':>4} {'variant':44s} {'config':30s} {'us':>8} {'matmul':>8} {'x matmul':>8} {'iqr%':>5}")
     for shape in args.shapes:
         K, N = map(int, shape.split("x"))
-        W16 = [torch.randn(K, N, dtype=torch.float16, device="cuda") * 0.01]
+        W16 = [torch.randn(K, N, dtype=dtype, device="cuda") * 0.01]
         W16 += [W16[0].clone() for _ in range(max(1, -(-4 * l2 // W16[0].nbytes)) - 1)]
         packs: dict[str, list[Packed]] = {}
         for M in args.M:
-            A = torch.randn(M, K, dtype=torch.float16, device="cuda")
-            out = torch.empty(M, N, dtype=torch.float16, device="cuda")
+            A = torch.randn(M, K, dtype=dtype, device="cuda")
+            out = torch.empty(M, N, dtype=dtype, device="cuda")
             t16 = measure(lambda i: torch.matmul(A, W16[i % len(W16)]), len(W16))
             for text in args.variants:
                 name, overrides = parse_variant(text)
@@ -80,8 +84,9 @@ def main() -> int:
                     base = random_arrays(name, K, N, args.group, cupy)
                     nbytes = sum(a.nbytes for a in base.values())
                     copies = max(2, -(-4 * l2 // nbytes))
-                    packs[name] = [Packed(name, K, N, args.group, base)] + [
-                        Packed(name, K, N, args.group, {k: v.copy() for k, v in base.items()}) for _ in range(copies - 1)
+                    packs[name] = [Packed(name, K, N, args.group, base, args.dtype)] + [
+                        Packed(name, K, N, args.group, {k: v.copy() for k, v in base.items()}, args.dtype)
+                        for _ in range(copies - 1)
                     ]
                     if hasattr(step, "workspace"):
                         step.workspace(0, N)
@@ -97,7 +102,7 @@ def main() -> int:
                         step.workspace(0, N)
                     ps = packs[name]
                     t = measure(lambda i: step(A, ps[i], out=out), len(ps))
-                    cfg = step.config(M, K, N, args.group, 0)
+                    cfg = step.config(M, K, N, args.group, 0, bf16=args.dtype == "bfloat16")
                     desc = f"{cfg.tile_k}x{cfg.tile_n} mb{cfg.m_blocks} st{cfg.stages}"
                     if hasattr(step, "schedule"):
                         _, iters, blocks = step.schedule(M, K, N, args.group, 0)

@@ -110,16 +110,29 @@ __device__ __forceinline__ unsigned lop3(unsigned a, unsigned b, unsigned c) {
 // lop3's truth table for (a & b) | c, over the operand tables a=F0, b=CC, c=AA.
 constexpr int AND_OR = (0xF0 & 0xCC) | 0xAA;
 
+// c += a * b on the tensor cores, fp32 accumulators; TYPE is the PTX type of a and b
+// ("f16" or "bf16"), the one thing that differs between the element types' mma.
+#define MMA_M16N8K16(TYPE, a, b, c)                                                                       \
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." TYPE "." TYPE                                     \
+               ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"                            \
+               : "+f"(c.v[0]), "+f"(c.v[1]), "+f"(c.v[2]), "+f"(c.v[3])                                   \
+               : "r"(a.r[0]), "r"(a.r[1]), "r"(a.r[2]), "r"(a.r[3]), "r"(b.r[0]), "r"(b.r[1]))
+
+// A 32-bit register seen as a pair of 16-bit elements, and back.
+template <class Pair>
+struct PairBits {
+  using pair = Pair;
+  static __device__ __forceinline__ pair as_pair(unsigned u) { return *reinterpret_cast<pair*>(&u); }
+  static __device__ __forceinline__ unsigned bits(pair h) { return *reinterpret_cast<unsigned*>(&h); }
+};
+
 // (q AND mask) OR 0x6400 in each fp16 half puts a nibble v into the mantissa of 1024:
 // the fp16 value 1024 + v (low nibble) or 1024 + 16 v (high nibble), one lop3 each.
 // Subtracting 1032, or multiplying by 1/16 and adding -72, then yields v - 8 exactly:
 // the symmetric zero point costs nothing. For weights with zero points the same two
 // instructions with 1024 and -64 yield v, and dequantize_tile subtracts the zero point.
-struct Fp16 {
+struct Fp16 : PairBits<half2> {
   using scalar = half;
-  using pair = half2;
-  static __device__ __forceinline__ pair as_pair(unsigned u) { return *reinterpret_cast<pair*>(&u); }
-  static __device__ __forceinline__ unsigned bits(pair h) { return *reinterpret_cast<unsigned*>(&h); }
   static __device__ __forceinline__ pair low(pair h) { return __low2half2(h); }
   static __device__ __forceinline__ pair high(pair h) { return __high2half2(h); }
 
@@ -135,13 +148,7 @@ struct Fp16 {
     return b;
   }
 
-  static __device__ __forceinline__ void mma(const FragA& a, const FragB& b, FragC& c) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c.v[0]), "+f"(c.v[1]), "+f"(c.v[2]), "+f"(c.v[3])
-        : "r"(a.r[0]), "r"(a.r[1]), "r"(a.r[2]), "r"(a.r[3]), "r"(b.r[0]), "r"(b.r[1]));
-  }
+  static __device__ __forceinline__ void mma(const FragA& a, const FragB& b, FragC& c) { MMA_M16N8K16("f16", a, b, c); }
 
   static __device__ __forceinline__ pair round(float x, float y) { return __float22half2_rn(make_float2(x, y)); }
 };
@@ -151,11 +158,8 @@ struct Fp16 {
 // The fp16 trick for the high nibble (OR it in 4 bits up, scale by 1/16) would reach
 // into the exponent here, so that nibble is shifted down first: one extra shift per
 // pair, and then both halves take the same subtraction of 136 (v - 8) or 128 (v).
-struct Bf16 {
+struct Bf16 : PairBits<__nv_bfloat162> {
   using scalar = __nv_bfloat16;
-  using pair = __nv_bfloat162;
-  static __device__ __forceinline__ pair as_pair(unsigned u) { return *reinterpret_cast<pair*>(&u); }
-  static __device__ __forceinline__ unsigned bits(pair h) { return *reinterpret_cast<unsigned*>(&h); }
   static __device__ __forceinline__ pair low(pair h) { return __low2bfloat162(h); }
   static __device__ __forceinline__ pair high(pair h) { return __high2bfloat162(h); }
 
@@ -170,13 +174,7 @@ struct Bf16 {
     return b;
   }
 
-  static __device__ __forceinline__ void mma(const FragA& a, const FragB& b, FragC& c) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c.v[0]), "+f"(c.v[1]), "+f"(c.v[2]), "+f"(c.v[3])
-        : "r"(a.r[0]), "r"(a.r[1]), "r"(a.r[2]), "r"(a.r[3]), "r"(b.r[0]), "r"(b.r[1]));
-  }
+  static __device__ __forceinline__ void mma(const FragA& a, const FragB& b, FragC& c) { MMA_M16N8K16("bf16", a, b, c); }
 
   static __device__ __forceinline__ pair round(float x, float y) { return __float22bfloat162_rn(make_float2(x, y)); }
 };

@@ -497,7 +497,7 @@ for nibble in range(8):
 print("lop3 model == q - 8 for all 16 codes x 8 nibble positions:", ok)
 print("whole layout (words, permuted scales, lop3, scale) == reference.dequantize:",
       np.array_equal(ml.dequantize_marlin(words, ml.permute_scales(qw.scales), 128), ref.dequantize(qw)))"""),
-        code('nb.show_source("csrc/marlin_core.cuh", "struct Fp16 {")'),
+        code('nb.show_source("csrc/marlin_core.cuh", "struct Fp16 :")'),
         md("""
 The kernels take the element type as a template parameter: `marlin::Fp16` above holds the
 three things that depend on it (this dequantization, the `mma` instruction, the final
@@ -506,7 +506,7 @@ mantissa bits, so its magic number is `0x4300` (128, whose last place is 1) and 
 nibble, which would reach into the exponent, is shifted down instead of scaled: one more
 instruction per pair. The reference models both, bit for bit
 (`ml.lop3_dequantize_word(word, dtype=...)`)."""),
-        code('nb.show_source("csrc/marlin_core.cuh", "struct Bf16 {")'),
+        code('nb.show_source("csrc/marlin_core.cuh", "struct Bf16 :")'),
         md("""
 ## The scale permutation
 

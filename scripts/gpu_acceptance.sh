@@ -42,6 +42,7 @@ for part in "${parts[@]}"; do
       timeout 330 python3 -m steps e2e --dims 7b --json "$OUT/e2e/${stamp}_${gpu}_7b.jsonl" 2>&1 | tee -a "$OUT/e2e.txt"
       timeout 200 python3 -m steps e2e --dims 70b --layers 8 --batch 1 4 16 64 --json "$OUT/e2e/${stamp}_${gpu}_70b-8layers.jsonl" 2>&1 | tee -a "$OUT/e2e.txt"
       timeout 200 python3 -m steps e2e --dims 7b --sparse --batch 1 4 16 64 --json "$OUT/e2e/${stamp}_${gpu}_7b-sparse.jsonl" 2>&1 | tee -a "$OUT/e2e.txt"
-      timeout 400 python3 -m steps e2e --dims 7b --compile --batch 1 4 16 64 --json "$OUT/e2e/${stamp}_${gpu}_7b-compiled.jsonl" 2>&1 | tee -a "$OUT/e2e.txt" ;;
+      timeout 400 python3 -m steps e2e --dims 7b --compile --batch 1 4 16 64 --json "$OUT/e2e/${stamp}_${gpu}_7b-compiled.jsonl" 2>&1 | tee -a "$OUT/e2e.txt"
+      timeout 400 python3 -m steps e2e --dims 7b --compile --fuse --batch 1 4 16 64 --json "$OUT/e2e/${stamp}_${gpu}_7b-compiled-fused.jsonl" 2>&1 | tee -a "$OUT/e2e.txt" ;;
   esac
 done

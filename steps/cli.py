@@ -88,7 +88,7 @@ def cmd_e2e(args: argparse.Namespace) -> int:
         print("No CUDA GPU here: the CPU rung on tiny dimensions checks the pipeline; real numbers need a GPU.")
     machine = bench.describe_machine(device)
     check, rows = e2e.run(machine, dims, args.layers, batches, args.tokens, args.prompt_len, args.group_size, args.rung, args.seed,
-                          args.sparse, args.compile)  # fmt: skip
+                          args.sparse, args.compile, args.fuse)  # fmt: skip
     print(e2e.format_check(check))
     if not check.passed:
         print("The MarlinLinear model failed its correctness check; nothing was timed.")
@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--rung", help="force this rung for the MarlinLinear layers (default: the fastest that runs)")
     e.add_argument("--sparse", action="store_true", help="prune the weights 2:4 (both models) and use sparse layers")
     e.add_argument("--compile", action="store_true", help="run both models' forward under torch.compile(fullgraph=True)")
+    e.add_argument("--fuse", action="store_true", help="q|k|v and gate|up as one layer each (both models), as serving engines do")
     e.add_argument("--json", help="append JSON lines (with GPU, versions, date) to this file")
     e.add_argument("--seed", type=int, default=0)
     r = sub.add_parser("report", help="regenerate the results tables and plots from docs/results/*.jsonl")

@@ -5,7 +5,8 @@ The model is transformers' LlamaForCausalLM built from a LlamaConfig with random
 (nothing is downloaded): Llama-2-7B or -70B dimensions with optionally fewer layers, or a
 tiny configuration for CPU machines and tests. Every nn.Linear inside the decoder blocks
 (q, k, v, o, gate, up, down) becomes a MarlinLinear; the embeddings, norms and lm_head
-stay FP16. The FP16 model it is compared with is its "dequantized twin": the same network
+stay FP16. With `fused`, both models are first rebuilt with one q|k|v and one gate|up
+layer per block (fuse_projections), as serving engines run them. The FP16 model it is compared with is its "dequantized twin": the same network
 whose replaced layers hold, as ordinary FP16 weights, exactly the dequantized values the
 MarlinLinear multiplies by. Both models therefore compute the same function and differ
 only in how the products are rounded, which isolates the kernel.
@@ -72,6 +73,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
 
 from reference import dequantize, error_excess, random_quantized_weight
 from reference.sparse_marlin import prune_quantized_2_4
@@ -107,6 +110,76 @@ def llama_config(dims: str, layers: int | None = None) -> LlamaConfig:
     return LlamaConfig(**sizes, max_position_embeddings=4096, tie_word_embeddings=False)
 
 
+# -- fused projections -------------------------------------------------------------------------------
+# transformers' Llama multiplies the hidden states by q, k and v one after another, and
+# by gate and up: five narrow GEMMs per block where serving engines launch two wide ones
+# (one weight stream each). A narrow layer pays a kernel's fixed costs (launch, pipeline
+# fill, reduction of shared slices) on few bytes, so `fused` rebuilds each block with
+# one q|k|v layer and one gate|up layer, in both models alike.
+
+
+class FusedQKVAttention(nn.Module):
+    """A transformers LlamaAttention whose q, k and v come out of one linear layer.
+
+    Everything after the projection is transformers' own code path (rotary embedding,
+    cache update, the configured attention function), called with the original module,
+    which keeps o_proj and the attributes the attention functions read."""
+
+    def __init__(self, attn: nn.Module):
+        super().__init__()
+        q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
+        self.sizes = (q.out_features, k.out_features, v.out_features)
+        self.qkv_proj = _concatenated(q, k, v)
+        del attn.q_proj, attn.k_proj, attn.v_proj
+        self.attn = attn
+
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None, cache=None,
+                **kwargs):  # fmt: skip
+        cache = cache if cache is not None else past_key_values  # the argument's name up to transformers 5.2x
+        attn = self.attn
+        shape = (*hidden_states.shape[:-1], -1, attn.head_dim)
+        q, k, v = [t.view(shape).transpose(1, 2) for t in self.qkv_proj(hidden_states).split(self.sizes, dim=-1)]
+        q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
+        if cache is not None:
+            k, v = cache.update(k, v, attn.layer_idx)
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager_attention_forward)
+        out, weights = attention(attn, q, k, v, attention_mask, dropout=0.0, scaling=attn.scaling, **kwargs)
+        return attn.o_proj(out.reshape(*hidden_states.shape[:-1], -1).contiguous()), weights
+
+
+class FusedGateUpMLP(nn.Module):
+    """LlamaMLP with gate and up as one linear layer: down(act(gate(x)) * up(x))."""
+
+    def __init__(self, mlp: nn.Module):
+        super().__init__()
+        self.intermediate_size = mlp.gate_proj.out_features
+        self.gate_up_proj = _concatenated(mlp.gate_proj, mlp.up_proj)
+        self.down_proj, self.act_fn = mlp.down_proj, mlp.act_fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(self.act_fn(gate) * up)
+
+
+def _concatenated(*linears: nn.Linear) -> nn.Linear:
+    """One nn.Linear whose outputs are those of `linears`, side by side."""
+    first = linears[0]
+    fused = nn.Linear(first.in_features, sum(m.out_features for m in linears), bias=first.bias is not None,
+                      device=first.weight.device, dtype=first.weight.dtype)  # fmt: skip
+    with torch.no_grad():
+        fused.weight.copy_(torch.cat([m.weight for m in linears]))
+        if first.bias is not None:
+            fused.bias.copy_(torch.cat([m.bias for m in linears]))
+    return fused.requires_grad_(first.weight.requires_grad)
+
+
+def fuse_projections(model: nn.Module) -> None:
+    """Give every decoder block of a LlamaForCausalLM one q|k|v and one gate|up layer, in place."""
+    for block in model.model.layers:
+        block.self_attn = FusedQKVAttention(block.self_attn)
+        block.mlp = FusedGateUpMLP(block.mlp)
+
+
 # -- the two models --------------------------------------------------------------------------------
 
 
@@ -124,19 +197,28 @@ def block_linears(model: nn.Module) -> list[str]:
 
 
 def build_models(
-    config: LlamaConfig, device: str, group_size: int = 128, rung: str | None = None, seed: int = 0, sparse: bool = False
+    config: LlamaConfig,
+    device: str,
+    group_size: int = 128,
+    rung: str | None = None,
+    seed: int = 0,
+    sparse: bool = False,
+    fused: bool = False,
 ) -> Models:
     """The dequantized FP16 twin and the MarlinLinear model, random weights, on `device`;
-    with `sparse`, the weights are pruned 2:4 (in both models) and the layers are sparse."""
+    with `sparse`, the weights are pruned 2:4 (in both models) and the layers are sparse;
+    with `fused`, both models' blocks have one q|k|v and one gate|up layer."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     with torch.device(device):
         twin = LlamaForCausalLM._from_config(config, dtype=torch.float16).eval().requires_grad_(False)
+    if fused:
+        fuse_projections(twin)
     quant = copy.deepcopy(twin)
     names = block_linears(twin)
     pool: dict[str, list[tuple[MarlinLinear, torch.Tensor]]] = {}
     for name in names:
-        position = name.split(".layers.", 1)[1].split(".", 1)[1]  # "self_attn.q_proj"
+        position = name.split(".layers.", 1)[1].split(".", 1)[1]  # "self_attn.q_proj" (or "self_attn.qkv_proj")
         linear = twin.get_submodule(name)
         if position not in pool:
             pool[position] = []
@@ -352,6 +434,7 @@ class Row:
     group_size: int
     sparse: bool  # weights pruned 2:4 (in the FP16 twin too)
     compiled: bool  # both models' forward under torch.compile(fullgraph=True)
+    fused: bool  # q|k|v and gate|up as one layer each, in both models
     model: str  # "fp16" or the rung(s) of the MarlinLinear layers
     step_us: float
     q1_us: float
@@ -381,6 +464,7 @@ def run(
     seed: int = 0,
     sparse: bool = False,
     compiled: bool = False,
+    fused: bool = False,
 ) -> tuple[Check, list[Row]]:
     """Build both models, check them, and time decoding at each batch size (no rows if the check fails)."""
     if machine.device == "cpu" and dims != "tiny":
@@ -388,7 +472,7 @@ def run(
     if new_tokens < 1 or prompt_len < 1 or min(batches) < 1:
         raise ValueError("--tokens, --prompt-len and every --batch must be at least 1")
     config = llama_config(dims, layers)
-    models = build_models(config, machine.device, group_size, rung, seed, sparse)
+    models = build_models(config, machine.device, group_size, rung, seed, sparse, fused)
     check = check_logits(models, prompt_len, seed)
     if not check.passed:
         return check, []
@@ -412,7 +496,7 @@ def run(
             lin = linear_us(model, models.replaced, batch, machine.device)
             rows.append(Row(
                 "e2e", dims, config.num_hidden_layers, batch, prompt_len, new_tokens, max_len, group_size, sparse, compiled,
-                label,
+                fused, label,
                 t.median_us, t.q1_us, t.q3_us, t.method, batch / (t.median_us * 1e-6),
                 base_t.median_us / t.median_us, lin, attn, t.median_us - lin - attn,
                 float((tokens == base_tokens).float().mean()), check.max_gemm_error_ratio, check.logits_rel_err,

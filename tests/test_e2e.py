@@ -125,3 +125,32 @@ def test_sparse_models_prune_both_twins_and_pass_the_check(tmp_path):
     result = subprocess.run([sys.executable, "-m", "steps", *args], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert all(json.loads(line)["sparse"] for line in out.read_text().splitlines())
+
+
+def test_fusing_the_projections_computes_the_same_function_with_and_without_the_cache(models):
+    """fuse_projections concatenates the real weights: the fused model's logits equal the
+    unfused one's (the same dot products, one GEMM instead of three or two), and
+    decoding through the static cache gives the same tokens. fp32, so that no near-tie
+    between two GEMM blockings can flip a token."""
+    model = copy.deepcopy(models.twin)
+    e2e._set_parameter_dtype(model, torch.float32)
+    fused = copy.deepcopy(model)
+    e2e.fuse_projections(fused)
+    assert len(e2e.block_linears(fused)) == 4 * LAYERS  # q|k|v, o, gate|up, down per block
+    prompt = torch.randint(0, model.config.vocab_size, (2, PROMPT), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        separate, together = model(prompt, use_cache=False).logits, fused(prompt, use_cache=False).logits
+    assert torch.allclose(together, separate, rtol=1e-5, atol=1e-5)
+    expected = e2e.Decoder(model, 2, PROMPT + NEW).generate(prompt, NEW)
+    assert torch.equal(e2e.Decoder(fused, 2, PROMPT + NEW).generate(prompt, NEW), expected)
+
+
+def test_fused_models_pass_the_check_and_compile_without_graph_breaks():
+    fused = e2e.build_models(e2e.llama_config("tiny", 1), "cpu", fused=True)
+    assert {name.rsplit(".", 1)[1] for name in fused.replaced} == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+    assert all(isinstance(fused.quant.get_submodule(name), MarlinLinear) for name in fused.replaced)
+    check = e2e.check_logits(fused, PROMPT)
+    assert check.passed, e2e.format_check(check)
+    prompt = torch.randint(0, fused.quant.config.vocab_size, (2, PROMPT), generator=torch.Generator().manual_seed(3))
+    tokens = e2e.Decoder(fused.quant, 2, PROMPT + NEW, compiled=True).generate(prompt, NEW)
+    assert tokens.shape == (2, NEW)

@@ -6,10 +6,11 @@ The model is transformers' LlamaForCausalLM built from a LlamaConfig with random
 tiny configuration for CPU machines and tests. Every nn.Linear inside the decoder blocks
 (q, k, v, o, gate, up, down) becomes a MarlinLinear; the embeddings, norms and lm_head
 stay FP16. With `fused`, both models are first rebuilt with one q|k|v and one gate|up
-layer per block (fuse_projections), as serving engines run them. The FP16 model it is compared with is its "dequantized twin": the same network
-whose replaced layers hold, as ordinary FP16 weights, exactly the dequantized values the
-MarlinLinear multiplies by. Both models therefore compute the same function and differ
-only in how the products are rounded, which isolates the kernel.
+layer per block (fuse_projections), as serving engines run them. The FP16 model it is
+compared with is its "dequantized twin": the same network whose replaced layers hold,
+as ordinary FP16 weights, exactly the dequantized values the MarlinLinear multiplies by.
+Both models therefore compute the same function and differ only in how the products are
+rounded, which isolates the kernel.
 
 Weights. Quantizing 6.5 billion random weights with the NumPy reference quantizer would
 take minutes, and random weights need no quantizer: each block position draws WEIGHT_POOL

@@ -74,7 +74,9 @@ def to_host(x) -> np.ndarray:
     if type(x).__module__.startswith("torch"):
         import torch
 
-        return x.view(torch.int16).cpu().numpy().view(ref.element_dtype("bfloat16")) if x.dtype == torch.bfloat16 else x.cpu().numpy()
+        if x.dtype == torch.bfloat16:
+            return x.view(torch.int16).cpu().numpy().view(ref.element_dtype("bfloat16"))
+        return x.cpu().numpy()
     return x.get()
 
 

@@ -92,7 +92,7 @@ DIMS = {
     "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
                 num_key_value_heads=8, vocab_size=32000),
     "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=4, vocab_size=256),
+                 num_key_value_heads=2, vocab_size=256),  # grouped-query attention, as in 70B
 }  # fmt: skip
 WEIGHT_POOL = 2  # distinct random weights per block position, alternating over the layers
 KAPPA = 2.0  # safety factor of the logits criterion (module docstring, check 2)
@@ -124,7 +124,9 @@ class FusedQKVAttention(nn.Module):
 
     Everything after the projection is transformers' own code path (rotary embedding,
     cache update, the configured attention function), called with the original module,
-    which keeps o_proj and the attributes the attention functions read."""
+    which keeps o_proj and the attributes the attention functions read. Not kept:
+    transformers' recording of attention weights (output_attentions), which hooks
+    LlamaAttention modules; decoding does not ask for it."""
 
     def __init__(self, attn: nn.Module):
         super().__init__()
@@ -144,7 +146,8 @@ class FusedQKVAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v, attn.layer_idx)
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager_attention_forward)
-        out, weights = attention(attn, q, k, v, attention_mask, dropout=0.0, scaling=attn.scaling, **kwargs)
+        dropout = attn.attention_dropout if self.training else 0.0
+        out, weights = attention(attn, q, k, v, attention_mask, dropout=dropout, scaling=attn.scaling, **kwargs)
         return attn.o_proj(out.reshape(*hidden_states.shape[:-1], -1).contiguous()), weights
 
 

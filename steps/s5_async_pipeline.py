@@ -163,8 +163,9 @@ class PipelinedStep(CudaStep):
         plan = self.tile_plan(M, N, sm_count(device))
         tiles = dividing_tiles(K, N, plan.tiles)
         if zero_points and m_blocks_for(M) == MAX_M_BLOCKS:
-            # 64-row slabs of 128 x 256 tiles need more registers with zero points than a
-            # thread has (ptxas spills); a narrower tile of the plan always divides K and N then.
+            # 64-row slabs of 128 x 256 tiles with zero points fill all 255 registers and spill
+            # at group size 32 (two scale and zero-point rows per tile); kept off them at every
+            # group size, as measured-safe. A narrower tile of the plan always divides K and N then.
             tiles = [t for t in tiles if t != (128, 256)]
         tiles = dividing_tiles(K, N, [self.tile_override] if self.tile_override else []) or tiles
         limit = max_dynamic_smem(device)

@@ -104,7 +104,8 @@ def _check_activations(x: torch.Tensor, step: Step, K: int, who: str) -> None:
     if dtype_name(x) not in step.activation_dtypes:
         raise TypeError(
             f"{who} runs rung {step.name}, which takes {' or '.join(step.activation_dtypes)} activations, "
-            f"got {dtype_name(x)}; cast the input (x.half()) or pick a rung that accepts {dtype_name(x)}"
+            f"got {dtype_name(x)}; cast the input to {' or '.join(step.activation_dtypes)} or pick a rung that accepts "
+            f"{dtype_name(x)}"
         )
     wanted = "cpu" if step.host_arrays else "cuda"
     if x.device.type != wanted:
@@ -207,7 +208,8 @@ def _default_device(x: Any) -> torch.device:
 
 def _packed_tensors(step: Step, qw: QuantizedWeight, device: torch.device) -> dict[str, tuple[torch.Tensor, str]]:
     """The rung's packed arrays as raw torch tensors on `device` (sharing memory with the
-    pack on a GPU), each with the dtype name the rung reads it as."""
+    pack on a GPU), each with the dtype name of the array the rung takes: on the CPU the
+    element type, on a GPU, where bf16 arrays travel as their bits, int16 for those."""
     if step.host_arrays:
         arrays = step.pack(qw).arrays
         return {k: (torch.from_numpy(np.array(raw_bits(v), order="C")), str(v.dtype)) for k, v in arrays.items()}

@@ -137,6 +137,7 @@ def test_fusing_the_projections_computes_the_same_function_with_and_without_the_
     fused = copy.deepcopy(model)
     e2e.fuse_projections(fused)
     assert len(e2e.block_linears(fused)) == 4 * LAYERS  # q|k|v, o, gate|up, down per block
+    assert model.config.num_key_value_heads < model.config.num_attention_heads  # k and v narrower than q
     prompt = torch.randint(0, model.config.vocab_size, (2, PROMPT), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         separate, together = model(prompt, use_cache=False).logits, fused(prompt, use_cache=False).logits

@@ -114,6 +114,8 @@ def test_checkpoint_import_in_bf16_rounds_the_scales_once():
         dtype=torch.bfloat16,
     )  # fmt: skip
     bf16 = ref.QuantizedWeight(qw.codes, qw.scales.astype(ref.element_dtype("bfloat16")), 128, qw.zeros)
+    assert layer.step == "s0_numpy"  # the plain layout: the scales are stored as they are
+    assert np.array_equal(layer.packed_scales.numpy().view(ref.element_dtype("bfloat16")), bf16.scales)
     x = activations(rng, 5, 256).to(torch.bfloat16)
     assert excess(layer(x), x, bf16, layer.step) <= 1.0
     with pytest.raises(TypeError, match="dtype must be torch.float16 or torch.bfloat16, got torch.float32"):

@@ -94,7 +94,7 @@ def main() -> int:
                 for k, v in overrides.items():
                     if k == "sms_per_sm":
                         saved["sms"] = step.sms
-                        step.sms = v * sm_count(0)
+                        step.sms = int(v * sm_count(0))
                     else:
                         setattr(step, k, v)
                 try:

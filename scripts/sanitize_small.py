@@ -10,27 +10,16 @@ import numpy as np
 
 import reference as ref
 import steps
-
-BF16 = ref.element_dtype("bfloat16")
+from steps._arrays import to_host, torch_from_host
 
 
 def to_device(A: np.ndarray):
     """A CuPy array, or for bf16 a torch tensor (CuPy's bf16 needs recent NumPy and ml_dtypes)."""
-    if A.dtype != BF16:
+    if A.dtype != ref.element_dtype("bfloat16"):
         import cupy
 
         return cupy.asarray(A)
-    import torch
-
-    return torch.from_numpy(A.view(np.int16)).cuda().view(torch.bfloat16)
-
-
-def to_host(C) -> np.ndarray:
-    if type(C).__module__.startswith("cupy"):
-        return C.get()
-    import torch
-
-    return C.view(torch.int16).cpu().numpy().view(BF16)
+    return torch_from_host(A, "cuda")
 
 
 rng = np.random.default_rng(0)

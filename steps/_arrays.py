@@ -10,6 +10,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 
@@ -86,6 +87,26 @@ def raw_bits(x: Any) -> Any:
 
         return x.view(torch.int16)
     return x.view(np.int16)
+
+
+def to_host(x: Any) -> np.ndarray:
+    """x as a NumPy array on the host (a copy of device arrays); bfloat16 tensors through
+    their bits, which torch cannot hand to NumPy itself."""
+    kind = array_kind(x)
+    if kind == "numpy":
+        return x
+    if kind == "cupy":
+        return x.get()
+    host = raw_bits(x.detach()).cpu().numpy()
+    return host.view(ml_dtypes.bfloat16) if dtype_name(x) == "bfloat16" else host
+
+
+def torch_from_host(a: np.ndarray, device: Any = "cpu") -> Any:
+    """A torch tensor of a NumPy array's values on `device`, bfloat16 included."""
+    import torch
+
+    t = torch.from_numpy(raw_bits(a))
+    return (t.view(torch.bfloat16) if dtype_name(a) == "bfloat16" else t).to(device)
 
 
 def as_cupy(x: Any) -> Any:

@@ -41,7 +41,7 @@ from reference import QuantizedWeight, element_dtype, quantize
 from reference.formats import check_permutation, import_awq, import_gptq
 from reference.sparse_marlin import prune_quantized_2_4
 
-from ._arrays import as_cupy, caller_stream, dtype_name, raw_bits
+from ._arrays import as_cupy, caller_stream, dtype_name, raw_bits, to_host, torch_from_host
 from .registry import STEPS, get
 from .step import Packed, Step
 
@@ -160,8 +160,7 @@ def int4_matmul(
     dtype = dtype_name(x)
     if rung.host_arrays:
         packed = Packed(step, K, N, group_size, {n: _host_view(a, d) for n, (a, d) in named.items()}, dtype)
-        y = rung(_host_view(_raw(x.detach()), dtype), packed)
-        return torch.from_numpy(raw_bits(y)).view(x.dtype)
+        return torch_from_host(rung(to_host(x), packed))
     with caller_stream(x):  # DLPack views made on torch's current stream: no cross-stream sync
         packed = Packed(step, K, N, group_size, {n: as_cupy(a) for n, (a, _) in named.items()}, dtype)
     return rung(x, packed)

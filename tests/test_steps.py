@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 import reference as ref
 import steps
+from steps._arrays import to_host, torch_from_host
 
 
 def _params():
@@ -60,24 +61,10 @@ def to_device(step, x: np.ndarray):
     if step.host_arrays:
         return x
     if x.dtype == ref.element_dtype("bfloat16"):
-        import torch
-
-        return torch.from_numpy(x.view(np.int16)).cuda().view(torch.bfloat16)
+        return torch_from_host(x, "cuda")
     import cupy
 
     return cupy.asarray(x)
-
-
-def to_host(x) -> np.ndarray:
-    if isinstance(x, np.ndarray):
-        return x
-    if type(x).__module__.startswith("torch"):
-        import torch
-
-        if x.dtype == torch.bfloat16:
-            return x.view(torch.int16).cpu().numpy().view(ref.element_dtype("bfloat16"))
-        return x.cpu().numpy()
-    return x.get()
 
 
 def poisoned(step, M: int, N: int, dtype=np.float16):

@@ -27,6 +27,7 @@ from reference.formats import (  # noqa: E402
 )
 from reference.quant import expand_groups  # noqa: E402
 from reference.sparse_marlin import prune_quantized_2_4  # noqa: E402
+from steps._arrays import to_host  # noqa: E402
 from steps.torch_layer import MarlinLinear, int4_matmul, replace_linear_layers, select_step  # noqa: E402
 
 seeds = st.integers(0, 2**32 - 1)
@@ -55,19 +56,12 @@ def activations(rng, M, K, device="cpu"):
     return torch.from_numpy(rng.standard_normal((M, K), dtype=np.float32).astype(np.float16)).to(device)
 
 
-def to_numpy(t: torch.Tensor) -> np.ndarray:
-    """A tensor's values on the host; bfloat16 through its bits (torch has no NumPy bfloat16)."""
-    if t.dtype == torch.bfloat16:
-        return t.detach().view(torch.int16).cpu().numpy().view(ref.element_dtype("bfloat16"))
-    return t.detach().cpu().numpy()
-
-
 def excess(y, x, qw, step_name, perm=None):
     """How far y = x @ W is from the reference bound for its rung (<= 1 passes)."""
-    A = to_numpy(x)
+    A = to_host(x)
     if perm is not None:
         A = A[:, perm]
-    return ref.error_excess(to_numpy(y), A, qw, steps.get(step_name).error_c)
+    return ref.error_excess(to_host(y), A, qw, steps.get(step_name).error_c)
 
 
 # -- correctness on the CPU rung ---------------------------------------------------------------------

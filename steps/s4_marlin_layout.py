@@ -41,7 +41,7 @@ def pack_marlin(qw: QuantizedWeight) -> dict[str, np.ndarray]:
     small integers, exact in both) permuted like the scales."""
     arrays = {"qweight": pack_marlin_weights(qw), "scales": permute_scales(qw.scales)}
     if qw.zeros is not None:
-        arrays["zeros"] = permute_scales(qw.zeros.astype(qw.scales.dtype))
+        arrays["zeros"] = permute_scales(qw.zeros.astype(qw.dtype))
     return arrays
 
 

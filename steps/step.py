@@ -112,7 +112,7 @@ class Step:
             raise ValueError(f"{self.name} cannot pack this weight: {ok.reason}")
         if qw.zeros is not None and not self.supports_zero_points:
             raise ValueError(f"{self.name} supports symmetric quantization only (zeros=None); this weight has zero points")
-        dtype = str(qw.scales.dtype)
+        dtype = qw.dtype.name
         if dtype not in self.activation_dtypes:
             raise ValueError(
                 f"{self.name} computes in {' or '.join(self.activation_dtypes)}; this weight's scales are {dtype}"

@@ -71,8 +71,8 @@ def _why_not(step: Step, device: torch.device, qw: QuantizedWeight, sparse: bool
         return supported.reason
     if qw.zeros is not None and not step.supports_zero_points:
         return "it supports symmetric weights only and this weight has zero points"
-    if str(qw.scales.dtype) not in step.activation_dtypes:
-        return f"it computes in {' or '.join(step.activation_dtypes)}, not {qw.scales.dtype}"
+    if qw.dtype.name not in step.activation_dtypes:
+        return f"it computes in {' or '.join(step.activation_dtypes)}, not {qw.dtype.name}"
     return ""
 
 
@@ -198,7 +198,7 @@ def _in_dtype(qw: QuantizedWeight, dtype: torch.dtype) -> QuantizedWeight:
     if dtype not in (torch.float16, torch.bfloat16):
         raise TypeError(f"dtype must be torch.float16 or torch.bfloat16, got {dtype}")
     name = str(dtype).removeprefix("torch.")
-    return qw if str(qw.scales.dtype) == name else replace(qw, scales=qw.scales.astype(element_dtype(name)))
+    return qw if qw.dtype.name == name else replace(qw, scales=qw.scales.astype(element_dtype(name)))
 
 
 def _default_device(x: Any) -> torch.device:
@@ -252,7 +252,7 @@ class MarlinLinear(nn.Module):
         self.sparse = sparse
         self.in_features, self.out_features, self.group_size = qw.K, qw.N, qw.group_size
         self.step = rung.name
-        self.dtype_name = str(qw.scales.dtype)  # of the scales, the activations and the output
+        self.dtype_name = qw.dtype.name  # of the scales, the activations and the output
         packed = _packed_tensors(rung, qw, device)
         self.arrays_spec = _arrays_spec(packed)
         self.array_buffers = tuple(f"packed_{name}" for name in packed)

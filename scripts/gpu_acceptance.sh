@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Device calls: GPU tests, sanitizers, profiles, the committed benchmarks, logs under $OUT.
-# Usage on the lent GPU machine: bash scripts/gpu_acceptance.sh [tests|sanitize|ncu|bench|e2e]...
+# Usage on the lent GPU machine: bash scripts/gpu_acceptance.sh [tests|sanitize|ncu|bench|e2e|profile]...
 # BENCH_PRESETS picks bench presets (default: llama-7b ideal ideal-s1 llama-70b).
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -38,11 +38,17 @@ for part in "${parts[@]}"; do
         esac
       done ;;
     e2e)
+      # Compiled runs cost about 80 s a batch size at 7B dims and 50 s at 70B (16 layers) after a
+      # one-minute build: split them over calls of at most 10 minutes.
       mkdir -p "$OUT/e2e"
-      timeout 330 python3 -m steps e2e --dims 7b --json "$OUT/e2e/${stamp}_${gpu}_7b.jsonl" 2>&1 | tee -a "$OUT/e2e.txt"
-      timeout 200 python3 -m steps e2e --dims 70b --layers 8 --batch 1 4 16 64 --json "$OUT/e2e/${stamp}_${gpu}_70b-8layers.jsonl" 2>&1 | tee -a "$OUT/e2e.txt"
-      timeout 200 python3 -m steps e2e --dims 7b --sparse --batch 1 4 16 64 --json "$OUT/e2e/${stamp}_${gpu}_7b-sparse.jsonl" 2>&1 | tee -a "$OUT/e2e.txt"
-      timeout 400 python3 -m steps e2e --dims 7b --compile --batch 1 4 16 64 --json "$OUT/e2e/${stamp}_${gpu}_7b-compiled.jsonl" 2>&1 | tee -a "$OUT/e2e.txt"
-      timeout 400 python3 -m steps e2e --dims 7b --compile --fuse --batch 1 4 16 64 --json "$OUT/e2e/${stamp}_${gpu}_7b-compiled-fused.jsonl" 2>&1 | tee -a "$OUT/e2e.txt" ;;
+      e2e() { timeout "$2" python3 -m steps e2e --json "$OUT/e2e/${stamp}_${gpu}_$1.jsonl" "${@:3}" 2>&1 | tee -a "$OUT/e2e.txt"; }
+      e2e 7b 330 --dims 7b
+      e2e 70b-8layers 200 --dims 70b --layers 8 --batch 1 4 16 64
+      e2e 7b-sparse 200 --dims 7b --sparse --batch 1 4 16 64
+      e2e 7b-compiled-fused 480 --dims 7b --compile --fuse --batch 1 2 4 8 16
+      e2e 70b-16layers-compiled-fused 390 --dims 70b --layers 16 --compile --fuse --batch 1 2 4 8 16
+      e2e 70b-16layers-compiled-fused 255 --dims 70b --layers 16 --compile --fuse --batch 32 64 128 ;;
+    profile)
+      python3 scripts/profile_e2e_step.py 70b 2 16 > "$OUT/${stamp}_${gpu}_profile_70b-2layers-fused-compiled_b16.txt" 2>&1 ;;
   esac
 done

@@ -134,8 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--group-size", type=int, default=128, choices=(-1, 32, 64, 128))
     e.add_argument("--rung", help="force this rung for the MarlinLinear layers (default: the fastest that runs)")
     e.add_argument("--sparse", action="store_true", help="prune the weights 2:4 (both models) and use sparse layers")
-    e.add_argument("--compile", action="store_true", help="run both models' forward under torch.compile(fullgraph=True)")
-    e.add_argument("--fuse", action="store_true", help="q|k|v and gate|up as one layer each (both models), as serving engines do")
+    e.add_argument("--compile", action="store_true", help="run both models' decode step under torch.compile(fullgraph=True)")
+    e.add_argument("--fuse", action="store_true",
+                   help="one q|k|v and one gate|up layer, grouped decode attention (both models), as serving engines run them")
     e.add_argument("--json", help="append JSON lines (with GPU, versions, date) to this file")
     e.add_argument("--seed", type=int, default=0)
     r = sub.add_parser("report", help="regenerate the results tables and plots from docs/results/*.jsonl")

@@ -6,7 +6,9 @@ The model is transformers' LlamaForCausalLM built from a LlamaConfig with random
 tiny configuration for CPU machines and tests. Every nn.Linear inside the decoder blocks
 (q, k, v, o, gate, up, down) becomes a MarlinLinear; the embeddings, norms and lm_head
 stay FP16. With `fused`, both models are first rebuilt with one q|k|v and one gate|up
-layer per block (fuse_projections), as serving engines run them. The FP16 model it is
+layer per block (fuse_projections) whose decode-step attention reads each k/v head once
+for its whole group of query heads (grouped_decode_attention), as serving engines run
+them. The FP16 model it is
 compared with is its "dequantized twin": the same network whose replaced layers hold,
 as ordinary FP16 weights, exactly the dequantized values the MarlinLinear multiplies by.
 Both models therefore compute the same function and differ only in how the products are
@@ -44,18 +46,19 @@ steps.timing.measure times that step (on a GPU it captures the step in a CUDA gr
 replays it; after each step the cache is rewound by one position so that every replay
 decodes the same last position). tokens/s = batch / step time.
 
-With `compiled`, both models' forward runs under torch.compile(fullgraph=True) (the
+With `compiled`, both models' decode step runs under torch.compile(fullgraph=True) (the
 MarlinLinear custom op has a fake implementation, so there is no graph break): inductor
 fuses the norms, rotary embedding, residual adds and the SiLU gate that otherwise run as
 many small kernels, and the step is then captured and timed like the eager one. The
-correctness check and the breakdown below stay eager.
+prefill, the correctness check and the breakdown below stay eager.
 
 Breakdown (measured, then subtracted): "linear" is the sum over the replaced layers of one
 call at the decode shape (batch x K), timed with measure per distinct (K, N) while rotating
-over the model's own layers of that shape; "attention" is the SDPA kernel over the full
-static cache (query 1, keys max_cache_len, the boolean mask), timed per layer on enough
-copies of a layer's K/V to stream them from memory, times the number of layers; "rest" is
-the step minus both (norms, rotary, cache writes, lm_head, argmax, launch gaps). Isolated
+over the model's own layers of that shape; "attention" is grouped_decode_attention over
+the full static cache (query 1, keys max_cache_len, the boolean mask), timed per layer on
+enough copies of a layer's K/V to stream them from memory, times the number of layers;
+"rest" is the step minus both (norms, rotary, cache writes, lm_head, argmax, launch gaps,
+and in unfused models transformers' copies of grouped k/v heads). Isolated
 kernels can overlap or schedule differently in the step, so "rest" is an estimate.
 
 torch and transformers are optional dependencies: import this module only where both are
@@ -67,6 +70,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -145,10 +149,31 @@ class FusedQKVAttention(nn.Module):
         q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
         if cache is not None:
             k, v = cache.update(k, v, attn.layer_idx)
-        attention = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager_attention_forward)
-        dropout = attn.attention_dropout if self.training else 0.0
-        out, weights = attention(attn, q, k, v, attention_mask, dropout=dropout, scaling=attn.scaling, **kwargs)
+        if q.shape[2] == 1 and not self.training:
+            out, weights = grouped_decode_attention(q, k, v, attention_mask, attn.scaling), None
+        else:
+            attention = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager_attention_forward)
+            dropout = attn.attention_dropout if self.training else 0.0
+            out, weights = attention(attn, q, k, v, attention_mask, dropout=dropout, scaling=attn.scaling, **kwargs)
         return attn.o_proj(out.reshape(*hidden_states.shape[:-1], -1).contiguous()), weights
+
+
+def grouped_decode_attention(q, k, v, mask, scaling: float | None = None) -> torch.Tensor:
+    """Attention of one new token: q (B, H, 1, D) over the cache k, v (B, Hkv, L, D), where
+    each k/v head serves a group of G = H / Hkv query heads; returns (B, 1, H * D).
+
+    The G query heads of a group become G query rows of one k/v head, so SDPA reads the cache
+    once. transformers' SDPA path under torch.compile (and, in some versions, whenever it is
+    given a mask) copies every k/v head G times first (repeat_kv), a cost that grows with
+    the batch and the cache and that serving engines do not pay (docs/results/e2e measures
+    it). A mask (B, 1 or H, 1, L) is shared by a query head's whole group."""
+    B, H, _, D = q.shape
+    Hkv = k.shape[1]
+    grouped = q.reshape(B, Hkv, H // Hkv, D)
+    if mask is not None and mask.shape[1] != 1:
+        mask = mask.reshape(B, Hkv, H // Hkv, mask.shape[-1])
+    out = F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask, scale=scaling)
+    return out.reshape(B, 1, H * D)
 
 
 class FusedGateUpMLP(nn.Module):
@@ -340,9 +365,10 @@ class Decoder:
         self.mask = torch.zeros((batch, 1, 1, max_len), dtype=torch.bool, device=device)
         self.length = 0  # positions written to the cache
 
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, eager: bool = False) -> torch.Tensor:
         kwargs = {self.cache_keyword: self.cache}
-        out = self.forward(ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **kwargs)
+        forward = self.model.forward if eager else self.forward
+        out = forward(ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **kwargs)
         return out.logits[:, -1:].argmax(-1)
 
     @torch.no_grad()
@@ -353,7 +379,9 @@ class Decoder:
             raise ValueError(f"prompt {P} + {new_tokens} tokens do not fit a cache of {self.max_len} positions")
         causal = torch.ones((P, self.max_len), dtype=torch.bool, device=prompt.device).tril()
         positions = torch.arange(P, device=prompt.device).expand(self.batch, P)
-        self.token.copy_(self._forward(prompt, causal.expand(self.batch, 1, P, self.max_len), positions))
+        # Prefill runs eagerly: only the decode step is timed, and compiling a second (prompt-length)
+        # graph per model and batch would double the compile time for nothing measured.
+        self.token.copy_(self._forward(prompt, causal.expand(self.batch, 1, P, self.max_len), positions, eager=True))
         self.mask[..., :P] = True
         self.length = P
         out = [self.token.clone()]
@@ -373,19 +401,24 @@ class Decoder:
         """One decode step from the buffers: the next token replaces the current one."""
         self.token.copy_(self._forward(self.token, self.mask, self.position))
 
-    @torch.no_grad()
-    def time_step(self, device: str) -> Timing:
-        """Median time of one decode step at the cache's last position (after generate)."""
+    def last_position_step(self) -> Callable[[int], None]:
+        """After generate: a launch(i) that decodes the cache's last position and rewinds the
+        cache, so that it can be called (or captured and replayed) any number of times."""
         if self.length != self.max_len - 1:
-            raise ValueError("time_step decodes the cache's last position: generate max_len - 1 positions first")
+            raise ValueError("the repeated step decodes the cache's last position: generate max_len - 1 positions first")
         self._advance()
         lengths = [layer.cumulative_length for layer in self.cache.layers]
 
+        @torch.no_grad()
         def launch(i: int) -> None:
             self.step()
             torch._foreach_sub_(lengths, 1)  # rewind, one kernel: the next replay writes the same position again
 
-        return measure(launch, device=device)
+        return launch
+
+    def time_step(self, device: str) -> Timing:
+        """Median time of one decode step at the cache's last position (after generate)."""
+        return measure(self.last_position_step(), device=device)
 
 
 # -- breakdown ---------------------------------------------------------------------------------------
@@ -416,8 +449,7 @@ def attention_us(config: LlamaConfig, machine: Machine, batch: int, max_len: int
     kv_bytes = 2 * batch * kv_heads * max_len * head_dim * 2
     copies = min(config.num_hidden_layers, copies_needed(kv_bytes, machine))
     kv = [torch.randn((2, batch, kv_heads, max_len, head_dim), dtype=torch.float16, device=device) for _ in range(copies)]
-    gqa = {"enable_gqa": True} if kv_heads != heads else {}
-    t = measure(lambda i: F.scaled_dot_product_attention(q, kv[i][0], kv[i][1], attn_mask=mask, **gqa), copies, device)
+    t = measure(lambda i: grouped_decode_attention(q, kv[i][0], kv[i][1], mask), copies, device)
     return t.median_us * config.num_hidden_layers
 
 

@@ -74,8 +74,11 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _speedup_axes(ax, curves: dict[str, list[tuple[int, float]]], xlabel: str, ylabel: str, title: str) -> None:
-    """One line per curve of (batch, speedup) points, log2 batch axis, legend and grid."""
+def _speedup_axes(
+    ax, curves: dict[str, list[tuple[int, float]]], xlabel: str, ylabel: str, title: str, legend_outside: bool = False
+) -> None:
+    """One line per curve of (batch, speedup) points, log2 batch axis, legend (beside the axes
+    when there are too many curves to keep it off them) and grid."""
     for label, pts in curves.items():
         pts = sorted(pts)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
@@ -84,7 +87,10 @@ def _speedup_axes(ax, curves: dict[str, list[tuple[int, float]]], xlabel: str, y
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    if legend_outside:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    else:
+        ax.legend(fontsize=7)
 
 
 def _save(fig, path: Path) -> None:
@@ -244,7 +250,7 @@ def write_e2e(e2e_dir: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(9.5, 4))
     gpus = sorted({key[0] for key in runs})
     curves = {
         f"{dims}, {layers} layers, g{g}{', 2:4' if sparse else ''}{', fused' if fused else ''}"
@@ -254,5 +260,6 @@ def write_e2e(e2e_dir: Path) -> None:
     }  # fmt: skip
     ax.axhline(1.0, color="grey", lw=0.8)
     _speedup_axes(ax, curves, "batch size", "decode tokens/s over FP16",
-                  f"{', '.join(gpus)}: MarlinLinear in every block linear layer (Llama-2 dims)")  # fmt: skip
+                  f"{', '.join(gpus)}: MarlinLinear in every block linear layer (Llama-2 dims)",
+                  legend_outside=True)  # fmt: skip
     _save(fig, e2e_dir / "e2e.png")

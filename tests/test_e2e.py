@@ -16,6 +16,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+import torch.nn.functional as F  # noqa: E402
+
 from steps import e2e  # noqa: E402
 from steps.bench import describe_machine  # noqa: E402
 from steps.torch_layer import MarlinLinear  # noqa: E402
@@ -155,3 +157,20 @@ def test_fused_models_pass_the_check_and_compile_without_graph_breaks():
     prompt = torch.randint(0, fused.quant.config.vocab_size, (2, PROMPT), generator=torch.Generator().manual_seed(3))
     tokens = e2e.Decoder(fused.quant, 2, PROMPT + NEW, compiled=True).generate(prompt, NEW)
     assert tokens.shape == (2, NEW)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+def test_grouped_decode_attention_equals_attention_over_copied_kv_heads(kv_heads):
+    """The fused model's decode attention against SDPA with every k/v head copied for its
+    query heads (what transformers computes), with a mask that hides the cache's tail
+    differently per sequence: a wrong grouping or mask broadcast changes the result."""
+    B, H, L, D = 3, 4, 10, 8
+    gen = torch.Generator().manual_seed(kv_heads)
+    q = torch.randn((B, H, 1, D), generator=gen)
+    k, v = (torch.randn((B, kv_heads, L, D), generator=gen) for _ in range(2))
+    mask = torch.arange(L) < torch.tensor([L, 6, 3])[:, None]  # sequence b sees a prefix of its cache
+    mask = mask[:, None, None, :]
+    copied = [t.repeat_interleave(H // kv_heads, dim=1) for t in (k, v)]
+    expected = F.scaled_dot_product_attention(q, *copied, attn_mask=mask).transpose(1, 2).reshape(B, 1, H * D)
+    for m in (mask, mask.expand(B, H, 1, L)):
+        assert torch.allclose(e2e.grouped_decode_attention(q, k, v, m), expected, rtol=1e-5, atol=1e-6)

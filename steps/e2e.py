@@ -165,8 +165,8 @@ def grouped_decode_attention(q, k, v, mask, scaling: float | None = None) -> tor
     The G query heads of a group become G query rows of one k/v head, so SDPA reads the cache
     once. transformers' SDPA path under torch.compile (and, in some versions, whenever it is
     given a mask) copies every k/v head G times first (repeat_kv), a cost that grows with
-    the batch and the cache and that serving engines do not pay (docs/results/e2e measures
-    it). A mask (B, 1 or H, 1, L) is shared by a query head's whole group."""
+    the batch and the cache and that serving engines do not pay (docs/results/e2e/profiles
+    shows its kernels). A mask (B, 1 or H, 1, L) is shared by a query head's whole group."""
     B, H, _, D = q.shape
     Hkv = k.shape[1]
     grouped = q.reshape(B, Hkv, H // Hkv, D)
@@ -205,8 +205,9 @@ def _concatenated(*linears: nn.Linear) -> nn.Linear:
 def fuse_projections(model: nn.Module) -> None:
     """Give every decoder block of a LlamaForCausalLM one q|k|v and one gate|up layer, in place."""
     for block in model.model.layers:
-        block.self_attn = FusedQKVAttention(block.self_attn)
-        block.mlp = FusedGateUpMLP(block.mlp)
+        # New modules start in training mode; the fused ones take the mode of those they replace.
+        block.self_attn = FusedQKVAttention(block.self_attn).train(block.self_attn.training)
+        block.mlp = FusedGateUpMLP(block.mlp).train(block.mlp.training)
 
 
 # -- the two models --------------------------------------------------------------------------------

@@ -148,6 +148,20 @@ def test_fusing_the_projections_computes_the_same_function_with_and_without_the_
     assert torch.equal(e2e.Decoder(fused, 2, PROMPT + NEW).generate(prompt, NEW), expected)
 
 
+def test_the_fused_models_decode_with_grouped_attention(models, monkeypatch):
+    """Both paths compute the same function, so only a count shows which one ran: every
+    decode step of every block, in both eval-mode models, goes through grouped_decode_attention."""
+    fused = copy.deepcopy(models.twin)
+    e2e.fuse_projections(fused)
+    assert not any(m.training for m in fused.modules())
+    calls = []
+    grouped = e2e.grouped_decode_attention
+    monkeypatch.setattr(e2e, "grouped_decode_attention", lambda *args: calls.append(1) or grouped(*args))
+    prompt = torch.randint(0, fused.config.vocab_size, (2, PROMPT), generator=torch.Generator().manual_seed(4))
+    e2e.Decoder(fused, 2, PROMPT + NEW).generate(prompt, NEW)
+    assert len(calls) == (NEW - 1) * LAYERS
+
+
 def test_fused_models_pass_the_check_and_compile_without_graph_breaks():
     fused = e2e.build_models(e2e.llama_config("tiny", 1), "cpu", fused=True)
     assert {name.rsplit(".", 1)[1] for name in fused.replaced} == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}

@@ -46,6 +46,7 @@ for part in "${parts[@]}"; do
       e2e 70b-8layers 200 --dims 70b --layers 8 --batch 1 4 16 64
       e2e 7b-sparse 200 --dims 7b --sparse --batch 1 4 16 64
       e2e 7b-compiled-fused 480 --dims 7b --compile --fuse --batch 1 2 4 8 16
+      e2e 7b-compiled-fused 330 --dims 7b --compile --fuse --batch 32 64 128
       e2e 70b-16layers-compiled-fused 390 --dims 70b --layers 16 --compile --fuse --batch 1 2 4 8 16
       e2e 70b-16layers-compiled-fused 255 --dims 70b --layers 16 --compile --fuse --batch 32 64 128 ;;
     profile)

@@ -39,7 +39,7 @@ for part in "${parts[@]}"; do
       done ;;
     e2e)
       # Compiled runs cost about 80 s a batch size at 7B dims and 50 s at 70B (16 layers) after a
-      # one-minute build: split them over calls of at most 10 minutes.
+      # one-minute build: split them over calls of at most 10 minutes (70B at 32 layers: not yet timed).
       mkdir -p "$OUT/e2e"
       e2e() { timeout "$2" python3 -m steps e2e --json "$OUT/e2e/${stamp}_${gpu}_$1.jsonl" "${@:3}" 2>&1 | tee -a "$OUT/e2e.txt"; }
       e2e 7b 330 --dims 7b
@@ -47,8 +47,9 @@ for part in "${parts[@]}"; do
       e2e 7b-sparse 200 --dims 7b --sparse --batch 1 4 16 64
       e2e 7b-compiled-fused 480 --dims 7b --compile --fuse --batch 1 2 4 8 16
       e2e 7b-compiled-fused 330 --dims 7b --compile --fuse --batch 32 64 128
-      e2e 70b-16layers-compiled-fused 390 --dims 70b --layers 16 --compile --fuse --batch 1 2 4 8 16
-      e2e 70b-16layers-compiled-fused 255 --dims 70b --layers 16 --compile --fuse --batch 32 64 128 ;;
+      e2e 70b-32layers-compiled-fused 450 --dims 70b --layers 32 --compile --fuse --batch 1 2 4
+      e2e 70b-32layers-compiled-fused 330 --dims 70b --layers 32 --compile --fuse --batch 8 16
+      e2e 70b-32layers-compiled-fused 450 --dims 70b --layers 32 --compile --fuse --batch 32 64 128 ;;
     profile)
       python3 scripts/profile_e2e_step.py 70b 2 16 > "$OUT/${stamp}_${gpu}_profile_70b-2layers-fused-compiled_b16.txt" 2>&1 ;;
   esac

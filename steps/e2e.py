@@ -70,7 +70,8 @@ from __future__ import annotations
 import copy
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -244,8 +245,11 @@ def build_models(
         twin = LlamaForCausalLM._from_config(config, dtype=torch.float16).eval().requires_grad_(False)
     if fused:
         fuse_projections(twin)
-    quant = copy.deepcopy(twin)
     names = block_linears(twin)
+    # The copy's block linear layers are replaced below: give them weightless stand-ins instead
+    # of copies, so that building never holds two FP16 models (70B dims: 1.7 GB a layer).
+    stand_in = {id(twin.get_submodule(n).weight): nn.Parameter(torch.empty(0, device="meta"), False) for n in names}
+    quant = copy.deepcopy(twin, memo=stand_in)
     pool: dict[str, list[tuple[MarlinLinear, torch.Tensor]]] = {}
     for name in names:
         position = name.split(".layers.", 1)[1].split(".", 1)[1]  # "self_attn.q_proj" (or "self_attn.qkv_proj")
@@ -288,6 +292,30 @@ def _set_parameter_dtype(model: nn.Module, dtype: torch.dtype) -> None:
         p.data = p.data.to(dtype)
 
 
+@contextmanager
+def _fp32_one_block_at_a_time(model: nn.Module) -> Iterator[None]:
+    """Evaluate an FP16 LlamaForCausalLM in FP32 while holding only one decoder block's
+    weights in FP32 at a time (fp16 -> fp32 -> fp16 is exact): the whole model in FP32 would
+    take twice its FP16 size beside it, which would halve the 70B layers that fit a GPU."""
+    blocks = list(model.model.layers)
+    outside = [p for name, p in model.named_parameters() if ".layers." not in f".{name}"]
+    hooks = []
+    for block in blocks:
+        hooks.append(block.register_forward_pre_hook(lambda m, args: _set_parameter_dtype(m, torch.float32)))
+        hooks.append(block.register_forward_hook(lambda m, args, out: _set_parameter_dtype(m, torch.float16)))
+    for p in outside:
+        p.data = p.data.float()
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+        for p in outside:
+            p.data = p.data.half()
+        for block in blocks:
+            _set_parameter_dtype(block, torch.float16)
+
+
 def _rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     if not torch.isfinite(x).all():
         return math.inf
@@ -313,11 +341,8 @@ def check_logits(models: Models, prompt_len: int, seed: int = 0) -> Check:
         for h in hooks:
             h.remove()
     logits_16 = models.twin(ids, use_cache=False).logits
-    _set_parameter_dtype(models.twin, torch.float32)
-    try:
+    with _fp32_one_block_at_a_time(models.twin):
         logits_32 = models.twin(ids, use_cache=False).logits
-    finally:
-        _set_parameter_dtype(models.twin, torch.float16)
 
     worst, worst_c = 0.0, 2.0
     for name, x, y in calls:

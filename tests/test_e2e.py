@@ -43,6 +43,24 @@ def test_every_block_linear_is_replaced_and_the_twin_holds_its_dequantized_weigh
         # The identity times W is W itself: on the CPU rung the product is exact.
         eye = torch.eye(layer.in_features, dtype=torch.float16)
         assert torch.equal(layer(eye), linear.weight.T)
+    # The copy's stand-ins for the replaced weights are all gone; everything else was copied.
+    assert not any(t.is_meta for t in [*models.quant.parameters(), *models.quant.buffers()])
+    assert torch.equal(models.quant.lm_head.weight, models.twin.lm_head.weight)
+    assert models.quant.lm_head.weight.data_ptr() != models.twin.lm_head.weight.data_ptr()
+
+
+def test_the_fp32_evaluation_one_block_at_a_time_equals_the_whole_model_in_fp32(models):
+    """The check's FP32 logits, computed with one block's weights in FP32 at a time, are those
+    of the whole model converted to FP32, and the twin is back in FP16 afterwards."""
+    prompt = torch.randint(0, models.twin.config.vocab_size, (2, PROMPT), generator=torch.Generator().manual_seed(5))
+    whole = copy.deepcopy(models.twin)
+    e2e._set_parameter_dtype(whole, torch.float32)
+    with torch.no_grad():
+        expected = whole(prompt, use_cache=False).logits
+        with e2e._fp32_one_block_at_a_time(models.twin):
+            logits = models.twin(prompt, use_cache=False).logits
+    assert logits.dtype == torch.float32 and torch.equal(logits, expected)
+    assert all(p.dtype == torch.float16 for p in models.twin.parameters())
 
 
 def test_the_logits_check_passes(models):

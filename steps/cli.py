@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -79,6 +80,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_e2e(args: argparse.Namespace) -> int:
+    import transformers
+
     from . import e2e  # needs torch and transformers
 
     device = "cuda" if bench.gpu_present() else "cpu"
@@ -87,6 +90,7 @@ def cmd_e2e(args: argparse.Namespace) -> int:
     if device == "cpu":
         print("No CUDA GPU here: the CPU rung on tiny dimensions checks the pipeline; real numbers need a GPU.")
     machine = bench.describe_machine(device)
+    machine = dataclasses.replace(machine, versions={**machine.versions, "transformers": transformers.__version__})
     check, rows = e2e.run(machine, dims, args.layers, batches, args.tokens, args.prompt_len, args.group_size, args.rung, args.seed,
                           args.sparse, args.compile, args.fuse)  # fmt: skip
     print(e2e.format_check(check))

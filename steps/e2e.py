@@ -150,7 +150,7 @@ class FusedQKVAttention(nn.Module):
         q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
         if cache is not None:
             k, v = cache.update(k, v, attn.layer_idx)
-        if q.shape[2] == 1 and not self.training:
+        if q.shape[2] == 1 and not self.training and _groupable(attention_mask, q, k):
             out, weights = grouped_decode_attention(q, k, v, attention_mask, attn.scaling), None
         else:
             attention = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager_attention_forward)
@@ -159,20 +159,31 @@ class FusedQKVAttention(nn.Module):
         return attn.o_proj(out.reshape(*hidden_states.shape[:-1], -1).contiguous()), weights
 
 
+def _groupable(mask, q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether grouped_decode_attention takes this mask: none, or 4-D (B or 1, 1 or H, 1, L)
+    over exactly the cache's L positions (others go to transformers' attention)."""
+    if mask is None:
+        return True
+    B, H = q.shape[:2]
+    return mask.dim() == 4 and mask.shape[0] in (1, B) and mask.shape[1] in (1, H) and mask.shape[2] == 1 \
+        and mask.shape[3] == k.shape[2]
+
+
 def grouped_decode_attention(q, k, v, mask, scaling: float | None = None) -> torch.Tensor:
     """Attention of one new token: q (B, H, 1, D) over the cache k, v (B, Hkv, L, D), where
     each k/v head serves a group of G = H / Hkv query heads; returns (B, 1, H * D).
 
     The G query heads of a group become G query rows of one k/v head, so SDPA reads the cache
-    once. transformers' SDPA path under torch.compile (and, in some versions, whenever it is
-    given a mask) copies every k/v head G times first (repeat_kv), a cost that grows with
+    once. transformers' SDPA path copies every k/v head G times first (repeat_kv) whenever
+    it is given a mask (5.17) or, in versions that group one-token queries eagerly, still
+    under torch.compile (5.24): a cost that grows with
     the batch and the cache and that serving engines do not pay (docs/results/e2e/profiles
     shows its kernels). A mask (B, 1 or H, 1, L) is shared by a query head's whole group."""
     B, H, _, D = q.shape
     Hkv = k.shape[1]
     grouped = q.reshape(B, Hkv, H // Hkv, D)
     if mask is not None and mask.shape[1] != 1:
-        mask = mask.reshape(B, Hkv, H // Hkv, mask.shape[-1])
+        mask = mask.expand(B, H, 1, mask.shape[-1]).reshape(B, Hkv, H // Hkv, mask.shape[-1])
     out = F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask, scale=scaling)
     return out.reshape(B, 1, H * D)
 
@@ -297,23 +308,21 @@ def _fp32_one_block_at_a_time(model: nn.Module) -> Iterator[None]:
     """Evaluate an FP16 LlamaForCausalLM in FP32 while holding only one decoder block's
     weights in FP32 at a time (fp16 -> fp32 -> fp16 is exact): the whole model in FP32 would
     take twice its FP16 size beside it, which would halve the 70B layers that fit a GPU."""
-    blocks = list(model.model.layers)
-    outside = [p for name, p in model.named_parameters() if ".layers." not in f".{name}"]
+    dtypes = {p: p.dtype for p in model.parameters()}
     hooks = []
-    for block in blocks:
-        hooks.append(block.register_forward_pre_hook(lambda m, args: _set_parameter_dtype(m, torch.float32)))
-        hooks.append(block.register_forward_hook(lambda m, args, out: _set_parameter_dtype(m, torch.float16)))
-    for p in outside:
-        p.data = p.data.float()
     try:
+        for block in model.model.layers:
+            hooks.append(block.register_forward_pre_hook(lambda m, args: _set_parameter_dtype(m, torch.float32)))
+            hooks.append(block.register_forward_hook(lambda m, args, out: _set_parameter_dtype(m, torch.float16)))
+        for name, p in model.named_parameters():
+            if ".layers." not in f".{name}":
+                p.data = p.data.float()
         yield
     finally:
         for h in hooks:
             h.remove()
-        for p in outside:
-            p.data = p.data.half()
-        for block in blocks:
-            _set_parameter_dtype(block, torch.float16)
+        for p, dtype in dtypes.items():
+            p.data = p.data.to(dtype)
 
 
 def _rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -495,8 +504,9 @@ class Row:
     max_cache_len: int
     group_size: int
     sparse: bool  # weights pruned 2:4 (in the FP16 twin too)
-    compiled: bool  # both models' forward under torch.compile(fullgraph=True)
+    compiled: bool  # both models' decode step under torch.compile(fullgraph=True)
     fused: bool  # q|k|v and gate|up as one layer each, in both models
+    decode_attention: str  # "grouped" (grouped_decode_attention) or "transformers" (its SDPA path)
     model: str  # "fp16" or the rung(s) of the MarlinLinear layers
     step_us: float
     q1_us: float
@@ -558,7 +568,7 @@ def run(
             lin = linear_us(model, models.replaced, batch, machine.device)
             rows.append(Row(
                 "e2e", dims, config.num_hidden_layers, batch, prompt_len, new_tokens, max_len, group_size, sparse, compiled,
-                fused, label,
+                fused, "grouped" if fused else "transformers", label,
                 t.median_us, t.q1_us, t.q3_us, t.method, batch / (t.median_us * 1e-6),
                 base_t.median_us / t.median_us, lin, attn, t.median_us - lin - attn,
                 float((tokens == base_tokens).float().mean()), check.max_gemm_error_ratio, check.logits_rel_err,

@@ -221,7 +221,7 @@ def write_e2e(e2e_dir: Path) -> None:
     runs: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         runs[(r["gpu"], r["dims"], r["layers"], r["group_size"], r.get("sparse", False), r.get("compiled", False),
-              r.get("fused", False),
+              r.get("fused", False), r.get("decode_attention", "transformers"),
               r["date"][:10])].append(r)  # fmt: skip
     parts = [
         "# End-to-end decoding",
@@ -232,9 +232,10 @@ def write_e2e(e2e_dir: Path) -> None:
         "",
         "![decode speedup over FP16 by batch size](e2e.png)",
     ]
-    for (gpu, dims, layers, g, sparse, compiled, fused, date), rs in sorted(runs.items()):
+    for (gpu, dims, layers, g, sparse, compiled, fused, attention, date), rs in sorted(runs.items()):
         weights = ", 2:4-sparse weights" if sparse else ""
         weights += ", q|k|v and gate|up fused" if fused else ""
+        weights += ", grouped decode attention" if attention == "grouped" else ""
         weights += ", decoder under torch.compile" if compiled else ""
         parts += ["", f"**{gpu}**, Llama-2 {dims} dimensions, {layers} layers, group size {g}{weights}, measured {date}", ""]
         parts.append("| " + " | ".join(E2E_COLUMNS) + " |")
@@ -254,9 +255,10 @@ def write_e2e(e2e_dir: Path) -> None:
     gpus = sorted({key[0] for key in runs})
     curves = {
         f"{dims}, {layers} layers, g{g}{', 2:4' if sparse else ''}{', fused' if fused else ''}"
-        f"{', compiled' if compiled else ''}, {date}" + (f", {gpu}" if len(gpus) > 1 else ""):
+        f"{', grouped attention' if attention == 'grouped' else ''}{', compiled' if compiled else ''}, {date}"
+        + (f", {gpu}" if len(gpus) > 1 else ""):
             [(r["batch"], r["speedup_vs_fp16"]) for r in rs if r["model"] != "fp16"]
-        for (gpu, dims, layers, g, sparse, compiled, fused, date), rs in sorted(runs.items())
+        for (gpu, dims, layers, g, sparse, compiled, fused, attention, date), rs in sorted(runs.items())
     }  # fmt: skip
     ax.axhline(1.0, color="grey", lw=0.8)
     _speedup_axes(ax, curves, "batch size", "decode tokens/s over FP16",

@@ -63,6 +63,23 @@ def test_the_fp32_evaluation_one_block_at_a_time_equals_the_whole_model_in_fp32(
     assert all(p.dtype == torch.float16 for p in models.twin.parameters())
 
 
+def test_the_fp32_evaluation_holds_one_block_in_fp32_at_a_time(models):
+    blocks = list(models.twin.model.layers)
+    seen = []
+    with e2e._fp32_one_block_at_a_time(models.twin):
+        hooks = [b.register_forward_pre_hook(
+            lambda m, args: seen.append([next(b.parameters()).dtype for b in blocks]))
+            for b in blocks]  # fmt: skip
+        try:
+            with torch.no_grad():
+                models.twin(torch.zeros((1, 4), dtype=torch.long), use_cache=False)
+        finally:
+            for h in hooks:
+                h.remove()
+    assert [row.count(torch.float32) for row in seen] == [1] * len(blocks)
+    assert [row.index(torch.float32) for row in seen] == list(range(len(blocks)))
+
+
 def test_the_logits_check_passes(models):
     check = e2e.check_logits(models, PROMPT)
     assert check.passed, e2e.format_check(check)
@@ -188,7 +205,18 @@ def test_fused_models_pass_the_check_and_compile_without_graph_breaks():
     assert check.passed, e2e.format_check(check)
     prompt = torch.randint(0, fused.quant.config.vocab_size, (2, PROMPT), generator=torch.Generator().manual_seed(3))
     tokens = e2e.Decoder(fused.quant, 2, PROMPT + NEW, compiled=True).generate(prompt, NEW)
-    assert tokens.shape == (2, NEW)
+    assert torch.equal(tokens, e2e.Decoder(fused.quant, 2, PROMPT + NEW).generate(prompt, NEW))
+
+
+def test_building_copies_no_weight_it_replaces(monkeypatch):
+    """The quantized model is a copy of the twin whose block linear layers are then replaced:
+    copying those weights first would hold two FP16 models at once (70B dims: 1.7 GB a layer)."""
+    copied = []
+    deepcopy = torch.nn.Parameter.__deepcopy__
+    monkeypatch.setattr(torch.nn.Parameter, "__deepcopy__", lambda p, memo: copied.append(id(p)) or deepcopy(p, memo))
+    models = e2e.build_models(e2e.llama_config("tiny", 1), "cpu")
+    replaced = {id(models.twin.get_submodule(name).weight) for name in models.replaced}
+    assert copied and not replaced & set(copied)
 
 
 @pytest.mark.parametrize("kv_heads", [1, 2, 4])
@@ -202,7 +230,10 @@ def test_grouped_decode_attention_equals_attention_over_copied_kv_heads(kv_heads
     k, v = (torch.randn((B, kv_heads, L, D), generator=gen) for _ in range(2))
     mask = torch.arange(L) < torch.tensor([L, 6, 3])[:, None]  # sequence b sees a prefix of its cache
     mask = mask[:, None, None, :]
+    per_head = torch.rand((B, H, 1, L), generator=gen) < 0.7  # a different mask for every query head
+    per_head[..., 0] = True
+    additive = torch.randn((1, 1, 1, L), generator=gen)  # a float mask, shared by the batch
     copied = [t.repeat_interleave(H // kv_heads, dim=1) for t in (k, v)]
-    expected = F.scaled_dot_product_attention(q, *copied, attn_mask=mask).transpose(1, 2).reshape(B, 1, H * D)
-    for m in (mask, mask.expand(B, H, 1, L)):
+    for m in (mask, per_head, additive, None):
+        expected = F.scaled_dot_product_attention(q, *copied, attn_mask=m).transpose(1, 2).reshape(B, 1, H * D)
         assert torch.allclose(e2e.grouped_decode_attention(q, k, v, m), expected, rtol=1e-5, atol=1e-6)

@@ -942,7 +942,8 @@ else:
 ## Measured end to end
 
 `python -m steps e2e` on the GPU (Llama-2-7B dimensions with all 32 layers, and Llama-2-70B
-dimensions with 8 layers), stored in `docs/results/e2e/` and shown here from there:"""),
+dimensions with 8 or 16 of its 80 layers; eager, compiled, and compiled with fused
+projections), stored in `docs/results/e2e/` and shown here from there:"""),
         code("""\
 from IPython.display import Markdown, display
 
@@ -958,8 +959,11 @@ column (norms, rotary embedding, cache writes, residual adds, the SiLU gate, lm_
 the gaps between these many small kernels) is the same in both models and is a large
 share of a 7B decode step, so the end-to-end gain is well below the linear layers' gain.
 The 70B layers are wider, so the rest is a smaller share and the end-to-end gain is
-larger. Fusing the rest is what `python -m steps e2e --compile` tries (both models under
-`torch.compile`); it has not been measured on a GPU yet.
+larger. `--compile` (both models' decode step under `torch.compile`) fuses the small
+kernels of the rest, and `--fuse` gives every block one q|k|v and one gate|up layer, as
+serving engines run them: the tables marked so are where the quantized model comes
+closest to its layers' gain. What is left at larger batches is attention and the FP16
+`lm_head`, the same in both models (docs/torch_layer.md follows it kernel by kernel).
 
 ## Try this
 

@@ -180,17 +180,31 @@ def random_quantized_weight(
     group_size: int = 128,
     symmetric: bool = True,
     dtype: npt.DTypeLike = np.float16,
+    centered: bool = False,
 ) -> QuantizedWeight:
     """Random codes and scales, drawn directly (fast at any size), scaled like a real layer.
 
-    Codes are uniform in 0..15; scales uniform in [0.5, 1.5) / (4 sqrt(K)), rounded to
-    `dtype`, so entries of A @ W stay near unit size for unit-size A. Asymmetric weights get
-    random zero points.
+    Codes are uniform in 0..15, so that tests meet every code equally often; scales are
+    uniform in [0.5, 1.5) / (spread sqrt(K)), rounded to `dtype`, so entries of A @ W stay
+    near unit size for unit-size A. Asymmetric weights get random zero points.
+
+    Uniform codes about the zero point 8 have mean value -0.5: every column shares a
+    component along the all-ones input, which a deep model of such layers adds up block
+    after block (Llama-2-70B dims overflow FP16 by 32 layers). `centered` draws symmetric
+    weights the way a real layer's look instead: a rounded normal about 8 (sd 2.5 codes)
+    clipped symmetrically to 1..15, mean value zero.
     """
     dtype = element_dtype(dtype)
     check_group_size(group_size, K)
+    if centered and not symmetric:
+        raise ValueError("centered codes are drawn about the symmetric zero point 8; pass symmetric=True with centered=True")
     groups = 1 if group_size == -1 else K // group_size
-    codes = rng.integers(0, 16, size=(K, N), dtype=np.uint8)
-    scales = ((0.5 + rng.random((groups, N), dtype=np.float32)) / (4.0 * np.sqrt(K))).astype(dtype)
+    if centered:
+        spread = 2.5
+        codes = np.clip(np.rint(8.0 + spread * rng.standard_normal((K, N), dtype=np.float32)), 1, 15).astype(np.uint8)
+    else:
+        spread = 4.0
+        codes = rng.integers(0, 16, size=(K, N), dtype=np.uint8)
+    scales = ((0.5 + rng.random((groups, N), dtype=np.float32)) / (spread * np.sqrt(K))).astype(dtype)
     zeros = None if symmetric else rng.integers(0, 16, size=(groups, N), dtype=np.uint8)
     return QuantizedWeight(codes=codes, scales=scales, group_size=group_size, zeros=zeros)

@@ -53,6 +53,23 @@ def test_codes_in_range_and_shapes(dtype, data):
     assert ref.dequantize(qw).dtype == dtype
 
 
+def test_centered_random_weights_have_mean_zero_and_uniform_ones_do_not():
+    """Uniform codes about the zero point 8 average -0.5 codes (a shared component a deep
+    model adds up); centered ones are symmetric about 8 within 1..15, mean zero."""
+    K, N = 1024, 512
+    uniform = ref.random_quantized_weight(np.random.default_rng(1), K, N, 128)
+    centered = ref.random_quantized_weight(np.random.default_rng(1), K, N, 128, centered=True)
+    assert centered.codes.min() == 1 and centered.codes.max() == 15
+    counts = np.bincount(centered.codes.ravel(), minlength=16)
+    np.testing.assert_allclose(counts[9:16], counts[7:0:-1], rtol=0.05)  # 8 + d as often as 8 - d
+    standard_error = 1 / np.sqrt(K * N)  # of a mean over K N values of unit spread
+    for qw, expected in ((uniform, -0.5 / 4.6), (centered, 0.0)):  # mean / sd of the values q - 8
+        values = qw.codes.astype(np.float64) - 8
+        assert abs(values.mean() / values.std() - expected) < 5 * standard_error
+    with pytest.raises(ValueError, match="symmetric=True with centered=True"):
+        ref.random_quantized_weight(np.random.default_rng(1), K, N, 128, symmetric=False, centered=True)
+
+
 @element_types
 @pytest.mark.parametrize("symmetric", [True, False])
 @given(data=st.data())

@@ -39,23 +39,26 @@ for part in "${parts[@]}"; do
       done ;;
     e2e)
       # One device call runs at most 10 minutes: pick runs with E2E_RUNS (default: all, which
-      # needs several calls). Compiled runs cost about 80 s a batch size at 7B dims and 50 s at
-      # 70B with 16 layers, after a one-minute build (70B at 32 layers: not yet timed).
+      # needs several calls). Each batch's rows are written as soon as they are measured, so a
+      # run cut short keeps its finished batches: the batches that matter most go first.
+      # Compiled runs cost about 80 s a batch size at 7B dims and 50 s at 70B with 16 layers,
+      # after a one-minute build (70B at 32 layers: not yet timed).
       mkdir -p "$OUT/e2e"
       e2e() { timeout "$2" python3 -m steps e2e --json "$OUT/e2e/${stamp}_${gpu}_$1.jsonl" "${@:3}" 2>&1 | tee -a "$OUT/e2e.txt"; }
-      for run in ${E2E_RUNS:-7b 70b-8layers 7b-sparse 7b-fused-small 7b-fused-large 70b-fused-1 70b-fused-2 70b-fused-3}; do
+      for run in ${E2E_RUNS:-7b 70b-8layers 7b-sparse 7b-fused-small 7b-fused-large 70b-fused-small 70b-fused-large}; do
         case $run in
           7b) e2e 7b 330 --dims 7b ;;
           70b-8layers) e2e 70b-8layers 200 --dims 70b --layers 8 --batch 1 4 16 64 ;;
           7b-sparse) e2e 7b-sparse 200 --dims 7b --sparse --batch 1 4 16 64 ;;
           7b-fused-small) e2e 7b-compiled-fused 480 --dims 7b --compile --fuse --batch 1 2 4 8 16 ;;
           7b-fused-large) e2e 7b-compiled-fused 330 --dims 7b --compile --fuse --batch 32 64 128 ;;
-          70b-fused-1) e2e 70b-32layers-compiled-fused 450 --dims 70b --layers 32 --compile --fuse --batch 1 2 4 ;;
-          70b-fused-2) e2e 70b-32layers-compiled-fused 330 --dims 70b --layers 32 --compile --fuse --batch 8 16 ;;
-          70b-fused-3) e2e 70b-32layers-compiled-fused 450 --dims 70b --layers 32 --compile --fuse --batch 32 64 128 ;;
+          70b-fused-small) e2e 70b-32layers-compiled-fused 570 --dims 70b --layers 32 --compile --fuse --batch 16 8 1 4 2 ;;
+          70b-fused-large) e2e 70b-32layers-compiled-fused 570 --dims 70b --layers 32 --compile --fuse --batch 32 64 128 ;;
         esac
       done ;;
     profile)
-      python3 scripts/profile_e2e_step.py 70b 2 16 > "$OUT/${stamp}_${gpu}_profile_70b-2layers-fused-compiled_b16.txt" 2>&1 ;;
+      for dims in 70b 7b; do
+        python3 scripts/profile_e2e_step.py $dims 2 16 > "$OUT/${stamp}_${gpu}_profile_${dims}-2layers-fused-grouped-compiled_b16.txt" 2>&1
+      done ;;
   esac
 done

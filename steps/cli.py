@@ -91,8 +91,16 @@ def cmd_e2e(args: argparse.Namespace) -> int:
         print("No CUDA GPU here: the CPU rung on tiny dimensions checks the pipeline; real numbers need a GPU.")
     machine = bench.describe_machine(device)
     machine = dataclasses.replace(machine, versions={**machine.versions, "transformers": transformers.__version__})
+
+    def save_batch(rows: list) -> None:
+        # Written as each batch finishes: a run cut short by a time limit keeps what it measured.
+        print(f"batch {rows[0].batch}: " + ", ".join(f"{r.model} {r.speedup_vs_fp16:.2f}x" for r in rows), flush=True)
+        if args.json:
+            with open(args.json, "a") as f:
+                f.writelines(line + "\n" for line in bench.json_lines(rows, machine))
+
     check, rows = e2e.run(machine, dims, args.layers, batches, args.tokens, args.prompt_len, args.group_size, args.rung, args.seed,
-                          args.sparse, args.compile, args.fuse)  # fmt: skip
+                          args.sparse, args.compile, args.fuse, save_batch)  # fmt: skip
     print(e2e.format_check(check))
     if not check.passed:
         print("The MarlinLinear model failed its correctness check; nothing was timed.")
@@ -100,9 +108,6 @@ def cmd_e2e(args: argparse.Namespace) -> int:
     print(e2e.format_table(rows, machine))
     if any(r.method != "cuda-graph" for r in rows) and device == "cuda":
         print("Warning: some decode steps could not be captured in a CUDA graph and were timed eagerly (see method).")
-    if args.json:
-        with open(args.json, "a") as f:
-            f.writelines(line + "\n" for line in bench.json_lines(rows, machine))
     return 0
 
 

@@ -268,7 +268,7 @@ def build_models(
         if position not in pool:
             pool[position] = []
             for _ in range(WEIGHT_POOL):
-                qw = random_quantized_weight(rng, linear.in_features, linear.out_features, group_size)
+                qw = random_quantized_weight(rng, linear.in_features, linear.out_features, group_size, centered=True)
                 if sparse:
                     qw = prune_quantized_2_4(qw)
                 w_deq = torch.from_numpy(np.ascontiguousarray(dequantize(qw).T)).to(device)  # (N, K) like nn.Linear
@@ -537,8 +537,12 @@ def run(
     sparse: bool = False,
     compiled: bool = False,
     fused: bool = False,
+    on_batch: Callable[[list[Row]], None] | None = None,
 ) -> tuple[Check, list[Row]]:
-    """Build both models, check them, and time decoding at each batch size (no rows if the check fails)."""
+    """Build both models, check them, and time decoding at each batch size (no rows if the check fails).
+
+    `on_batch` receives each batch size's rows as soon as they are measured, so that a run
+    stopped by a time limit keeps the batches it finished."""
     if machine.device == "cpu" and dims != "tiny":
         raise ValueError(f"--dims {dims} needs a GPU (its FP16 weights alone are many GB); use --dims tiny on a CPU")
     if new_tokens < 1 or prompt_len < 1 or min(batches) < 1:
@@ -550,8 +554,9 @@ def run(
         return check, []
     max_len = prompt_len + new_tokens
     rng = np.random.default_rng(seed + 1)
-    rows = []
+    rows: list[Row] = []
     for batch in batches:
+        batch_rows = []
         prompt = torch.from_numpy(rng.integers(0, config.vocab_size, (batch, prompt_len))).to(machine.device)
         timed = {}
         for label, model in (("fp16", models.twin), (models.rung, models.quant)):
@@ -566,7 +571,7 @@ def run(
         for label, model in (("fp16", models.twin), (models.rung, models.quant)):
             t, tokens = timed[label]
             lin = linear_us(model, models.replaced, batch, machine.device)
-            rows.append(Row(
+            batch_rows.append(Row(
                 "e2e", dims, config.num_hidden_layers, batch, prompt_len, new_tokens, max_len, group_size, sparse, compiled,
                 fused, "grouped" if fused else "transformers", label,
                 t.median_us, t.q1_us, t.q3_us, t.method, batch / (t.median_us * 1e-6),
@@ -574,6 +579,9 @@ def run(
                 float((tokens == base_tokens).float().mean()), check.max_gemm_error_ratio, check.logits_rel_err,
                 check.fp16_logits_rel_err, check.logits_tolerance,
             ))  # fmt: skip
+        rows += batch_rows
+        if on_batch is not None:
+            on_batch(batch_rows)
     return check, rows
 
 

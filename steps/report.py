@@ -257,7 +257,7 @@ def write_e2e(e2e_dir: Path) -> None:
         f"{dims}, {layers} layers, g{g}{', 2:4' if sparse else ''}{', fused' if fused else ''}"
         f"{', grouped attention' if attention == 'grouped' else ''}{', compiled' if compiled else ''}, {date}"
         + (f", {gpu}" if len(gpus) > 1 else ""):
-            [(r["batch"], r["speedup_vs_fp16"]) for r in rs if r["model"] != "fp16"]
+            sorted((r["batch"], r["speedup_vs_fp16"]) for r in rs if r["model"] != "fp16")
         for (gpu, dims, layers, g, sparse, compiled, fused, attention, date), rs in sorted(runs.items())
     }  # fmt: skip
     ax.axhline(1.0, color="grey", lw=0.8)

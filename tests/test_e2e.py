@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -47,6 +48,14 @@ def test_every_block_linear_is_replaced_and_the_twin_holds_its_dequantized_weigh
     assert not any(t.is_meta for t in [*models.quant.parameters(), *models.quant.buffers()])
     assert torch.equal(models.quant.lm_head.weight, models.twin.lm_head.weight)
     assert models.quant.lm_head.weight.data_ptr() != models.twin.lm_head.weight.data_ptr()
+
+
+def test_block_weights_are_centered_so_that_deep_models_do_not_overflow(models):
+    """Uniform random codes share a mean that grows block after block (70B dims overflowed
+    FP16 at 32 layers); the e2e weights are drawn centered, mean zero like a real layer's."""
+    for name in models.replaced:
+        w = models.twin.get_submodule(name).weight.double()
+        assert abs(w.mean() / w.std()) < 5 / np.sqrt(w.numel())  # uniform codes: about -0.11
 
 
 def test_the_fp32_evaluation_one_block_at_a_time_equals_the_whole_model_in_fp32(models):
@@ -237,3 +246,11 @@ def test_grouped_decode_attention_equals_attention_over_copied_kv_heads(kv_heads
     for m in (mask, per_head, additive, None):
         expected = F.scaled_dot_product_attention(q, *copied, attn_mask=m).transpose(1, 2).reshape(B, 1, H * D)
         assert torch.allclose(e2e.grouped_decode_attention(q, k, v, m), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_each_batch_is_handed_over_as_soon_as_it_is_measured():
+    """The CLI writes each batch's rows when they arrive, so a run cut short keeps them."""
+    handed = []
+    _, rows = e2e.run(describe_machine("cpu"), "tiny", 1, (2, 1), 2, 4, on_batch=handed.append)
+    assert [[r.batch for r in batch_rows] for batch_rows in handed] == [[2, 2], [1, 1]]
+    assert [r for batch_rows in handed for r in batch_rows] == rows

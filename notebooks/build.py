@@ -942,8 +942,8 @@ else:
 ## Measured end to end
 
 `python -m steps e2e` on the GPU (Llama-2-7B dimensions with all 32 layers, and Llama-2-70B
-dimensions with 8 or 16 of its 80 layers; eager, compiled, and compiled with fused
-projections), stored in `docs/results/e2e/` and shown here from there:"""),
+dimensions with 8, 16 or 32 of its 80 layers; eager, compiled, and compiled with fused
+projections and grouped decode attention), stored in `docs/results/e2e/` and shown here from there:"""),
         code("""\
 from IPython.display import Markdown, display
 
@@ -961,7 +961,8 @@ share of a 7B decode step, so the end-to-end gain is well below the linear layer
 The 70B layers are wider, so the rest is a smaller share and the end-to-end gain is
 larger. `--compile` (both models' decode step under `torch.compile`) fuses the small
 kernels of the rest, and `--fuse` gives every block one q|k|v and one gate|up layer, as
-serving engines run them: the tables marked so are where the quantized model comes
+serving engines run them, and lets each k/v head be read once for its group of query
+heads instead of copied for each: the tables marked so are where the quantized model comes
 closest to its layers' gain. What is left at larger batches is attention and the FP16
 `lm_head`, the same in both models (docs/torch_layer.md follows it kernel by kernel).
 

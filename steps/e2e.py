@@ -16,9 +16,10 @@ rounded, which isolates the kernel.
 
 Weights. Quantizing 6.5 billion random weights with the NumPy reference quantizer would
 take minutes, and random weights need no quantizer: each block position draws WEIGHT_POOL
-random QuantizedWeights (reference.random_quantized_weight, scaled like a real layer) and
-layer i uses number i % WEIGHT_POOL, in its own memory, so a decode step streams every
-layer's weights from memory as with a real checkpoint.
+random QuantizedWeights (reference.random_quantized_weight, centered: mean zero and scaled
+like a real layer, so that activations do not grow with depth) and layer i uses number
+i % WEIGHT_POOL, in its own memory, so a decode step streams every layer's weights from
+memory as with a real checkpoint.
 
 Correctness, on one forward pass of a short prompt. A per-element bound for one GEMM,
 reference.error_bound, holds for a product whose inputs are exact; in a network the inputs

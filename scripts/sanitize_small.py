@@ -10,16 +10,7 @@ import numpy as np
 
 import reference as ref
 import steps
-from steps._arrays import to_host, torch_from_host
-
-
-def to_device(A: np.ndarray):
-    """A CuPy array, or for bf16 a torch tensor (CuPy's bf16 needs recent NumPy and ml_dtypes)."""
-    if A.dtype != ref.element_dtype("bfloat16"):
-        import cupy
-
-        return cupy.asarray(A)
-    return torch_from_host(A, "cuda")
+from steps._arrays import to_gpu, to_host
 
 
 rng = np.random.default_rng(0)
@@ -37,6 +28,6 @@ for step in steps.STEPS:
             symmetric = not (step.supports_zero_points and i % 2)
             qw = ref.random_quantized_weight(rng, K, N, g, symmetric=symmetric, dtype=dtype)
             A = rng.standard_normal((M, K)).astype(ref.element_dtype(dtype))
-            C = to_host(step(to_device(A), step.pack(qw)))
+            C = to_host(step(to_gpu(A), step.pack(qw)))
             excess = ref.error_excess(C, A, step.reference_weight(qw), step.error_c)
             print(step.name, dtype, M, K, N, g, "error/bound", round(excess, 3))

@@ -109,6 +109,16 @@ def torch_from_host(a: np.ndarray, device: Any = "cpu") -> Any:
     return (t.view(torch.bfloat16) if dtype_name(a) == "bfloat16" else t).to(device)
 
 
+def to_gpu(a: np.ndarray) -> Any:
+    """A NumPy array's copy on the current GPU: a CuPy array, or for bfloat16 a torch tensor
+    (CuPy's own bfloat16 needs recent NumPy and ml_dtypes)."""
+    if dtype_name(a) == "bfloat16":
+        return torch_from_host(a, "cuda")
+    import cupy
+
+    return cupy.asarray(a)
+
+
 def as_cupy(x: Any) -> Any:
     """A zero-copy CuPy view of a CuPy array or torch CUDA tensor (bfloat16 as int16)."""
     if array_kind(x) == "cupy":

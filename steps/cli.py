@@ -12,6 +12,7 @@ import numpy as np
 from reference import error_excess, random_quantized_weight
 
 from . import bench
+from ._arrays import to_gpu, to_host
 from .registry import STEPS
 
 CHECK_SHAPES = ((1, 256, 256, 128), (16, 512, 256, -1), (33, 1024, 512, 64), (5, 256, 512, 32))
@@ -41,18 +42,12 @@ def cmd_check(args: argparse.Namespace) -> int:
             qw = random_quantized_weight(rng, K, N, g)
             A_host = rng.standard_normal((M, K), dtype=np.float32).astype(np.float16)
             packed = step.pack(qw)
-            C = step(A_host if step.host_arrays else _to_gpu(A_host), packed)
-            ratio = error_excess(C if step.host_arrays else C.get(), A_host, step.reference_weight(qw), step.error_c)
+            C = step(A_host if step.host_arrays else to_gpu(A_host), packed)
+            ratio = error_excess(to_host(C), A_host, step.reference_weight(qw), step.error_c)
             verdict = "ok" if ratio <= 1 else "FAIL"
             failures += verdict != "ok"
             print(f"{step.name:<20} M={M:<4} K={K:<5} N={N:<5} group={g:<4} error/bound={ratio:.3f} {verdict}")
     return 1 if failures else 0
-
-
-def _to_gpu(x: np.ndarray):
-    import cupy
-
-    return cupy.asarray(x)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -92,7 +87,7 @@ def cmd_e2e(args: argparse.Namespace) -> int:
     machine = bench.describe_machine(device)
     machine = dataclasses.replace(machine, versions={**machine.versions, "transformers": transformers.__version__})
 
-    def save_batch(rows: list) -> None:
+    def save_batch(rows: list[e2e.Row]) -> None:
         # Written as each batch finishes: a run cut short by a time limit keeps what it measured.
         print(f"batch {rows[0].batch}: " + ", ".join(f"{r.model} {r.speedup_vs_fp16:.2f}x" for r in rows), flush=True)
         if args.json:

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import reference as ref
 import steps
-from steps._arrays import to_host, torch_from_host
+from steps._arrays import to_gpu, to_host
 
 
 def _params():
@@ -56,15 +56,8 @@ def problem_sizes(step):
 
 
 def to_device(step, x: np.ndarray):
-    """x where the rung computes: itself for host rungs, else a CuPy array (a torch tensor
-    for bf16, which CuPy takes only with recent NumPy and ml_dtypes)."""
-    if step.host_arrays:
-        return x
-    if x.dtype == ref.element_dtype("bfloat16"):
-        return torch_from_host(x, "cuda")
-    import cupy
-
-    return cupy.asarray(x)
+    """x where the rung computes: itself for host rungs, else on the GPU."""
+    return x if step.host_arrays else to_gpu(x)
 
 
 def poisoned(step, M: int, N: int, dtype=np.float16):

@@ -7,8 +7,8 @@ tiny configuration for CPU machines and tests. Every nn.Linear inside the decode
 (q, k, v, o, gate, up, down) becomes a MarlinLinear; the embeddings, norms and lm_head
 stay FP16. With `fused`, both models are first rebuilt with one q|k|v and one gate|up
 layer per block (fuse_projections) whose decode-step attention reads each k/v head once
-for its whole group of query heads (grouped_decode_attention), as serving engines run
-them. The FP16 model it is
+for its whole group of query heads (grouped_decode_attention; on a GPU a Triton decode
+kernel, steps.decode_attention), as serving engines run them. The FP16 model it is
 compared with is its "dequantized twin": the same network whose replaced layers hold,
 as ordinary FP16 weights, exactly the dequantized values the MarlinLinear multiplies by.
 Both models therefore compute the same function and differ only in how the products are
@@ -90,6 +90,11 @@ from .bench import CHECK_COLUMNS, Machine, copies_needed
 from .registry import get
 from .timing import Timing, measure
 from .torch_layer import MarlinLinear
+
+try:  # triton comes with GPU installs of torch; without it decode attention is SDPA's
+    from . import decode_attention as triton_decode
+except ImportError:
+    triton_decode = None
 
 # Llama-2 dimensions (the released configs); "tiny" is for CPU machines and tests.
 DIMS = {
@@ -179,14 +184,30 @@ def grouped_decode_attention(q, k, v, mask, scaling: float | None = None) -> tor
     it is given a mask (5.17) or, in versions that group one-token queries eagerly, still
     under torch.compile (5.24): a cost that grows with
     the batch and the cache and that serving engines do not pay (docs/results/e2e/profiles
-    shows its kernels). A mask (B, 1 or H, 1, L) is shared by a query head's whole group."""
+    shows its kernels). A mask (B, 1 or H, 1, L) is shared by a query head's whole group.
+
+    On a GPU with triton the grouped rows go to steps.decode_attention, a decode kernel that
+    reads the cache at close to the memory bandwidth; SDPA takes the rest (CPU, per-head
+    masks, float masks)."""
     B, H, _, D = q.shape
     Hkv = k.shape[1]
     grouped = q.reshape(B, Hkv, H // Hkv, D)
+    if q.is_cuda and triton_decode is not None and triton_decode.supports(grouped, k, v, mask):
+        scale = scaling if scaling is not None else D**-0.5
+        return triton_decode.decode_attention(grouped, k, v, mask, scale).reshape(B, 1, H * D)
     if mask is not None and mask.shape[1] != 1:
         mask = mask.expand(B, H, 1, mask.shape[-1]).reshape(B, Hkv, H // Hkv, mask.shape[-1])
     out = F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask, scale=scaling)
     return out.reshape(B, 1, H * D)
+
+
+def attention_kind(fused: bool, device: str) -> str:
+    """What the decode steps' attention runs on: "transformers" (its SDPA path, unfused
+    models), "triton" (grouped_decode_attention on steps.decode_attention) or "grouped"
+    (grouped_decode_attention on SDPA)."""
+    if not fused:
+        return "transformers"
+    return "triton" if device == "cuda" and triton_decode is not None else "grouped"
 
 
 class FusedGateUpMLP(nn.Module):
@@ -507,7 +528,7 @@ class Row:
     sparse: bool  # weights pruned 2:4 (in the FP16 twin too)
     compiled: bool  # both models' decode step under torch.compile(fullgraph=True)
     fused: bool  # q|k|v and gate|up as one layer each, in both models
-    decode_attention: str  # "grouped" (grouped_decode_attention) or "transformers" (its SDPA path)
+    decode_attention: str  # attention_kind: "triton", "grouped" or "transformers"
     model: str  # "fp16" or the rung(s) of the MarlinLinear layers
     step_us: float
     q1_us: float
@@ -574,7 +595,7 @@ def run(
             lin = linear_us(model, models.replaced, batch, machine.device)
             batch_rows.append(Row(
                 "e2e", dims, config.num_hidden_layers, batch, prompt_len, new_tokens, max_len, group_size, sparse, compiled,
-                fused, "grouped" if fused else "transformers", label,
+                fused, attention_kind(fused, machine.device), label,
                 t.median_us, t.q1_us, t.q3_us, t.method, batch / (t.median_us * 1e-6),
                 base_t.median_us / t.median_us, lin, attn, t.median_us - lin - attn,
                 float((tokens == base_tokens).float().mean()), check.max_gemm_error_ratio, check.logits_rel_err,

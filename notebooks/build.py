@@ -962,8 +962,9 @@ The 70B layers are wider, so the rest is a smaller share and the end-to-end gain
 larger. `--compile` (both models' decode step under `torch.compile`) fuses the small
 kernels of the rest, and `--fuse` gives every block one q|k|v and one gate|up layer, as
 serving engines run them, and lets each k/v head be read once for its group of query
-heads instead of copied for each: the tables marked so are where the quantized model comes
-closest to its layers' gain. What is left at larger batches is attention and the FP16
+heads instead of copied for each (on a GPU with a small Triton decode kernel, faster than
+SDPA's kernel at these short caches): the tables marked so are where the quantized model
+comes closest to its layers' gain. What is left at larger batches is attention and the FP16
 `lm_head`, the same in both models (docs/torch_layer.md follows it kernel by kernel).
 
 ## Try this

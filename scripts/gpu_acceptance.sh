@@ -41,23 +41,24 @@ for part in "${parts[@]}"; do
       # One device call runs at most 10 minutes: pick runs with E2E_RUNS (default: all, which
       # needs several calls). Each batch's rows are written as soon as they are measured, so a
       # run cut short keeps its finished batches: the batches that matter most go first.
-      # Measured per call (H100, build and check included): 7B dims, compiled, 8 batches 431 s;
-      # 70B dims with 32 layers, 5 batches 404 s, batches 32-128 304 s.
+      # Measured per call (H100, build and check included): 7B dims, compiled, batches 2 32 64 128
+      # about 275 s; 70B dims with 32 layers, 5 batches 408 s, batches 32-128 304 s.
       mkdir -p "$OUT/e2e"
       e2e() { timeout "$2" python3 -m steps e2e --json "$OUT/e2e/${stamp}_${gpu}_$1.jsonl" "${@:3}" 2>&1 | tee -a "$OUT/e2e.txt"; }
-      for run in ${E2E_RUNS:-7b 70b-8layers 7b-sparse 7b-fused 70b-fused-small 70b-fused-large}; do
+      for run in ${E2E_RUNS:-7b 70b-8layers 7b-sparse 7b-fused-small 7b-fused-large 70b-fused-small 70b-fused-large}; do
         case $run in
           7b) e2e 7b 330 --dims 7b ;;
           70b-8layers) e2e 70b-8layers 200 --dims 70b --layers 8 --batch 1 4 16 64 ;;
           7b-sparse) e2e 7b-sparse 200 --dims 7b --sparse --batch 1 4 16 64 ;;
-          7b-fused) e2e 7b-compiled-fused-grouped 570 --dims 7b --compile --fuse --batch 16 1 8 4 2 32 64 128 ;;
-          70b-fused-small) e2e 70b-32layers-compiled-fused-grouped 570 --dims 70b --layers 32 --compile --fuse --batch 16 8 1 4 2 ;;
-          70b-fused-large) e2e 70b-32layers-compiled-fused-grouped 570 --dims 70b --layers 32 --compile --fuse --batch 32 64 128 ;;
+          7b-fused-small) e2e 7b-compiled-fused-triton 570 --dims 7b --compile --fuse --batch 16 1 8 4 2 ;;
+          7b-fused-large) e2e 7b-compiled-fused-triton 570 --dims 7b --compile --fuse --batch 32 64 128 ;;
+          70b-fused-small) e2e 70b-32layers-compiled-fused-triton 570 --dims 70b --layers 32 --compile --fuse --batch 16 8 1 4 2 ;;
+          70b-fused-large) e2e 70b-32layers-compiled-fused-triton 570 --dims 70b --layers 32 --compile --fuse --batch 32 64 128 ;;
         esac
       done ;;
     profile)
       for dims in 70b 7b; do
-        python3 scripts/profile_e2e_step.py $dims 2 16 > "$OUT/${stamp}_${gpu}_profile_${dims}-2layers-fused-grouped-compiled_b16.txt" 2>&1
+        python3 scripts/profile_e2e_step.py $dims 2 16 > "$OUT/${stamp}_${gpu}_profile_${dims}-2layers-fused-triton-compiled_b16.txt" 2>&1
       done ;;
   esac
 done

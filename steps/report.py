@@ -79,9 +79,12 @@ def _speedup_axes(
 ) -> None:
     """One line per curve of (batch, speedup) points, log2 batch axis, legend (beside the axes
     when there are too many curves to keep it off them) and grid."""
-    for label, pts in curves.items():
+    import matplotlib
+
+    colors = matplotlib.colormaps["tab20" if len(curves) > 10 else "tab10"].colors  # no colour used twice
+    for (label, pts), color in zip(curves.items(), colors * (len(curves) // len(colors) + 1)):
         pts = sorted(pts)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label, color=color)
     ax.set_xscale("log", base=2)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -210,6 +213,9 @@ def write_report(results_dir: Path, readme: Path) -> None:
     (results_dir / "README.md").write_text(page + "\n")
 
 
+# What each e2e run's decode attention ran on (steps.e2e.attention_kind), as table titles say it.
+ATTENTION_TITLES = {"transformers": "", "grouped": ", grouped decode attention",
+                    "triton": ", grouped decode attention (Triton kernel)"}  # fmt: skip
 E2E_COLUMNS = ("batch", "model", "step_us", "tokens_per_s", "speedup_vs_fp16", "linear_us", "attention_us", "rest_us")
 
 
@@ -235,7 +241,7 @@ def write_e2e(e2e_dir: Path) -> None:
     for (gpu, dims, layers, g, sparse, compiled, fused, attention, date), rs in sorted(runs.items()):
         weights = ", 2:4-sparse weights" if sparse else ""
         weights += ", q|k|v and gate|up fused" if fused else ""
-        weights += ", grouped decode attention" if attention == "grouped" else ""
+        weights += ATTENTION_TITLES[attention]
         weights += ", decoder under torch.compile" if compiled else ""
         parts += ["", f"**{gpu}**, Llama-2 {dims} dimensions, {layers} layers, group size {g}{weights}, measured {date}", ""]
         parts.append("| " + " | ".join(E2E_COLUMNS) + " |")
@@ -253,12 +259,16 @@ def write_e2e(e2e_dir: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(9.5, 4))
     gpus = sorted({key[0] for key in runs})
+    # One curve per configuration: a run that crossed midnight (UTC) is two tables but one curve.
+    configs: dict[tuple, list[dict]] = defaultdict(list)
+    for key, rs in sorted(runs.items()):
+        configs[key[:-1]] += rs
     curves = {
         f"{dims}, {layers} layers, g{g}{', 2:4' if sparse else ''}{', fused' if fused else ''}"
-        f"{', grouped attention' if attention == 'grouped' else ''}{', compiled' if compiled else ''}, {date}"
-        + (f", {gpu}" if len(gpus) > 1 else ""):
+        f"{ATTENTION_TITLES[attention].replace(' decode', '')}{', compiled' if compiled else ''}, "
+        f"{min(r['date'][:10] for r in rs)}" + (f", {gpu}" if len(gpus) > 1 else ""):
             sorted((r["batch"], r["speedup_vs_fp16"]) for r in rs if r["model"] != "fp16")
-        for (gpu, dims, layers, g, sparse, compiled, fused, attention, date), rs in sorted(runs.items())
+        for (gpu, dims, layers, g, sparse, compiled, fused, attention), rs in configs.items()
     }  # fmt: skip
     ax.axhline(1.0, color="grey", lw=0.8)
     _speedup_axes(ax, curves, "batch size", "decode tokens/s over FP16",

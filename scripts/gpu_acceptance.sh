@@ -11,7 +11,7 @@ parts=("$@"); [ ${#parts[@]} -eq 0 ] && parts=(tests sanitize ncu bench)
 for part in "${parts[@]}"; do
   case $part in
     tests)
-      timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tail -25 | tee "$OUT/pytest_gpu.txt" ;;
+      timeout 360 python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tail -25 | tee "$OUT/pytest_gpu.txt" ;;
     sanitize)
       for tool in memcheck racecheck synccheck; do
         timeout 100 compute-sanitizer --tool $tool --error-exitcode 1 python3 scripts/sanitize_small.py 2>&1 \

@@ -24,6 +24,7 @@ def main() -> int:
     import torch.nn.functional as F
 
     from steps.bench import copies_needed, describe_machine, measure_read_bandwidth
+    from steps.decode_attention import exact_attention
     from steps.e2e import DIMS, grouped_decode_attention
     from steps.timing import measure
 
@@ -83,8 +84,7 @@ def main() -> int:
                 ragged = (torch.arange(L, device="cuda") < lengths[:, None]).view(B, 1, 1, L)
                 full = torch.ones((B, 1, 1, L), dtype=torch.bool, device="cuda")
                 scale = D**-0.5
-                s = torch.einsum("bhgd,bhld->bhgl", q.double(), kv[0][0].double()) * scale
-                ref = torch.einsum("bhgl,bhld->bhgd", s.masked_fill(~ragged, float("-inf")).softmax(-1), kv[0][1].double())
+                ref = exact_attention(q, kv[0][0], kv[0][1], ragged, scale)
                 for name in args.candidates:
                     fn = candidates[name]
                     torch._dynamo.reset()

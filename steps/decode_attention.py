@@ -28,12 +28,12 @@ module needs triton, which GPU installs of torch bring.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
+
+from ._cuda import sm_count
 
 BLOCK_L = 64  # cache positions per step of a program
 MIN_ROWS = 16  # tl.dot's smallest tile height: the G query rows are padded to it
@@ -86,11 +86,6 @@ def _decode_attention_kernel(
         tl.store(Out + at[:, None] + d[None, :], (acc / running_sum[:, None]).to(Out.dtype.element_ty), mask=row[:, None])
 
 
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-
-
 def cache_splits(pairs: int, L: int, sms: int) -> tuple[int, int]:
     """(splits, chunk): how many programs share each of `pairs` (sequence, k/v head) pairs
     over L cache positions, and the positions each takes (a multiple of BLOCK_L): enough
@@ -122,7 +117,7 @@ def launch(q, k, v, mask, scale: float, out: torch.Tensor, kernel=_decode_attent
     B, Hkv, G, D = q.shape
     L = k.shape[2]
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    splits, chunk = cache_splits(B * Hkv, L, _sm_count(q.device))
+    splits, chunk = cache_splits(B * Hkv, L, sm_count(q.device.index))
     if splits == 1:
         target, stats = out, out  # Stats is not touched without SPLIT
     else:
@@ -158,8 +153,17 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     return launch(q, k, v, mask, scale, q.new_empty(q.shape), wrap_triton(_decode_attention_kernel))
 
 
+def exact_attention(q, k, v, mask, scale: float) -> torch.Tensor:
+    """The specification in float64: softmax(q k^T * scale, masked) v, for decode_attention's
+    operands (q (B, Hkv, G, D), k, v (B, Hkv, L, D), mask (B or 1, 1, 1, L) or None)."""
+    scores = torch.einsum("bhgd,bhld->bhgl", q.double(), k.double()) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask.reshape(mask.shape[0], 1, 1, -1), float("-inf"))
+    return torch.einsum("bhgl,bhld->bhgd", scores.softmax(-1), v.double())
+
+
 def error_bound(v: torch.Tensor) -> float:
-    """Bound on |output - exact attention|: the probabilities' rounding to v's dtype (at most
+    """Bound on |output - exact_attention|: the probabilities' rounding to v's dtype (at most
     one unit roundoff of each weight, which sum to 1) and the output's own rounding, each
     at most u * max |V|, doubled for the fp32 sums."""
     u = torch.finfo(v.dtype).eps / 2

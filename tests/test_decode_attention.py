@@ -14,14 +14,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
 from steps import decode_attention as da  # noqa: E402
-
-
-def exact_attention(q, k, v, mask, scale):
-    """float64 attention of q (B, Hkv, G, D) over k, v (B, Hkv, L, D), mask (B or 1, 1, 1, L)."""
-    scores = torch.einsum("bhgd,bhld->bhgl", q.double(), k.double()) * scale
-    if mask is not None:
-        scores = scores.masked_fill(~mask.reshape(mask.shape[0], 1, 1, -1), float("-inf"))
-    return torch.einsum("bhgl,bhld->bhgd", scores.softmax(-1), v.double())
+from steps._cuda import sm_count  # noqa: E402
+from steps.decode_attention import exact_attention  # noqa: E402
 
 
 def random_operands(B, Hkv, G, L, D, dtype, mask_kind, seed, device="cuda"):
@@ -69,14 +63,14 @@ def test_decode_attention_is_exact_attention_within_its_bound(B, Hkv, G, L, D, d
     out = torch.full_like(q, float("nan"))
     da.launch(q, k, v, mask, D**-0.5, out)
     error = (out.double() - exact_attention(q, k, v, mask, D**-0.5)).abs().max().item()
-    assert error <= da.error_bound(v), (error, da.error_bound(v), da.cache_splits(B * Hkv, L, da._sm_count(q.device)))
+    assert error <= da.error_bound(v), (error, da.error_bound(v), da.cache_splits(B * Hkv, L, sm_count(q.device.index)))
 
 
 @pytest.mark.gpu
 def test_a_split_cache_gives_the_unsplit_result_within_the_bound():
     """One sequence and one k/v head over 4096 positions: the cache is cut in many splits."""
     q, k, v, mask = random_operands(1, 1, 4, 4096, 128, torch.float16, "prefix", 1)
-    assert da.cache_splits(1, 4096, da._sm_count(q.device))[0] > 1
+    assert da.cache_splits(1, 4096, sm_count(q.device.index))[0] > 1
     error = (da.decode_attention(q, k, v, mask, 0.1).double() - exact_attention(q, k, v, mask, 0.1)).abs().max()
     assert error <= da.error_bound(v)
 

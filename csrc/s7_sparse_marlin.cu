@@ -96,10 +96,10 @@ __device__ __forceinline__ void dequantize_tiles(const int4& w, const int4& s, F
   }
 }
 
-// The mmas of one m16 block of A against the four tiles. a[h] is the ldmatrix of the
-// block's 16 rows at K half h of the step: its registers 0 and 2 are the B operand of
-// rows 0-7 for that half, registers 1 and 3 that of rows 8-15. Metadata word j / 2
-// serves tile j through selector j % 2.
+// The mmas of one m16 block of A against the four tiles. a[h] is the B operand of the
+// block's rows 8h..8h+7, exactly as load_a's ldmatrix returns it (register i: K rows
+// 8i..8i+7 of the step), so it goes to mma.sp without a register move. Metadata word
+// j / 2 serves tile j through selector j % 2.
 __device__ __forceinline__ void multiply_block(const FragW (&frag)[4], const FragA (&a)[2], const uint2& meta,
                                                FragC (&acc)[4][2]) {
   const unsigned metas[2] = {meta.x, meta.y};
@@ -108,9 +108,9 @@ __device__ __forceinline__ void multiply_block(const FragW (&frag)[4], const Fra
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       if (j % 2 == 0)
-        mma_sp_16832<0>(frag[j], a[0].r[h], a[0].r[h + 2], a[1].r[h], a[1].r[h + 2], metas[j / 2], acc[j][h]);
+        mma_sp_16832<0>(frag[j], a[h].r[0], a[h].r[1], a[h].r[2], a[h].r[3], metas[j / 2], acc[j][h]);
       else
-        mma_sp_16832<1>(frag[j], a[0].r[h], a[0].r[h + 2], a[1].r[h], a[1].r[h + 2], metas[j / 2], acc[j][h]);
+        mma_sp_16832<1>(frag[j], a[h].r[0], a[h].r[1], a[h].r[2], a[h].r[3], metas[j / 2], acc[j][h]);
     }
 }
 
@@ -272,68 +272,90 @@ struct Pipeline {
     read_slot = 0;
   }
 
-  // Registers for one substep, loaded one substep ahead: the warp's 128 bits of kept
-  // codes (the chunk this thread copied), 64 bits of metadata and the 128 bits of scales
-  // of the step's group.
-  __device__ __forceinline__ void load_fragments(int slot, int substep, int4& w, uint2& meta, int4& s) const {
-    const int step = k_warp + K_WARPS * substep;
-    w = stage_w(slot)[THREADS * substep + threadIdx.x];
-    meta = reinterpret_cast<const uint2*>(stage_m(slot))[step * (kTileN / 2) + 32 * strip + lane];
-    const int s_row = S_ROWS == 1 ? 0 : (32 * step) / kGroupRows;
-    s = stage_s(slot)[s_row * S_ROW_CHUNKS + 8 * strip + lane / 4];
-  }
+  // Up to two m-blocks (M <= 32) the A fragments of a substep fit in registers beside the
+  // accumulators, and are loaded a substep ahead with everything else, as in s6: no
+  // multiply waits for a shared-memory read. With more m-blocks they would not fit; then
+  // block m + 1 is loaded while block m multiplies, and block 0 before the dequantization.
+  static constexpr int A_AHEAD = kMBlocks <= 2 ? kMBlocks : 0;  // m-blocks loaded a substep ahead
+  static constexpr int A_AHEAD_SLOTS = A_AHEAD > 0 ? A_AHEAD : 1;
 
-  // Rows 16m..16m+15 of the A tile at the warp's k32 step: two ldmatrix.x4, K halves 0, 1.
+  // Rows 16m..16m+15 of the A tile at the warp's k32 step: one ldmatrix.x4 per 8 rows
+  // (half h), whose lanes 8i..8i+7 point at those rows in the step's chunk i. Matrix i is
+  // then K rows 8i..8i+7 of A^T, the i-th register of mma.sp's B operand.
   __device__ __forceinline__ void load_a(int slot, int substep, int m, FragA (&a)[2]) const {
     const int step = k_warp + K_WARPS * substep;
     const int4* sa = stage_a(slot);
 #pragma unroll
     for (int h = 0; h < 2; ++h)
-      marlin::ldmatrix_x4(a[h], &sa[marlin::a_swizzle<A_ROW_CHUNKS>(16 * m + lane % 16, 4 * step + 2 * h + lane / 16)]);
+      marlin::ldmatrix_x4(a[h], &sa[marlin::a_swizzle<A_ROW_CHUNKS>(16 * m + 8 * h + lane % 8, 4 * step + lane / 8)]);
   }
 
-  // One substep's work. The A fragments are not loaded a substep ahead (with 4 m-blocks
-  // that would not fit in registers next to the accumulators); instead block m + 1 is
-  // loaded while block m multiplies, and block 0 before the dequantization.
+  // Registers for one substep, loaded one substep ahead: the warp's 128 bits of kept
+  // codes (the chunk this thread copied), 64 bits of metadata, the 128 bits of scales of
+  // the step's group, and the first A_AHEAD m-blocks of A.
+  __device__ __forceinline__ void load_fragments(int slot, int substep, int4& w, uint2& meta, int4& s,
+                                                 FragA (&a)[A_AHEAD_SLOTS][2]) const {
+    const int step = k_warp + K_WARPS * substep;
+    w = stage_w(slot)[THREADS * substep + threadIdx.x];
+    meta = reinterpret_cast<const uint2*>(stage_m(slot))[step * (kTileN / 2) + 32 * strip + lane];
+    const int s_row = S_ROWS == 1 ? 0 : (32 * step) / kGroupRows;
+    s = stage_s(slot)[s_row * S_ROW_CHUNKS + 8 * strip + lane / 4];
+#pragma unroll
+    for (int m = 0; m < A_AHEAD; ++m) load_a(slot, substep, m, a[m]);
+  }
+
+  // One substep's work: dequantize the weights, then one m-block of A after another.
   __device__ __forceinline__ void multiply(int slot, int substep, const int4& w, const uint2& meta, const int4& s,
-                                          FragC (&acc)[kMBlocks][4][2]) const {
-    FragA a[2][2];
-    load_a(slot, substep, 0, a[0]);
+                                          const FragA (&ahead)[A_AHEAD_SLOTS][2], FragC (&acc)[kMBlocks][4][2]) const {
+    FragA late[2][2];
+    if (A_AHEAD == 0) load_a(slot, substep, 0, late[0]);
     FragW frag[4];
     dequantize_tiles(w, s, frag);
 #pragma unroll
     for (int m = 0; m < kMBlocks; ++m) {
-      if (m + 1 < kMBlocks) load_a(slot, substep, m + 1, a[(m + 1) % 2]);
-      multiply_block(frag, a[m % 2], meta, acc[m]);
+      if (A_AHEAD > 0) {
+        multiply_block(frag, ahead[m < A_AHEAD ? m : 0], meta, acc[m]);
+      } else {
+        if (m + 1 < kMBlocks) load_a(slot, substep, m + 1, late[(m + 1) % 2]);
+        multiply_block(frag, late[m % 2], meta, acc[m]);
+      }
     }
   }
 
   // Multiply the next `tiles` tiles of the run into acc (zeroed here), without draining.
-  // Unlike s6, the A fragments are read from shared memory during multiply(), so a slot
-  // may only be refilled after a barrier that follows every warp's last multiply on it:
-  // the refill is issued just after the barrier of the next slot, which makes the wait
-  // one group deeper.
+  // When every read of a slot happens a substep ahead (A_AHEAD == kMBlocks), the slot
+  // consumed before this one is refilled before the barrier, as in s6. Otherwise the A
+  // fragments are read from shared memory during multiply(), so a slot may only be
+  // refilled after a barrier that follows every warp's last multiply on it: just after
+  // the barrier of the next slot, which makes the wait one group deeper.
   __device__ __forceinline__ void consume(FragC (&acc)[kMBlocks][4][2], int tiles) {
+    constexpr bool kReadsAhead = A_AHEAD == kMBlocks;
     int4 w[2], s[2];
     uint2 meta[2];
+    FragA a[2][A_AHEAD_SLOTS][2];
     marlin::zero_accumulators<kMBlocks>(acc);
-    load_fragments(read_slot, 0, w[0], meta[0], s[0]);
+    load_fragments(read_slot, 0, w[0], meta[0], s[0], a[0]);
     for (int tile = 0; tile < tiles; ++tile) {
       const int slot = read_slot;
       read_slot = slot + 1 == kStages ? 0 : slot + 1;
 #pragma unroll
       for (int sub = 0; sub < SUBSTEPS; ++sub) {
         const int next = (sub + 1) % 2;
-        if (sub + 1 < SUBSTEPS) load_fragments(slot, sub + 1, w[next], meta[next], s[next]);
+        if (sub + 1 < SUBSTEPS) load_fragments(slot, sub + 1, w[next], meta[next], s[next], a[next]);
         if (sub == SUBSTEPS - 2) {
-          // Wait for the next tile and make it visible; past this barrier every warp is
-          // done with the previous slot, which is refilled with the tile kStages - 1 ahead.
-          marlin::cp_async_wait<kStages - 3>();
-          __syncthreads();
-          fetch(slot == 0 ? kStages - 1 : slot - 1);
+          // Wait for the next tile and make it visible to all warps.
+          if (kReadsAhead) {
+            fetch(slot == 0 ? kStages - 1 : slot - 1);
+            marlin::cp_async_wait<kStages - 2>();
+            __syncthreads();
+          } else {
+            marlin::cp_async_wait<kStages - 3>();
+            __syncthreads();
+            fetch(slot == 0 ? kStages - 1 : slot - 1);
+          }
         }
-        if (sub == SUBSTEPS - 1) load_fragments(read_slot, 0, w[0], meta[0], s[0]);
-        multiply(slot, sub, w[sub % 2], meta[sub % 2], s[sub % 2], acc);
+        if (sub == SUBSTEPS - 1) load_fragments(read_slot, 0, w[0], meta[0], s[0], a[0]);
+        multiply(slot, sub, w[sub % 2], meta[sub % 2], s[sub % 2], a[sub % 2], acc);
       }
     }
   }

@@ -364,9 +364,10 @@ def _substep(cfg: SparseTile, stage, warp: int, sub: int, acc: np.ndarray) -> No
     k_warp, strip = divmod(warp, cfg.n_strips)
     step = k_warp + cfg.k_warps * sub
     a_row_chunks = cfg.tile_k // 8
-    # Two ldmatrix.x4 per m-block: kept-K halves 0-15 and 16-31 of the step.
-    frags = [[ldmatrix_x4(a_sm, _a_swizzle(16 * mb + lane % 16, 4 * step + 2 * half + lane // 16, a_row_chunks))
-              for half in range(2)] for mb in range(cfg.m_blocks)]
+    # Two ldmatrix.x4 per m-block, one per 8 batch rows h: lanes 8i..8i+7 point at those
+    # rows in the step's chunk i, so register i is K rows 8i..8i+7 of the B operand.
+    frags = [[ldmatrix_x4(a_sm, _a_swizzle(16 * mb + 8 * h + lane % 8, 4 * step + lane // 8, a_row_chunks))
+              for h in range(2)] for mb in range(cfg.m_blocks)]
     w = b_sm[THREADS * sub + 32 * warp + lane]  # (32, 4): the chunk this thread copied
     meta = m_sm.reshape(-1, 2)[step * (cfg.tile_n // 2) + 32 * strip + lane]  # (32, 2): one uint2 load
     s_rows = 1 if cfg.group_rows == 0 or cfg.group_rows >= cfg.tile_k else cfg.tile_k // cfg.group_rows
@@ -379,10 +380,8 @@ def _substep(cfg: SparseTile, stage, warp: int, sub: int, acc: np.ndarray) -> No
         pairs = np.ascontiguousarray(scaled).view(np.uint32)  # (32, 4): left.r0, left.r1, right.r0, right.r1
         a_frag = pairs[:, [0, 2, 1, 3]]
         for mb in range(cfg.m_blocks):
-            lo, hi = frags[mb]
-            for h in range(2):  # batch rows 8h..8h+7 of the m-block: ldmatrix registers h and h + 2
-                b_frag = np.stack([lo[:, h], lo[:, h + 2], hi[:, h], hi[:, h + 2]], axis=1)
-                acc[warp, mb, j, h] = mma_sp_m16n8k32(a_frag, b_frag, meta[:, j // 2], j % 2, acc[warp, mb, j, h])
+            for h in range(2):  # batch rows 8h..8h+7 of the m-block
+                acc[warp, mb, j, h] = mma_sp_m16n8k32(a_frag, frags[mb][h], meta[:, j // 2], j % 2, acc[warp, mb, j, h])
 
 
 def _fold(cfg: SparseTile, acc: np.ndarray, C: np.ndarray, slab_rows: np.ndarray, col: int) -> None:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Device calls: GPU tests, sanitizers, profiles, the committed benchmarks, logs under $OUT.
-# Usage on the lent GPU machine: bash scripts/gpu_acceptance.sh [tests|sanitize|ncu|bench|e2e|profile]...
+# Usage on the lent GPU machine: bash scripts/gpu_acceptance.sh [tests|sanitize|ncu|stalls|bench|e2e|profile]...
 # BENCH_PRESETS picks bench presets (default: llama-7b ideal ideal-s1 llama-70b), E2E_RUNS the e2e runs.
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -25,6 +25,19 @@ for part in "${parts[@]}"; do
       for M in 16 64; do
         timeout 150 ncu --profile-from-start off --clock-control none --csv --metrics $metrics \
           python3 scripts/ncu_ladder.py $M > "$OUT/${stamp}_${gpu}_ncu_ideal_m$M.csv" 2> "$OUT/ncu_m$M.err"
+      done ;;
+    stalls)
+      # Why s6 and s7 wait: warps stalled per issued instruction, by reason (docs/results/tuning/).
+      metrics=gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,smsp__cycles_active.avg
+      metrics+=,smsp__inst_executed.sum,smsp__issue_active.avg.pct_of_peak_sustained_active
+      metrics+=,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active
+      for reason in barrier branch_resolving dispatch_stall drain imc_miss lg_throttle long_scoreboard math_pipe_throttle \
+          membar mio_throttle misc no_instruction not_selected selected short_scoreboard sleeping tex_throttle wait; do
+        metrics+=,smsp__average_warps_issue_stalled_${reason}_per_issue_active.ratio
+      done
+      for M in 16 64; do
+        timeout 150 ncu --profile-from-start off --clock-control none --csv --metrics $metrics \
+          python3 scripts/ncu_ladder.py $M s6_marlin s7_sparse_marlin > "$OUT/${stamp}_${gpu}_stalls_s6_s7_m$M.csv" 2> "$OUT/stalls_m$M.err"
       done ;;
     bench)
       rungs="s2_smem_tiling s3_tensor_cores s4_marlin_layout s5_async_pipeline s6_marlin s7_sparse_marlin"

@@ -844,12 +844,16 @@ s7 should gain up to 4/3 over it. `mma.sp` also halves the multiply work, which 
 where rung 6 is limited by arithmetic instead of bytes (M = 64). The paper's Sparse-MARLIN
 reaches up to ~5.3× over FP16: close to this floor."""),
     ] + measured("s7_sparse_marlin", "s6_marlin", "M=16, K=1024, N=512", """
-A miss. At M ≤ 16 s7 is ahead of rung 6, but by a few percent rather than the 4/3 the bytes
-allow, and from M = 32 up it falls behind rung 6, although `mma.sp` halves the multiply
-work. The profile at M = 16 shows DRAM throughput clearly below rung 6's with the tensor
-pipe less busy too: the warps wait rather than compute. Which wait (the four streams of a
-stage, the metadata loads, the shuffles of the transposed write-out) is not established yet;
-`docs/rungs.md` lists a stall-reason profile as the next step.""") + [
+A hit, on the second attempt. The first version was a miss: a few percent ahead of rung 6
+at M ≤ 16, behind it from M = 32 up. Its stall profile showed warps waiting on their own
+shared-memory reads (the A fragments were read inside the substep), and the machine code
+showed why the loop was long: `ldmatrix` returned the two K halves of 16 rows, while
+`mma.sp` wants the four K quarters of 8 rows in one register quad, so every operand was
+assembled by register moves, about a third of the loop at M = 64. Now one `ldmatrix.x4` per
+8 rows returns the operand exactly as `mma.sp` reads it, and up to M = 32 the A fragments
+are loaded a substep ahead like rung 6's. Executed instructions fell by a fifth at M = 16
+and by a third at M = 64; s7 now streams its 3 bits per weight at nearly the full read
+bandwidth and stays ahead of rung 6 at every batch size of the table.""") + [
         md("""
 ## Try this
 

@@ -32,16 +32,17 @@ __device__ __forceinline__ unsigned smem_address(const void* p) {
 // Global -> shared: cp.async, 16 bytes at a time, bypassing L1 (.cg).
 // ---------------------------------------------------------------------------------
 
+// The destination is a 32-bit shared-memory address (smem_address).
+//
 // Rows of A past the batch are zero-filled (source size 0) rather than skipped, so a
 // partial slab multiplies zeros, never stale shared memory. The source address is still
 // formed, so callers clamp it to a valid row.
-__device__ __forceinline__ void cp_async16_zfill(void* smem, const void* gmem, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_address(smem)), "l"(gmem),
-               "r"(valid ? 16 : 0));
+__device__ __forceinline__ void cp_async16_zfill(unsigned smem, const void* gmem, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem), "r"(valid ? 16 : 0));
 }
 
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_address(smem)), "l"(gmem));
+__device__ __forceinline__ void cp_async16(unsigned smem, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem), "l"(gmem));
 }
 
 // The quantized weights are read exactly once per product, so they should not push A,
@@ -49,15 +50,22 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
 // cache policy, created once per thread and passed as a 64-bit operand to every weight
 // copy, tells L2 to drop these lines first. (The policy register is created outside the
 // copy's own asm block: the kernels were validated on an H100 in this form.)
+//
+// One machine-code form of this copy faults on the H100 with "illegal instruction": a
+// shared address made of a register plus a uniform register (SASS `LDGSTS [R+UR+imm],
+// desc[UR]`; the original MARLIN's 128 x 128 variant faults the same way). ptxas chooses
+// it when it can see a uniform part in the destination (the shared-memory base, a slot
+// number times the stage size), so the pipelines address their copies from a FillCursor
+// (below); tests/test_nvcc.py disassembles every shipped variant and rejects the form.
 __device__ __forceinline__ unsigned long long make_evict_first_policy() {
   unsigned long long policy;
   asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
   return policy;
 }
 
-__device__ __forceinline__ void cp_async16_evict_first(void* smem, const void* gmem, unsigned long long policy) {
-  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;\n" ::"r"(smem_address(smem)),
-               "l"(gmem), "l"(policy));
+__device__ __forceinline__ void cp_async16_evict_first(unsigned smem, const void* gmem, unsigned long long policy) {
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem),
+               "l"(policy));
 }
 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
@@ -83,10 +91,17 @@ __device__ __forceinline__ int a_swizzle(int row, int chunk) {
 // The A operand of one 16 x 16 block: lanes 0-15 point at rows 0-15 of its left 8
 // columns, lanes 16-31 at the right 8; ldmatrix.x4 returns the 4 registers in exactly
 // the a0..a3 order mma.m16n8k16 expects.
-__device__ __forceinline__ void ldmatrix_x4(FragA& a, const void* smem) {
+__device__ __forceinline__ void ldmatrix_x4(FragA& a, unsigned smem) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(a.r[0]), "=r"(a.r[1]), "=r"(a.r[2]), "=r"(a.r[3])
-               : "r"(smem_address(smem)));
+               : "r"(smem));
+}
+
+// One 16-byte shared-memory load at a 32-bit shared address.
+__device__ __forceinline__ int4 load_shared16(unsigned smem) {
+  int4 v;
+  asm volatile("ld.shared.v4.b32 {%0,%1,%2,%3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(smem));
+  return v;
 }
 
 // ---------------------------------------------------------------------------------
@@ -313,10 +328,12 @@ struct ATileCopy {
   static constexpr int CHUNKS = 16 * kMBlocks * ROW_CHUNKS;
   static constexpr int COPIES = (CHUNKS + kThreads - 1) / kThreads;
 
+  static constexpr int ROWS_PER_COPY = kThreads / ROW_CHUNKS;
+
   const int4* next;  // this thread's first chunk of the next tile (clamped row)
   int stride;        // 16-byte units per row of A
   bool valid[COPIES];
-  int smem_chunk[COPIES];
+  unsigned smem_offset[COPIES];  // each copy's chunk in the stage, in bytes from chunk threadIdx.x
 
   __device__ __forceinline__ void init(int K) { stride = K / 8; }
 
@@ -328,24 +345,52 @@ struct ATileCopy {
       const int chunk = t + kThreads * i;
       const int row = chunk / ROW_CHUNKS;
       valid[i] = chunk < CHUNKS && row < rows_valid;
-      smem_chunk[i] = a_swizzle<ROW_CHUNKS>(row, chunk % ROW_CHUNKS);
+      smem_offset[i] = 16u * (a_swizzle<ROW_CHUNKS>(row, chunk % ROW_CHUNKS) - t);
     }
     const int row = t / ROW_CHUNKS;
     next = A + size_t(row < rows_valid ? row : 0) * stride + size_t(k_tile0) * ROW_CHUNKS + t % ROW_CHUNKS;
   }
 
-  // Issue this thread's copies of the next tile into `stage`.
-  __device__ __forceinline__ void copy(int4* stage) const {
+  // Issue this thread's copies of the next tile into the stage whose chunk threadIdx.x is
+  // at shared address `mine` (FillCursor::here).
+  __device__ __forceinline__ void copy(unsigned mine) const {
     const int t = threadIdx.x;
+    const int4* src = next;
 #pragma unroll
     for (int i = 0; i < COPIES; ++i) {
-      constexpr int ROWS_PER_COPY = kThreads / ROW_CHUNKS;
-      if (kThreads * i + t < CHUNKS)
-        cp_async16_zfill(&stage[smem_chunk[i]], next + (valid[i] ? size_t(ROWS_PER_COPY) * i * stride : 0), valid[i]);
+      if (CHUNKS % kThreads == 0 || kThreads * i + t < CHUNKS)
+        cp_async16_zfill(mine + smem_offset[i], valid[i] ? src : next, valid[i]);
+      src += size_t(ROWS_PER_COPY) * stride;
     }
   }
 
   __device__ __forceinline__ void advance() { next += ROW_CHUNKS; }
+};
+
+// Where a pipeline's next fetch writes, for the dense and sparse pipelines alike: the
+// shared address of chunk threadIdx.x of the stage it fills, stepped stage by stage
+// through the ring. It is carried from fetch to fetch rather than computed from a slot
+// number, so ptxas sees no uniform part to split off (make_evict_first_policy says why);
+// for the same reason the first fetches are issued in a loop that is not unrolled.
+template <int kStages, int kStageChunks>
+struct FillCursor {
+  unsigned first, here;
+  int slot;
+
+  __device__ __forceinline__ void start(const int4* smem) {
+    first = smem_address(smem + threadIdx.x);
+    here = first;
+    slot = 0;
+  }
+
+  __device__ __forceinline__ void advance() {
+    if (++slot == kStages) {
+      slot = 0;
+      here = first;
+    } else {
+      here += 16 * kStageChunks;
+    }
+  }
 };
 
 // Where a pipeline's next fetch comes from, for the dense and sparse pipelines alike: the
@@ -454,11 +499,22 @@ struct Pipeline {
   static constexpr int SMEM_BYTES =
       16 * (kOwnReduceBuffer ? kStages * STAGE_CHUNKS + REDUCE_CHUNKS
                              : (kStages * STAGE_CHUNKS > REDUCE_CHUNKS ? kStages * STAGE_CHUNKS : REDUCE_CHUNKS));
+  // A lane's ldmatrix row at substep `sub` reads chunk c0 + D * sub of its row (c0 < D =
+  // 2 * K_WARPS), XOR-swizzled with row % 8. The swizzle only touches the low 3 bits, so
+  // the address is one of A_PHASES per-lane offsets plus a constant: precomputed in init(),
+  // the loop adds immediates instead of recomputing the swizzle every substep.
+  static constexpr int A_STEP = 2 * K_WARPS;
+  static constexpr int A_SWIZZLE_PHASES = A_STEP >= 8 ? 1 : 8 / A_STEP;
+  static constexpr int A_PHASES = A_SWIZZLE_PHASES < SUBSTEPS ? A_SWIZZLE_PHASES : SUBSTEPS;
 
   int4* smem;
+  // Shared addresses in stage 0 of this lane's ldmatrix rows (m-block 0, per phase), of its
+  // weight chunk at substep 0 and of its scale chunk in group row 0: a stage adds an offset.
+  unsigned a_read[A_PHASES], w_read, s_read;
   int warp, lane, k_warp, strip;
   const int4 *B, *S, *Z;
   RunCursor<kMBlocks, kTileK, kTileN, THREADS> next;  // the fetch side
+  FillCursor<kStages, STAGE_CHUNKS> fill;
   const int4* b_next;  // this thread's first weight chunk of the next tile
   const int4* s_base;  // this thread's scale chunk in group row 0 of the slice
   const int4* z_base;  // and its zero-point chunk (kZeroPoints)
@@ -473,6 +529,11 @@ struct Pipeline {
     lane = threadIdx.x % 32;
     k_warp = warp / N_STRIPS;
     strip = warp % N_STRIPS;
+#pragma unroll
+    for (int p = 0; p < A_PHASES; ++p)
+      a_read[p] = smem_address(&smem[a_swizzle<A_ROW_CHUNKS>(lane % 16, A_STEP * p + 2 * k_warp + lane / 16)]);
+    w_read = smem_address(&smem[A_CHUNKS + threadIdx.x]);
+    s_read = smem_address(&smem[A_CHUNKS + B_CHUNKS + 8 * strip + lane / 4]);
     next.init(A_, M_, K, N);
     B = B_;
     S = S_;
@@ -494,67 +555,68 @@ struct Pipeline {
     if (kZeroPoints) z_base = Z + (s_base - S);
   }
 
-  __device__ __forceinline__ int4* stage_a(int slot) const { return smem + slot * STAGE_CHUNKS; }
-  __device__ __forceinline__ int4* stage_b(int slot) const { return stage_a(slot) + A_CHUNKS; }
-  __device__ __forceinline__ int4* stage_s(int slot) const { return stage_b(slot) + B_CHUNKS; }
-  __device__ __forceinline__ int4* stage_z(int slot) const { return stage_s(slot) + S_CHUNKS; }
-
-  // Issue the copies of the next tile of the run into `slot` (nothing past its end), and
-  // always commit a group, so "wait until at most kStages-2 groups are pending" keeps
-  // meaning "the tile consumed next has landed".
-  __device__ __forceinline__ void fetch(int slot) {
+  // Issue the copies of the next tile of the run into the next slot of the ring (nothing
+  // past the run's end), and always commit a group, so "wait until at most kStages-2
+  // groups are pending" keeps meaning "the tile consumed next has landed". Destinations
+  // are offsets from the fill cursor, sources pointers stepped along: this runs once per
+  // tile, inside the loop.
+  __device__ __forceinline__ void fetch() {
     if (next.t < next.end) {
       if (next.left == 0) point_at(next.t);
       const int t = threadIdx.x;
-      next.a_tile.copy(stage_a(slot));
-      int4* b = stage_b(slot);
+      next.a_tile.copy(fill.here);
+      const int4* src = b_next;
 #pragma unroll
       for (int i = 0; i < B_COPIES; ++i) {
-        constexpr int K16_PER_COPY = THREADS / (kTileN / 2);
-        const int4* src = b_next + size_t(K16_PER_COPY) * i * b_stride;
+        const unsigned b = fill.here + 16 * (A_CHUNKS + THREADS * i);
         if (kEvictFirst)
-          cp_async16_evict_first(&b[THREADS * i + t], src, policy);
+          cp_async16_evict_first(b, src, policy);
         else
-          cp_async16(&b[THREADS * i + t], src);
+          cp_async16(b, src);
+        src += size_t(THREADS / (kTileN / 2)) * b_stride;  // k16 rows per copy round
       }
       if (t < S_CHUNKS) {
         // Scales are small and re-read by the next tiles of the same group: no hint.
-        const int group_row = kGroupRows == 0 ? 0 : (next.k_tile * kTileK) / kGroupRows;
-        cp_async16(&stage_s(slot)[t], s_base + size_t(group_row) * s_stride);
-        if (kZeroPoints) cp_async16(&stage_z(slot)[t], z_base + size_t(group_row) * s_stride);
+        const size_t group_offset = size_t(kGroupRows == 0 ? 0 : (next.k_tile * kTileK) / kGroupRows) * s_stride;
+        const unsigned s_dst = fill.here + 16 * (A_CHUNKS + B_CHUNKS);
+        cp_async16(s_dst, s_base + group_offset);
+        if (kZeroPoints) cp_async16(s_dst + 16 * S_CHUNKS, z_base + group_offset);
       }
       next.a_tile.advance();
       b_next += size_t(K16_STEPS) * b_stride;
       next.advance();
     }
     cp_async_commit();
+    fill.advance();
   }
 
   // Prime the pipeline with the first kStages - 1 tiles of the run [t_begin, t_end).
   __device__ __forceinline__ void start(int t_begin, int t_end) {
     next.start(t_begin, t_end);
-#pragma unroll
-    for (int slot = 0; slot < kStages - 1; ++slot) fetch(slot);
+    fill.start(smem);
+#pragma unroll 1
+    for (int i = 0; i < kStages - 1; ++i) fetch();
     cp_async_wait<kStages - 2>();
     __syncthreads();
     read_slot = 0;
   }
 
-  // Registers for one substep: the warp's k16 step of this stage, its A blocks, its
-  // 128-bit weight word and the 128-bit words of scales (and zero points) of that step's
-  // group. Loaded a substep ahead, so every read of a slot precedes the barrier after
-  // which the slot is refilled.
-  __device__ __forceinline__ void load_fragments(int slot, int substep, FragA (&a)[kMBlocks], int4& w, int4& s,
+  __device__ __forceinline__ unsigned stage_offset(int slot) const { return 16u * slot * STAGE_CHUNKS; }
+
+  // Registers for one substep: the warp's k16 step of the stage at byte offset `stage`,
+  // its A blocks, its 128-bit weight word and the 128-bit words of scales (and zero
+  // points) of that step's group. Loaded a substep ahead, so every read of a slot precedes
+  // the barrier after which the slot is refilled.
+  __device__ __forceinline__ void load_fragments(unsigned stage, int substep, FragA (&a)[kMBlocks], int4& w, int4& s,
                                                  int4& z) const {
-    const int k16 = k_warp + K_WARPS * substep;
-    const int4* sa = stage_a(slot);
+    const unsigned a_row = a_read[substep % A_PHASES] + stage + 16 * ((A_STEP * substep) & ~7);
 #pragma unroll
-    for (int m = 0; m < kMBlocks; ++m)
-      ldmatrix_x4(a[m], &sa[a_swizzle<A_ROW_CHUNKS>(16 * m + lane % 16, 2 * k16 + lane / 16)]);
-    w = stage_b(slot)[THREADS * substep + threadIdx.x];
-    const int s_row = S_ROWS == 1 ? 0 : (16 * k16) / kGroupRows;
-    s = stage_s(slot)[s_row * S_ROW_CHUNKS + 8 * strip + lane / 4];
-    if (kZeroPoints) z = stage_z(slot)[s_row * S_ROW_CHUNKS + 8 * strip + lane / 4];
+    for (int m = 0; m < kMBlocks; ++m) ldmatrix_x4(a[m], a_row + 16 * 16 * m * A_ROW_CHUNKS);
+    w = load_shared16(w_read + stage + 16 * THREADS * substep);
+    const int s_row = S_ROWS == 1 ? 0 : (16 * (k_warp + K_WARPS * substep)) / kGroupRows;
+    const unsigned s_addr = s_read + stage + 16 * S_ROW_CHUNKS * s_row;
+    s = load_shared16(s_addr);
+    if (kZeroPoints) z = load_shared16(s_addr + 16 * S_CHUNKS);
   }
 
   // Multiply the next `tiles` tiles of the run into acc (zeroed here). The fetches go on
@@ -563,23 +625,24 @@ struct Pipeline {
     FragA a[2][kMBlocks];
     int4 w[2], s[2], z[2];
     zero_accumulators<kMBlocks>(acc);
-    load_fragments(read_slot, 0, a[0], w[0], s[0], z[0]);
+    load_fragments(stage_offset(read_slot), 0, a[0], w[0], s[0], z[0]);
     for (int tile = 0; tile < tiles; ++tile) {
       const int slot = read_slot;
+      const unsigned stage = stage_offset(slot);
       read_slot = slot + 1 == kStages ? 0 : slot + 1;
 #pragma unroll
       for (int sub = 0; sub < SUBSTEPS; ++sub) {
         // Double-buffered fragments: load substep sub+1 while sub multiplies.
         const int next = (sub + 1) % 2;
-        if (sub + 1 < SUBSTEPS) load_fragments(slot, sub + 1, a[next], w[next], s[next], z[next]);
+        if (sub + 1 < SUBSTEPS) load_fragments(stage, sub + 1, a[next], w[next], s[next], z[next]);
         if (sub == SUBSTEPS - 2) {
-          // The slot before this one was last read before the previous barrier, so it
-          // can be refilled; then wait for the next tile and make it visible to all.
-          fetch(slot == 0 ? kStages - 1 : slot - 1);
+          // The slot before this one (the fill cursor's) was last read before the previous
+          // barrier, so it can be refilled; then wait for the next tile and make it visible.
+          fetch();
           cp_async_wait<kStages - 2>();
           __syncthreads();
         }
-        if (sub == SUBSTEPS - 1) load_fragments(read_slot, 0, a[0], w[0], s[0], z[0]);
+        if (sub == SUBSTEPS - 1) load_fragments(stage_offset(read_slot), 0, a[0], w[0], s[0], z[0]);
         multiply_k16<kMBlocks, kZeroPoints, E>(a[sub % 2], w[sub % 2], s[sub % 2], acc, z[sub % 2]);
       }
     }

@@ -115,8 +115,10 @@ extern "C" __global__ void __launch_bounds__(THREADS)
       if (k16_0 + step >= k16_steps) break;
       marlin::FragA a[M_BLOCKS];
 #pragma unroll
-      for (int m = 0; m < M_BLOCKS; ++m)
-        marlin::ldmatrix_x4(a[m], &sa[marlin::a_swizzle<A_ROW_CHUNKS>(16 * m + lane % 16, 2 * step + lane / 16)]);
+      for (int m = 0; m < M_BLOCKS; ++m) {
+        const int chunk = marlin::a_swizzle<A_ROW_CHUNKS>(16 * m + lane % 16, 2 * step + lane / 16);
+        marlin::ldmatrix_x4(a[m], marlin::smem_address(&sa[chunk]));
+      }
       const int s_row = GROUP_ROWS == 0 ? 0 : 16 * (k16_0 + step) / GROUP_ROWS - group0;
       marlin::multiply_k16<M_BLOCKS>(a, w[i], ss[8 * s_row + lane / 4], acc);
     }

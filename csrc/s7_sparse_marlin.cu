@@ -188,6 +188,7 @@ struct Pipeline {
   int warp, lane, k_warp, strip;
   const int4 *W, *Meta, *S;
   marlin::RunCursor<kMBlocks, kTileK, kTileN, THREADS> next;  // the fetch side
+  marlin::FillCursor<kStages, STAGE_CHUNKS> fill;
   const int4* w_next;  // this thread's first chunk of kept codes of the next tile
   const int4* m_next;  // this thread's first metadata chunk of the next tile
   const int4* s_base;  // this thread's scale chunk in group row 0 of the slice
@@ -228,32 +229,38 @@ struct Pipeline {
   __device__ __forceinline__ int4* stage_m(int slot) const { return stage_w(slot) + W_CHUNKS; }
   __device__ __forceinline__ int4* stage_s(int slot) const { return stage_m(slot) + M_CHUNKS; }
 
-  __device__ __forceinline__ void copy_streamed(int4* dst, const int4* src) const {
+  __device__ __forceinline__ void copy_streamed(unsigned dst, const int4* src) const {
     if (kEvictFirst)
       marlin::cp_async16_evict_first(dst, src, policy);
     else
       marlin::cp_async16(dst, src);
   }
 
-  // Issue the copies of the next tile of the run into `slot` (nothing past its end), and
-  // always commit a group, so a count of pending groups names the tiles that have landed.
-  __device__ __forceinline__ void fetch(int slot) {
+  // Issue the copies of the next tile of the run into the next slot of the ring (nothing
+  // past the run's end), and always commit a group, so a count of pending groups names the
+  // tiles that have landed. Destinations are offsets from the fill cursor.
+  __device__ __forceinline__ void fetch() {
     if (next.t < next.end) {
       if (next.left == 0) point_at(next.t);
       const int t = threadIdx.x;
-      next.a_tile.copy(stage_a(slot));
-      int4* w = stage_w(slot);
+      next.a_tile.copy(fill.here);
+      const int4* w_src = w_next;
 #pragma unroll
-      for (int i = 0; i < W_COPIES; ++i)
-        copy_streamed(&w[THREADS * i + t], w_next + size_t(THREADS / W_ROW_CHUNKS) * i * w_stride);
-      int4* m = stage_m(slot);
+      for (int i = 0; i < W_COPIES; ++i) {
+        copy_streamed(fill.here + 16 * (A_CHUNKS + THREADS * i), w_src);
+        w_src += size_t(THREADS / W_ROW_CHUNKS) * w_stride;
+      }
+      const int4* m_src = m_next;
 #pragma unroll
-      for (int i = 0; i < M_COPIES; ++i)
-        if (THREADS * i + t < M_CHUNKS)
-          copy_streamed(&m[THREADS * i + t], m_next + size_t(THREADS / M_ROW_CHUNKS) * i * m_stride);
+      for (int i = 0; i < M_COPIES; ++i) {
+        if (M_CHUNKS % THREADS == 0 || THREADS * i + t < M_CHUNKS)
+          copy_streamed(fill.here + 16 * (A_CHUNKS + W_CHUNKS + THREADS * i), m_src);
+        m_src += size_t(THREADS / M_ROW_CHUNKS) * m_stride;
+      }
       if (t < S_CHUNKS) {
         const int group_row = kGroupRows == 0 ? 0 : (next.k_tile * kTileK) / kGroupRows;
-        marlin::cp_async16(&stage_s(slot)[t], s_base + size_t(group_row) * s_stride);
+        const unsigned s_dst = fill.here + 16 * (A_CHUNKS + W_CHUNKS + M_CHUNKS);
+        marlin::cp_async16(s_dst, s_base + size_t(group_row) * s_stride);
       }
       next.a_tile.advance();
       w_next += size_t(K32_STEPS) * w_stride;
@@ -261,12 +268,14 @@ struct Pipeline {
       next.advance();
     }
     marlin::cp_async_commit();
+    fill.advance();
   }
 
   __device__ __forceinline__ void start(int t_begin, int t_end) {
     next.start(t_begin, t_end);
-#pragma unroll
-    for (int slot = 0; slot < kStages - 1; ++slot) fetch(slot);
+    fill.start(smem);
+#pragma unroll 1
+    for (int i = 0; i < kStages - 1; ++i) fetch();
     marlin::cp_async_wait<kStages - 2>();
     __syncthreads();
     read_slot = 0;
@@ -286,8 +295,10 @@ struct Pipeline {
     const int step = k_warp + K_WARPS * substep;
     const int4* sa = stage_a(slot);
 #pragma unroll
-    for (int h = 0; h < 2; ++h)
-      marlin::ldmatrix_x4(a[h], &sa[marlin::a_swizzle<A_ROW_CHUNKS>(16 * m + 8 * h + lane % 8, 4 * step + lane / 8)]);
+    for (int h = 0; h < 2; ++h) {
+      const int chunk = marlin::a_swizzle<A_ROW_CHUNKS>(16 * m + 8 * h + lane % 8, 4 * step + lane / 8);
+      marlin::ldmatrix_x4(a[h], marlin::smem_address(&sa[chunk]));
+    }
   }
 
   // Registers for one substep, loaded one substep ahead: the warp's 128 bits of kept
@@ -345,13 +356,13 @@ struct Pipeline {
         if (sub == SUBSTEPS - 2) {
           // Wait for the next tile and make it visible to all warps.
           if (kReadsAhead) {
-            fetch(slot == 0 ? kStages - 1 : slot - 1);
+            fetch();
             marlin::cp_async_wait<kStages - 2>();
             __syncthreads();
           } else {
             marlin::cp_async_wait<kStages - 3>();
             __syncthreads();
-            fetch(slot == 0 ? kStages - 1 : slot - 1);
+            fetch();
           }
         }
         if (sub == SUBSTEPS - 1) load_fragments(read_slot, 0, w[0], meta[0], s[0], a[0]);

@@ -1,7 +1,9 @@
 """Every CUDA source compiles with nvcc for sm_80 and sm_90: no errors, no warnings, no
 register spills. The rungs are compiled at run time through NVRTC; this check runs the
 same sources through the offline compiler on machines without a GPU (such as CI), so a
-broken or spilling kernel is caught before anyone reaches a GPU. Skipped without nvcc."""
+broken or spilling kernel is caught before anyone reaches a GPU. Skipped without nvcc.
+Where cuobjdump is installed too, every shipped variant's machine code is checked for the
+asynchronous-copy form that faults on the H100 (marlin_core.cuh, make_evict_first_policy)."""
 
 import concurrent.futures
 import itertools
@@ -92,6 +94,32 @@ def shipped_variants() -> list[tuple[str, tuple[tuple[str, int], ...]]]:
 GROUPS = (-1, 32, 64, 128)
 
 
+# A cp.async (SASS LDGSTS) whose shared address adds a uniform register to a register.
+FAULTING_COPY = re.compile(r"LDGSTS\S*\s+\[R\d+\+UR\d+")
+
+
+def faulting_copies(cubin: Path) -> list[str]:
+    """The copies of the form that faults with "illegal instruction" on the H100; [] without cuobjdump."""
+    if shutil.which("cuobjdump") is None:
+        return []
+    sass = subprocess.run(["cuobjdump", "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+    return [line.strip() for line in sass.splitlines() if FAULTING_COPY.search(line)]
+
+
+@pytest.mark.parametrize(
+    "line, faults",
+    [
+        ("LDGSTS.E.BYPASS.LTC128B.128 [R16+UR0+0x1000], desc[UR1][R8.64] ;", True),
+        ("LDGSTS.E.BYPASS.LTC128B.128 [R8+UR0], desc[UR1][R2.64] ;", True),
+        ("LDGSTS.E.BYPASS.LTC128B.128 [R91+0x2000], desc[UR18][R128.64] ;", False),
+        ("LDGSTS.E.BYPASS.LTC128B.128 [R71], desc[UR16][R126.64], P1 ;", False),
+        ("LDS.128 R100, [R131+UR4+0x6000] ;", False),
+    ],
+)
+def test_the_faulting_copy_form_is_recognised(line, faults):
+    assert bool(FAULTING_COPY.search(line)) == faults
+
+
 @needs_nvcc
 def test_every_shipped_variant_compiles_for_sm90_without_warnings_or_spills(tmp_path):
     variants = shipped_variants()
@@ -109,6 +137,9 @@ def test_every_shipped_variant_compiles_for_sm90_without_warnings_or_spills(tmp_
         spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
         if result.returncode or "warning" in log.lower() or any(spills):
             return f"{source} {' '.join(flags)}:\n{log}"
+        faulting = faulting_copies(tmp_path / f"{i}.cubin")
+        if faulting:
+            return f"{source} {' '.join(flags)}: copies addressed through a uniform register:\n" + "\n".join(faulting)
         return None
 
     with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 2) as pool:

@@ -748,7 +748,9 @@ the measured read bandwidth, and the two profile rows are nearly the same. Where
 at least half as many 256-wide column slices as SMs (the benchmark shape among them) s6
 uses 128 × 256 tiles, which its striped grid allows (rung 5 needs many column slices to
 fill the SMs); above 32 rows both are limited by `mma.sync` arithmetic rather than bytes
-(the M = 64 profile: tensor pipe busy more than half the time, DRAM under half of peak).
+(the M = 64 profile: tensor pipe busy more than half the time, DRAM under half of peak),
+and by the loop's own bookkeeping: address arithmetic was a quarter of its instructions
+until each lane's offsets were computed once (docs/rungs.md, "What comes next").
 
 On the Llama-2-7B sum s6 is ahead of rung 5 at every printed M, as predicted. That took
 three tries. With MARLIN's serial reduction (each block waits for the previous one, then

@@ -285,8 +285,8 @@ struct Pipeline {
   // accumulators, and are loaded a substep ahead with everything else, as in s6: no
   // multiply waits for a shared-memory read. With more m-blocks they would not fit; then
   // block m + 1 is loaded while block m multiplies, and block 0 before the dequantization.
-  static constexpr int A_AHEAD = kMBlocks <= 2 ? kMBlocks : 0;  // m-blocks loaded a substep ahead
-  static constexpr int A_AHEAD_SLOTS = A_AHEAD > 0 ? A_AHEAD : 1;
+  static constexpr bool A_AHEAD = kMBlocks <= 2;
+  static constexpr int A_AHEAD_BLOCKS = A_AHEAD ? kMBlocks : 1;  // an unused 1 otherwise
 
   // Rows 16m..16m+15 of the A tile at the warp's k32 step: one ldmatrix.x4 per 8 rows
   // (half h), whose lanes 8i..8i+7 point at those rows in the step's chunk i. Matrix i is
@@ -303,30 +303,34 @@ struct Pipeline {
 
   // Registers for one substep, loaded one substep ahead: the warp's 128 bits of kept
   // codes (the chunk this thread copied), 64 bits of metadata, the 128 bits of scales of
-  // the step's group, and the first A_AHEAD m-blocks of A.
+  // the step's group, and with A_AHEAD the m-blocks of A.
   __device__ __forceinline__ void load_fragments(int slot, int substep, int4& w, uint2& meta, int4& s,
-                                                 FragA (&a)[A_AHEAD_SLOTS][2]) const {
+                                                 FragA (&a)[A_AHEAD_BLOCKS][2]) const {
     const int step = k_warp + K_WARPS * substep;
     w = stage_w(slot)[THREADS * substep + threadIdx.x];
     meta = reinterpret_cast<const uint2*>(stage_m(slot))[step * (kTileN / 2) + 32 * strip + lane];
     const int s_row = S_ROWS == 1 ? 0 : (32 * step) / kGroupRows;
     s = stage_s(slot)[s_row * S_ROW_CHUNKS + 8 * strip + lane / 4];
+    if constexpr (A_AHEAD) {
 #pragma unroll
-    for (int m = 0; m < A_AHEAD; ++m) load_a(slot, substep, m, a[m]);
+      for (int m = 0; m < kMBlocks; ++m) load_a(slot, substep, m, a[m]);
+    }
   }
 
   // One substep's work: dequantize the weights, then one m-block of A after another.
   __device__ __forceinline__ void multiply(int slot, int substep, const int4& w, const uint2& meta, const int4& s,
-                                          const FragA (&ahead)[A_AHEAD_SLOTS][2], FragC (&acc)[kMBlocks][4][2]) const {
-    FragA late[2][2];
-    if (A_AHEAD == 0) load_a(slot, substep, 0, late[0]);
+                                          const FragA (&ahead)[A_AHEAD_BLOCKS][2], FragC (&acc)[kMBlocks][4][2]) const {
     FragW frag[4];
-    dequantize_tiles(w, s, frag);
+    if constexpr (A_AHEAD) {
+      dequantize_tiles(w, s, frag);
 #pragma unroll
-    for (int m = 0; m < kMBlocks; ++m) {
-      if (A_AHEAD > 0) {
-        multiply_block(frag, ahead[m < A_AHEAD ? m : 0], meta, acc[m]);
-      } else {
+      for (int m = 0; m < kMBlocks; ++m) multiply_block(frag, ahead[m], meta, acc[m]);
+    } else {
+      FragA late[2][2];
+      load_a(slot, substep, 0, late[0]);
+      dequantize_tiles(w, s, frag);
+#pragma unroll
+      for (int m = 0; m < kMBlocks; ++m) {
         if (m + 1 < kMBlocks) load_a(slot, substep, m + 1, late[(m + 1) % 2]);
         multiply_block(frag, late[m % 2], meta, acc[m]);
       }
@@ -334,16 +338,15 @@ struct Pipeline {
   }
 
   // Multiply the next `tiles` tiles of the run into acc (zeroed here), without draining.
-  // When every read of a slot happens a substep ahead (A_AHEAD == kMBlocks), the slot
+  // When every read of a slot happens a substep ahead (A_AHEAD), the slot
   // consumed before this one is refilled before the barrier, as in s6. Otherwise the A
   // fragments are read from shared memory during multiply(), so a slot may only be
   // refilled after a barrier that follows every warp's last multiply on it: just after
   // the barrier of the next slot, which makes the wait one group deeper.
   __device__ __forceinline__ void consume(FragC (&acc)[kMBlocks][4][2], int tiles) {
-    constexpr bool kReadsAhead = A_AHEAD == kMBlocks;
     int4 w[2], s[2];
     uint2 meta[2];
-    FragA a[2][A_AHEAD_SLOTS][2];
+    FragA a[2][A_AHEAD_BLOCKS][2];
     marlin::zero_accumulators<kMBlocks>(acc);
     load_fragments(read_slot, 0, w[0], meta[0], s[0], a[0]);
     for (int tile = 0; tile < tiles; ++tile) {
@@ -355,7 +358,7 @@ struct Pipeline {
         if (sub + 1 < SUBSTEPS) load_fragments(slot, sub + 1, w[next], meta[next], s[next], a[next]);
         if (sub == SUBSTEPS - 2) {
           // Wait for the next tile and make it visible to all warps.
-          if (kReadsAhead) {
+          if constexpr (A_AHEAD) {
             fetch();
             marlin::cp_async_wait<kStages - 2>();
             __syncthreads();

@@ -8,6 +8,14 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 stamp=$(date -u +%Y-%m-%d)
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '_')
 parts=("$@"); [ ${#parts[@]} -eq 0 ] && parts=(tests sanitize ncu bench)
+# profile NAME METRICS [RUNG...]: one Nsight Compute CSV per M (16, 64) of scripts/ncu_ladder.py's launches.
+profile() {
+  local name=$1 metrics=$2 M; shift 2
+  for M in 16 64; do
+    timeout 150 ncu --profile-from-start off --clock-control none --csv --metrics "$metrics" \
+      python3 scripts/ncu_ladder.py $M "$@" > "$OUT/${stamp}_${gpu}_${name}_m$M.csv" 2> "$OUT/${name}_m$M.err"
+  done
+}
 for part in "${parts[@]}"; do
   case $part in
     tests)
@@ -22,10 +30,7 @@ for part in "${parts[@]}"; do
       metrics+=,sm__warps_active.avg.pct_of_peak_sustained_active,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active
       metrics+=,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum
       metrics+=,launch__registers_per_thread,launch__grid_size
-      for M in 16 64; do
-        timeout 150 ncu --profile-from-start off --clock-control none --csv --metrics $metrics \
-          python3 scripts/ncu_ladder.py $M > "$OUT/${stamp}_${gpu}_ncu_ideal_m$M.csv" 2> "$OUT/ncu_m$M.err"
-      done ;;
+      profile ncu_ideal $metrics ;;
     stalls)
       # Why s6 and s7 wait: warps stalled per issued instruction, by reason (docs/results/tuning/).
       metrics=gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,smsp__cycles_active.avg
@@ -35,10 +40,7 @@ for part in "${parts[@]}"; do
           membar mio_throttle misc no_instruction not_selected selected short_scoreboard sleeping tex_throttle wait; do
         metrics+=,smsp__average_warps_issue_stalled_${reason}_per_issue_active.ratio
       done
-      for M in 16 64; do
-        timeout 150 ncu --profile-from-start off --clock-control none --csv --metrics $metrics \
-          python3 scripts/ncu_ladder.py $M s6_marlin s7_sparse_marlin > "$OUT/${stamp}_${gpu}_stalls_s6_s7_m$M.csv" 2> "$OUT/stalls_m$M.err"
-      done ;;
+      profile stalls_s6_s7 $metrics s6_marlin s7_sparse_marlin ;;
     bench)
       rungs="s2_smem_tiling s3_tensor_cores s4_marlin_layout s5_async_pipeline s6_marlin s7_sparse_marlin"
       bench() { timeout 200 python3 -m steps bench --quiet --json "$OUT/${stamp}_${gpu}_$1.jsonl" --shapes "${@:2}" 2>&1 | tee -a "$OUT/bench.txt"; }

@@ -88,6 +88,15 @@ __device__ __forceinline__ int a_swizzle(int row, int chunk) {
   return row * ROW_CHUNKS + (chunk ^ (row & 7));
 }
 
+// Hopper's warpgroup MMA (s6 above 16 rows, below) reads A from shared memory itself, in
+// its "128-byte swizzle" layout: atoms of 8 rows x 64 fp16, 1024 bytes aligned, with the
+// chunks of row r XOR-ed by r mod 8 -- a_swizzle's pattern for 128-byte rows. A wider
+// tile becomes side-by-side atom columns of 64 fp16, each holding all kRows rows.
+template <int kRows>
+__device__ __forceinline__ int a_atom_swizzle(int row, int chunk) {
+  return (chunk / 8) * (kRows * 8) + row * 8 + ((chunk % 8) ^ (row & 7));
+}
+
 // The A operand of one 16 x 16 block: lanes 0-15 point at rows 0-15 of its left 8
 // columns, lanes 16-31 at the right 8; ldmatrix.x4 returns the 4 registers in exactly
 // the a0..a3 order mma.m16n8k16 expects.
@@ -148,6 +157,7 @@ struct PairBits {
 // instructions with 1024 and -64 yield v, and dequantize_tile subtracts the zero point.
 struct Fp16 : PairBits<half2> {
   using scalar = half;
+  static constexpr bool IS_BF16 = false;
   static __device__ __forceinline__ pair low(pair h) { return __low2half2(h); }
   static __device__ __forceinline__ pair high(pair h) { return __high2half2(h); }
 
@@ -175,6 +185,7 @@ struct Fp16 : PairBits<half2> {
 // pair, and then both halves take the same subtraction of 136 (v - 8) or 128 (v).
 struct Bf16 : PairBits<__nv_bfloat162> {
   using scalar = __nv_bfloat16;
+  static constexpr bool IS_BF16 = true;
   static __device__ __forceinline__ pair low(pair h) { return __low2bfloat162(h); }
   static __device__ __forceinline__ pair high(pair h) { return __high2bfloat162(h); }
 
@@ -266,6 +277,122 @@ __device__ __forceinline__ void zero_accumulators(FragC (&acc)[kMBlocks][4][2]) 
 }
 
 // ---------------------------------------------------------------------------------
+// Hopper's warpgroup MMA (sm_90a only): s6's arithmetic above 16 rows.
+//
+// mma.sync is a warp's synchronous instruction from Ampere; on an H100 it keeps the
+// tensor cores busy only part of the time (docs/rungs.md, s6). wgmma is issued by a
+// warpgroup of 4 warps and runs asynchronously: the warps go on dequantizing the next
+// k16 step while the tensor cores multiply this one. It takes its A operand (64 x 16)
+// from registers, warp w holding rows 16w..16w+15 in exactly mma.m16n8k16's A fragment,
+// and B (16 x n) from shared memory through a descriptor. So the roles swap: the
+// dequantized weights are A -- a lane's left and right B fragments of a 16-column tile
+// are, side by side, the A fragment of those 16 columns -- and the stage's 16 * kMBlocks
+// activation rows are B. wgmma j takes columns 16j..16j+15 of each of the warpgroup's 4
+// strips. The accumulator comes back transposed: lane (g, c) holds columns g and g + 8
+// and tokens 2c, 2c + 1 of every 8-token chunk; it lives in acc[m][j][h] (chunk 2m + h of
+// wgmma j), where the k-warp and global reductions, which only add like positions, need
+// no change, and fold_wgmma_into_output writes it.
+// ---------------------------------------------------------------------------------
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int kPending>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
+}
+
+// cp.async writes shared memory through the generic proxy and wgmma reads it through the
+// async proxy: every thread fences its landed copies before the barrier that publishes them.
+__device__ __forceinline__ void fence_async_proxy() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// The descriptor of a K-major B operand in 128-byte-swizzled atoms (a_atom_swizzle) at
+// shared address `smem`: the address / 16 in bits 0-13, 8-row groups 1024 bytes apart
+// (bits 32-45), swizzle mode 1 = 128 bytes (bits 62-63); the leading offset (bits 16-29)
+// means nothing for this layout and is set to 1 by convention.
+__device__ __forceinline__ unsigned long long wgmma_descriptor(unsigned smem) {
+  return ((smem & 0x3FFFFu) >> 4) | (1ull << 16) | ((1024ull >> 4) << 32) | (1ull << 62);
+}
+
+// acc[.][j] += A (a lane's share of 64 weight columns x k16) * B (k16 x 16 * kMBlocks
+// activations at `desc`). Issued, not finished: see wgmma_settle.
+#define MARLIN_WGMMA_ACC(m)                                                                                      \
+  "+f"(acc[m][j][0].v[0]), "+f"(acc[m][j][0].v[1]), "+f"(acc[m][j][0].v[2]), "+f"(acc[m][j][0].v[3]),           \
+      "+f"(acc[m][j][1].v[0]), "+f"(acc[m][j][1].v[1]), "+f"(acc[m][j][1].v[2]), "+f"(acc[m][j][1].v[3])
+#define MARLIN_WGMMA_A "r"(a.r[0]), "r"(a.r[1]), "r"(a.r[2]), "r"(a.r[3]), "l"(desc)
+#define MARLIN_WGMMA_N32(TYPE)                                                                                   \
+  asm volatile("wgmma.mma_async.sync.aligned.m64n32k16.f32." TYPE "." TYPE                                      \
+               " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15},"                        \
+               " {%16, %17, %18, %19}, %20, 1, 1, 1, 0;\n"                                                        \
+               : MARLIN_WGMMA_ACC(0), MARLIN_WGMMA_ACC(1)                                                         \
+               : MARLIN_WGMMA_A)
+#define MARLIN_WGMMA_N48(TYPE)                                                                                   \
+  asm volatile("wgmma.mma_async.sync.aligned.m64n48k16.f32." TYPE "." TYPE                                      \
+               " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"                         \
+               " %16, %17, %18, %19, %20, %21, %22, %23}, {%24, %25, %26, %27}, %28, 1, 1, 1, 0;\n"              \
+               : MARLIN_WGMMA_ACC(0), MARLIN_WGMMA_ACC(1), MARLIN_WGMMA_ACC(2)                                    \
+               : MARLIN_WGMMA_A)
+#define MARLIN_WGMMA_N64(TYPE)                                                                                   \
+  asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE                                      \
+               " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"                         \
+               " %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31},"               \
+               " {%32, %33, %34, %35}, %36, 1, 1, 1, 0;\n"                                                        \
+               : MARLIN_WGMMA_ACC(0), MARLIN_WGMMA_ACC(1), MARLIN_WGMMA_ACC(2), MARLIN_WGMMA_ACC(3)               \
+               : MARLIN_WGMMA_A)
+
+template <int kMBlocks, class E>
+__device__ __forceinline__ void wgmma_k16(FragC (&acc)[kMBlocks][4][2], int j, const FragA& a,
+                                          unsigned long long desc) {
+  static_assert(kMBlocks >= 2 && kMBlocks <= 4, "wgmma serves slabs of 32, 48 or 64 rows");
+  if constexpr (kMBlocks == 2) {
+    if constexpr (E::IS_BF16) MARLIN_WGMMA_N32("bf16"); else MARLIN_WGMMA_N32("f16");
+  } else if constexpr (kMBlocks == 3) {
+    if constexpr (E::IS_BF16) MARLIN_WGMMA_N48("bf16"); else MARLIN_WGMMA_N48("f16");
+  } else {
+    if constexpr (E::IS_BF16) MARLIN_WGMMA_N64("bf16"); else MARLIN_WGMMA_N64("f16");
+  }
+}
+#undef MARLIN_WGMMA_N32
+#undef MARLIN_WGMMA_N48
+#undef MARLIN_WGMMA_N64
+#undef MARLIN_WGMMA_A
+#undef MARLIN_WGMMA_ACC
+
+// One lane's contribution for one k16 step of its warpgroup: dequantize the four tiles of
+// its weight word into wgmma A operands, then issue the four wgmmas as one group.
+template <int kMBlocks, bool kZeroPoints, class E>
+__device__ __forceinline__ void multiply_k16_wgmma(const int4& w, const int4& s, const int4& z,
+                                                   unsigned long long desc, FragC (&acc)[kMBlocks][4][2]) {
+  const unsigned words[4] = {unsigned(w.x), unsigned(w.y), unsigned(w.z), unsigned(w.w)};
+  const unsigned scales[4] = {unsigned(s.x), unsigned(s.y), unsigned(s.z), unsigned(s.w)};
+  const unsigned zeros[4] = {unsigned(z.x), unsigned(z.y), unsigned(z.z), unsigned(z.w)};
+  FragA a[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    FragB left, right;
+    dequantize_tile<kZeroPoints, E>(words[j], scales[j], left, right, zeros[j]);
+    a[j] = FragA{{left.r[0], right.r[0], left.r[1], right.r[1]}};
+  }
+  wgmma_fence();  // the A registers were just written by ordinary instructions
+#pragma unroll
+  for (int j = 0; j < 4; ++j) wgmma_k16<kMBlocks, E>(acc, j, a[j], desc);
+  wgmma_commit();
+}
+
+// Wait for every wgmma in flight; only then may the accumulators be read. The empty asm
+// per register keeps the compiler from moving a read of acc above the wait.
+template <int kMBlocks>
+__device__ __forceinline__ void wgmma_settle(FragC (&acc)[kMBlocks][4][2]) {
+  wgmma_wait<0>();
+#pragma unroll
+  for (int m = 0; m < kMBlocks; ++m)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(acc[m][j][h].v[e])::"memory");
+}
+
+// ---------------------------------------------------------------------------------
 // Output: a lane's accumulator (m, j, h) holds rows 16m + g and 16m + g + 8, columns
 // 16j + 8h + 2c and +1, of its warp's strip (lane = 4g + c). fold_into_output rounds
 // them once to the element type and writes them as pairs. The output is small next to the weights,
@@ -287,6 +414,35 @@ __device__ __forceinline__ void fold_into_output(const FragC (&acc)[kMBlocks][4]
 #pragma unroll
         for (int h = 0; h < 2; ++h)
           out[(16 * j + 8 * h) / 2] = E::round(acc[m][j][h].v[2 * r], acc[m][j][h].v[2 * r + 1]);
+    }
+}
+
+// The same for the transposed accumulator of the wgmma path: (m, j, h) holds tokens
+// 16m + 8h + 2c and +1, columns 16j + g and 16j + g + 8 of the strip. Neighbouring lanes
+// g and g ^ 1 swap one value each, so that every lane holds two adjacent columns of one
+// token and again writes pairs: even g the token 2c, odd g the token 2c + 1.
+template <int kMBlocks, class E = Fp16>
+__device__ __forceinline__ void fold_wgmma_into_output(const FragC (&acc)[kMBlocks][4][2],
+                                                       typename E::scalar* __restrict__ C, int ldc, int rows_valid,
+                                                       int strip_col) {
+  const int lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+  const bool odd = g & 1;
+#pragma unroll
+  for (int m = 0; m < kMBlocks; ++m)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = 16 * m + 8 * h + 2 * c + odd;
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const float first = acc[m][j][h].v[2 * r], second = acc[m][j][h].v[2 * r + 1];  // tokens 2c, 2c + 1
+          const float theirs = __shfl_xor_sync(0xffffffffu, odd ? first : second, 4);
+          const typename E::pair pair = odd ? E::round(theirs, second) : E::round(first, theirs);
+          if (row < rows_valid)
+            *reinterpret_cast<typename E::pair*>(C + size_t(row) * ldc + strip_col + 16 * j + 8 * r + (g & ~1)) =
+                pair;
+        }
     }
 }
 
@@ -321,8 +477,9 @@ __device__ __forceinline__ void reduce_k_warp_partials(FragC (&acc)[kMBlocks][4]
 
 // The A operand's share of a pipeline stage, for the dense (s5, s6) and sparse (s7)
 // pipelines alike: 16 * kMBlocks rows of kTileK fp16, copied by the block's threads 16
-// bytes each into the swizzled layout ldmatrix reads, rows past the batch zero-filled.
-template <int kMBlocks, int kTileK, int kThreads>
+// bytes each into the swizzled layout ldmatrix reads (kAtoms: the one wgmma reads), rows
+// past the batch zero-filled.
+template <int kMBlocks, int kTileK, int kThreads, bool kAtoms = false>
 struct ATileCopy {
   static constexpr int ROW_CHUNKS = kTileK / 8;
   static constexpr int CHUNKS = 16 * kMBlocks * ROW_CHUNKS;
@@ -345,7 +502,9 @@ struct ATileCopy {
       const int chunk = t + kThreads * i;
       const int row = chunk / ROW_CHUNKS;
       valid[i] = chunk < CHUNKS && row < rows_valid;
-      smem_offset[i] = 16u * (a_swizzle<ROW_CHUNKS>(row, chunk % ROW_CHUNKS) - t);
+      const int swizzled = kAtoms ? a_atom_swizzle<16 * kMBlocks>(row, chunk % ROW_CHUNKS)
+                                  : a_swizzle<ROW_CHUNKS>(row, chunk % ROW_CHUNKS);
+      smem_offset[i] = 16u * (swizzled - t);
     }
     const int row = t / ROW_CHUNKS;
     next = A + size_t(row < rows_valid ? row : 0) * stride + size_t(k_tile0) * ROW_CHUNKS + t % ROW_CHUNKS;
@@ -398,7 +557,7 @@ struct FillCursor {
 // k_tile, and the A rows of its slab. When `left` reaches 0 the run enters a new column
 // slice: enter_slice(t) moves A to the slice's slab and returns the column, at which the
 // pipeline points its own streams.
-template <int kMBlocks, int kTileK, int kTileN, int kThreads>
+template <int kMBlocks, int kTileK, int kTileN, int kThreads, bool kAtoms = false>
 struct RunCursor {
   static constexpr int SLAB_ROWS = 16 * kMBlocks;
 
@@ -407,7 +566,7 @@ struct RunCursor {
   int t, end;  // the next tile to fetch, the run's end
   int left;    // tiles of the current slice still to fetch
   int k_tile;  // k-tile (within its slice) of the next fetch, for the scale rows
-  ATileCopy<kMBlocks, kTileK, kThreads> a_tile;
+  ATileCopy<kMBlocks, kTileK, kThreads, kAtoms> a_tile;
 
   __device__ __forceinline__ void init(const int4* A_, int M_, int K, int N) {
     A = A_;
@@ -465,7 +624,7 @@ struct RunCursor {
 // reads back the very chunks it copied. Only A is truly shared between warps.
 // ---------------------------------------------------------------------------------
 template <int kMBlocks, int kTileN, int kTileK, int kStages, int kGroupRows, bool kEvictFirst, bool kOwnReduceBuffer,
-          bool kZeroPoints, class E = Fp16>
+          bool kZeroPoints, class E = Fp16, bool kWgmma = false>
 struct Pipeline {
   static constexpr int THREADS = 256;
   static constexpr int TILE_N_COLS = kTileN, TILE_K_ROWS = kTileK, SLAB_ROWS = 16 * kMBlocks;
@@ -480,7 +639,12 @@ struct Pipeline {
   static_assert(kGroupRows == 0 || kGroupRows >= kTileK ? kGroupRows % kTileK == 0 : kTileK % kGroupRows == 0,
                 "a group must hold whole tiles or a tile whole groups");
 
-  using ATile = ATileCopy<kMBlocks, kTileK, THREADS>;
+  // kWgmma: the warpgroup MMA (above, s6 on Hopper). Warpgroup = k_warp needs 4 strips, and
+  // the refill order below needs at least 3 substeps.
+  static_assert(!kWgmma || (N_STRIPS == 4 && SUBSTEPS >= 3 && kMBlocks >= 2),
+                "the wgmma pipeline takes TILE_N = 256, TILE_K >= 128 and 2-4 m-blocks");
+
+  using ATile = ATileCopy<kMBlocks, kTileK, THREADS, kWgmma>;
   static constexpr int A_ROW_CHUNKS = ATile::ROW_CHUNKS;
   static constexpr int A_CHUNKS = ATile::CHUNKS;
   static constexpr int B_CHUNKS = K16_STEPS * kTileN / 2;  // 16 rows x kTileN codes / 32 per chunk
@@ -491,14 +655,19 @@ struct Pipeline {
   static constexpr int S_CHUNKS = S_ROWS * S_ROW_CHUNKS;
   static_assert(S_CHUNKS <= THREADS, "one scale chunk per thread at most");
   static constexpr int Z_CHUNKS = kZeroPoints ? S_CHUNKS : 0;
-  static constexpr int STAGE_CHUNKS = A_CHUNKS + B_CHUNKS + S_CHUNKS + Z_CHUNKS;
+  // wgmma's activation atoms must start 1024 bytes aligned: stages are whole KB, and the
+  // shared memory gets a KB of slack to align its start (init).
+  static constexpr int STAGE_CHUNKS = kWgmma ? (A_CHUNKS + B_CHUNKS + S_CHUNKS + Z_CHUNKS + 63) / 64 * 64
+                                             : A_CHUNKS + B_CHUNKS + S_CHUNKS + Z_CHUNKS;
+  static constexpr int ALIGN_SLACK = kWgmma ? 1024 : 0;
   // The in-block reduction: (K_WARPS - 1) warps per strip store 32 floats per lane for one
   // m-block at a time, after the stages or over them (then only once they are idle).
   static constexpr int REDUCE_CHUNKS = (K_WARPS - 1) * N_STRIPS * 32 * 32 / 4;
   static constexpr int REDUCE_OFFSET = kOwnReduceBuffer ? kStages * STAGE_CHUNKS : 0;
   static constexpr int SMEM_BYTES =
-      16 * (kOwnReduceBuffer ? kStages * STAGE_CHUNKS + REDUCE_CHUNKS
-                             : (kStages * STAGE_CHUNKS > REDUCE_CHUNKS ? kStages * STAGE_CHUNKS : REDUCE_CHUNKS));
+      ALIGN_SLACK + 16 * (kOwnReduceBuffer ? kStages * STAGE_CHUNKS + REDUCE_CHUNKS
+                                           : (kStages * STAGE_CHUNKS > REDUCE_CHUNKS ? kStages * STAGE_CHUNKS
+                                                                                     : REDUCE_CHUNKS));
   // A lane's ldmatrix row at substep `sub` reads chunk c0 + D * sub of its row (c0 < D =
   // 2 * K_WARPS), XOR-swizzled with row % 8. The swizzle only touches the low 3 bits, so
   // the address is one of A_PHASES per-lane offsets plus a constant: precomputed in init(),
@@ -511,9 +680,10 @@ struct Pipeline {
   // Shared addresses in stage 0 of this lane's ldmatrix rows (m-block 0, per phase), of its
   // weight chunk at substep 0 and of its scale chunk in group row 0: a stage adds an offset.
   unsigned a_read[A_PHASES], w_read, s_read;
+  unsigned b_read;  // kWgmma: the shared address of this warpgroup's first k16 step of stage 0
   int warp, lane, k_warp, strip;
   const int4 *B, *S, *Z;
-  RunCursor<kMBlocks, kTileK, kTileN, THREADS> next;  // the fetch side
+  RunCursor<kMBlocks, kTileK, kTileN, THREADS, kWgmma> next;  // the fetch side
   FillCursor<kStages, STAGE_CHUNKS> fill;
   const int4* b_next;  // this thread's first weight chunk of the next tile
   const int4* s_base;  // this thread's scale chunk in group row 0 of the slice
@@ -524,7 +694,7 @@ struct Pipeline {
 
   __device__ __forceinline__ void init(int4* smem_, const int4* A_, const int4* B_, const int4* S_, const int4* Z_,
                                        int M_, int K, int N) {
-    smem = smem_;
+    smem = kWgmma ? smem_ + ((1024u - (smem_address(smem_) & 1023u)) & 1023u) / 16 : smem_;
     warp = threadIdx.x / 32;
     lane = threadIdx.x % 32;
     k_warp = warp / N_STRIPS;
@@ -533,6 +703,7 @@ struct Pipeline {
     for (int p = 0; p < A_PHASES; ++p)
       a_read[p] = smem_address(&smem[a_swizzle<A_ROW_CHUNKS>(lane % 16, A_STEP * p + 2 * k_warp + lane / 16)]);
     w_read = smem_address(&smem[A_CHUNKS + threadIdx.x]);
+    b_read = smem_address(smem) + 32 * k_warp;
     s_read = smem_address(&smem[A_CHUNKS + B_CHUNKS + 8 * strip + lane / 4]);
     next.init(A_, M_, K, N);
     B = B_;
@@ -597,6 +768,7 @@ struct Pipeline {
 #pragma unroll 1
     for (int i = 0; i < kStages - 1; ++i) fetch();
     cp_async_wait<kStages - 2>();
+    if constexpr (kWgmma) fence_async_proxy();
     __syncthreads();
     read_slot = 0;
   }
@@ -609,9 +781,11 @@ struct Pipeline {
   // the barrier after which the slot is refilled.
   __device__ __forceinline__ void load_fragments(unsigned stage, int substep, FragA (&a)[kMBlocks], int4& w, int4& s,
                                                  int4& z) const {
-    const unsigned a_row = a_read[substep % A_PHASES] + stage + 16 * ((A_STEP * substep) & ~7);
+    if constexpr (!kWgmma) {  // wgmma reads the activations from shared memory itself
+      const unsigned a_row = a_read[substep % A_PHASES] + stage + 16 * ((A_STEP * substep) & ~7);
 #pragma unroll
-    for (int m = 0; m < kMBlocks; ++m) ldmatrix_x4(a[m], a_row + 16 * 16 * m * A_ROW_CHUNKS);
+      for (int m = 0; m < kMBlocks; ++m) ldmatrix_x4(a[m], a_row + 16 * 16 * m * A_ROW_CHUNKS);
+    }
     w = load_shared16(w_read + stage + 16 * THREADS * substep);
     const int s_row = S_ROWS == 1 ? 0 : (16 * (k_warp + K_WARPS * substep)) / kGroupRows;
     const unsigned s_addr = s_read + stage + 16 * S_ROW_CHUNKS * s_row;
@@ -635,17 +809,44 @@ struct Pipeline {
         // Double-buffered fragments: load substep sub+1 while sub multiplies.
         const int next = (sub + 1) % 2;
         if (sub + 1 < SUBSTEPS) load_fragments(stage, sub + 1, a[next], w[next], s[next], z[next]);
-        if (sub == SUBSTEPS - 2) {
-          // The slot before this one (the fill cursor's) was last read before the previous
-          // barrier, so it can be refilled; then wait for the next tile and make it visible.
-          fetch();
-          cp_async_wait<kStages - 2>();
-          __syncthreads();
-        }
+        if (sub == SUBSTEPS - 2) refill();
         if (sub == SUBSTEPS - 1) load_fragments(stage_offset(read_slot), 0, a[0], w[0], s[0], z[0]);
-        multiply_k16<kMBlocks, kZeroPoints, E>(a[sub % 2], w[sub % 2], s[sub % 2], acc, z[sub % 2]);
+        if constexpr (kWgmma) {
+          multiply_k16_wgmma<kMBlocks, kZeroPoints, E>(w[sub % 2], s[sub % 2], z[sub % 2],
+                                                       wgmma_descriptor(b_read + stage + b_step_offset(sub)), acc);
+          wgmma_wait<1>();  // the previous substep's group is done: its A registers are free again
+        } else {
+          multiply_k16<kMBlocks, kZeroPoints, E>(a[sub % 2], w[sub % 2], s[sub % 2], acc, z[sub % 2]);
+        }
       }
     }
+    if constexpr (kWgmma) wgmma_settle<kMBlocks>(acc);
+  }
+
+  // Refill the slot before the one being read (the fill cursor's), then wait for the next
+  // tile and make it visible to every warp. With mma.sync every read of that slot was issued
+  // (and so done) before the previous barrier, so the copies go out first. wgmma reads its
+  // activations asynchronously: a warpgroup is done with the slot only once it has waited
+  // for that tile's last group, which each has by this substep (the wait after substep
+  // SUBSTEPS - 3), so the barrier comes first, one tile less being in flight at the wait.
+  __device__ __forceinline__ void refill() {
+    if constexpr (kWgmma) {
+      cp_async_wait<kStages - 3>();
+      fence_async_proxy();
+      __syncthreads();
+      fetch();
+    } else {
+      fetch();
+      cp_async_wait<kStages - 2>();
+      __syncthreads();
+    }
+  }
+
+  // Where this warpgroup's k16 step of substep `sub` starts in the stage's activation atoms
+  // (k16 step K_WARPS * sub + k_warp; b_read holds the k_warp part).
+  static __device__ __forceinline__ unsigned b_step_offset(int sub) {
+    static_assert(!kWgmma || K_WARPS == 2, "two warpgroups split the k16 steps");
+    return (sub / 2) * SLAB_ROWS * 128 + (sub % 2) * 64;
   }
 
   __device__ __forceinline__ void reduce_across_k_warps(FragC (&acc)[kMBlocks][4][2]) {

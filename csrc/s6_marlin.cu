@@ -21,6 +21,12 @@
 // run; the sum stays fp32 until the one final rounding. The walk over a block's run is
 // marlin::run_stripes (s7 reuses it); the partition is modelled in
 // reference/marlin_layout.py (striped_schedule), which supplies `iters`.
+//
+// On Hopper (compiled for sm_90a) slabs of 32 to 64 rows take the warpgroup MMA instead
+// of mma.sync (WGMMA, marlin_core.cuh): there the tensor cores, not the weight stream,
+// bound the kernel, and mma.sync leaves them idle much of the time. Same layout, same
+// pipeline and reductions; the weights become wgmma's register operand, the activations
+// its shared-memory operand, and the output comes back transposed.
 
 #include "marlin_core.cuh"
 
@@ -48,13 +54,16 @@
 #ifndef BF16
 #define BF16 0  // 1: bf16 activations, scales, zero points and output; 0: fp16
 #endif
+#ifndef WGMMA
+#define WGMMA 0  // 1: the warpgroup MMA (sm_90a; TILE_N = 256, TILE_K >= 128, M_BLOCKS 2-4)
+#endif
 
 using Element = marlin::ElementOf<BF16 != 0>::type;
 
 // The fetches run on into a block's next column slice while it reduces the current one,
 // so the k-warp reduction gets shared memory of its own.
 using Pipe = marlin::Pipeline<M_BLOCKS, TILE_N, TILE_K, STAGES, GROUP_ROWS, EVICT_FIRST != 0, true, ZERO_POINTS != 0,
-                              Element>;
+                              Element, WGMMA != 0>;
 
 extern "C" __global__ void __launch_bounds__(Pipe::THREADS, 1)
     s6_marlin(const int4* __restrict__ A, const int4* __restrict__ B, const int4* __restrict__ S,
@@ -66,7 +75,11 @@ extern "C" __global__ void __launch_bounds__(Pipe::THREADS, 1)
   marlin::FragC acc[M_BLOCKS][4][2];
   marlin::run_stripes<M_BLOCKS>(pipe, acc, M, K, N, counters, partials, iters,
                                 [&](const marlin::StripeSegment& seg, int rows_valid) {
-                                  marlin::fold_into_output<M_BLOCKS, Element>(acc, C + size_t(seg.slab) * Pipe::SLAB_ROWS * N,
-                                                                              N, rows_valid, seg.col * TILE_N + 64 * pipe.strip);
+                                  Element::scalar* slab = C + size_t(seg.slab) * Pipe::SLAB_ROWS * N;
+                                  const int strip_col = seg.col * TILE_N + 64 * pipe.strip;
+                                  if constexpr (WGMMA)
+                                    marlin::fold_wgmma_into_output<M_BLOCKS, Element>(acc, slab, N, rows_valid, strip_col);
+                                  else
+                                    marlin::fold_into_output<M_BLOCKS, Element>(acc, slab, N, rows_valid, strip_col);
                                 });
 }

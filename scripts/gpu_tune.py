@@ -103,7 +103,7 @@ def main() -> int:
                     ps = packs[name]
                     t = measure(lambda i: step(A, ps[i], out=out), len(ps))
                     cfg = step.config(M, K, N, args.group, 0, bf16=args.dtype == "bfloat16")
-                    desc = f"{cfg.tile_k}x{cfg.tile_n} mb{cfg.m_blocks} st{cfg.stages}"
+                    desc = f"{cfg.tile_k}x{cfg.tile_n} mb{cfg.m_blocks} st{cfg.stages}" + " wg" * cfg.wgmma
                     if hasattr(step, "schedule"):
                         _, iters, blocks = step.schedule(M, K, N, args.group, 0)
                         desc += f" it{iters} b{blocks}"

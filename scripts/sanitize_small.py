@@ -2,8 +2,11 @@
 The tall, narrow shapes have fewer tiles than SMs, so s6 and s7 split every column slice
 between several blocks and their global reduction runs; rungs that take zero points get
 them on every other shape, and rungs that take bf16 run every shape in fp16 and in bf16.
-Rung names as arguments limit the run to those rungs."""
+The striped rungs run the shapes once more on two blocks per launch, where their 256-wide
+tiles (and on Hopper s6's wgmma) serve them. Rung names as arguments limit the run to
+those rungs."""
 
+import itertools
 import sys
 
 import numpy as np
@@ -20,7 +23,10 @@ for step in steps.STEPS:
     if step.host_arrays or not step.available():
         continue
     shapes = ((1, 256, 256, 128), (17, 512, 512, -1), (70, 1024, 256, 32), (5, 4096, 256, 128), (130, 2048, 512, 64))
-    for dtype in step.activation_dtypes:
+    blocks = (None, 2) if hasattr(step, "sms") else (None,)
+    for sms, dtype in itertools.product(blocks, step.activation_dtypes):
+        if hasattr(step, "sms"):
+            step.sms = sms
         for i, (M, K, N, g) in enumerate(shapes):
             if not step.supports(M, K, N, g):
                 continue
@@ -30,4 +36,6 @@ for step in steps.STEPS:
             A = rng.standard_normal((M, K)).astype(ref.element_dtype(dtype))
             C = to_host(step(to_gpu(A), step.pack(qw)))
             excess = ref.error_excess(C, A, step.reference_weight(qw), step.error_c)
-            print(step.name, dtype, M, K, N, g, "error/bound", round(excess, 3))
+            print(step.name, dtype, M, K, N, g, f"blocks {sms}" if sms else "", "error/bound", round(excess, 3))
+    if hasattr(step, "sms"):
+        step.sms = None

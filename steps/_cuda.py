@@ -65,8 +65,11 @@ def _sources_hash() -> str:
 
 
 @functools.cache
-def load_module(source: str, defines: tuple[tuple[str, Any], ...] = (), device: int = 0) -> Any:
-    """Compile csrc/<source>.cu with `-DNAME=VALUE` for each define, for `device`'s architecture."""
+def load_module(
+    source: str, defines: tuple[tuple[str, Any], ...] = (), device: int = 0, arch_specific: bool = False
+) -> Any:
+    """Compile csrc/<source>.cu with `-DNAME=VALUE` for each define, for `device`'s architecture
+    (its arch-specific variant, such as sm_90a for Hopper's wgmma, with `arch_specific`)."""
     import cupy
 
     path = CSRC / f"{source}.cu"
@@ -76,7 +79,7 @@ def load_module(source: str, defines: tuple[tuple[str, Any], ...] = (), device: 
         major, minor = compute_capability()
         options = (
             "-std=c++17",
-            f"--gpu-architecture=sm_{major}{minor}",
+            f"--gpu-architecture=sm_{major}{minor}{'a' if arch_specific else ''}",
             f"-I{CSRC}",
             f"-DMARLIN_LADDER_SOURCES=0x{_sources_hash()}",
             *(f"-D{name}={value}" for name, value in defines),
@@ -89,9 +92,20 @@ def load_module(source: str, defines: tuple[tuple[str, Any], ...] = (), device: 
     return module
 
 
-def get_kernel(source: str, name: str, defines: tuple[tuple[str, Any], ...] = (), device: int = 0) -> Any:
+def get_kernel(
+    source: str, name: str, defines: tuple[tuple[str, Any], ...] = (), device: int = 0, arch_specific: bool = False
+) -> Any:
     """A kernel function `name` (declared extern "C") from csrc/<source>.cu."""
-    return load_module(source, defines, device).get_function(name)
+    return load_module(source, defines, device, arch_specific).get_function(name)
+
+
+@functools.cache
+def has_wgmma(device: int) -> bool:
+    """Whether CUDA device `device` runs Hopper's warpgroup MMA (compute capability 9.0, sm_90a)."""
+    import cupy
+
+    with cupy.cuda.Device(device):
+        return compute_capability() == (9, 0)
 
 
 class CudaStep(Step):

@@ -49,6 +49,7 @@ class TileConfig:
     own_reduce_buffer: bool = False  # the kernel's kOwnReduceBuffer (s6, s7); not a define
     zero_points: bool = False  # w = (q - z) * s: a stream of zero points beside the scales
     bf16: bool = False  # bf16 activations, scales, zero points and output instead of fp16
+    wgmma: bool = False  # Hopper's warpgroup MMA (s6; compiled for sm_90a)
 
     @property
     def stage_bytes(self) -> int:
@@ -56,7 +57,8 @@ class TileConfig:
         b = (self.tile_k // 16) * self.tile_n // 2
         s_rows = 1 if self.group_rows == 0 or self.group_rows >= self.tile_k else self.tile_k // self.group_rows
         per_group_streams = 2 if self.zero_points else 1
-        return 16 * (a + b + per_group_streams * s_rows * self.tile_n // 8)
+        chunks = a + b + per_group_streams * s_rows * self.tile_n // 8
+        return 16 * (-(-chunks // 64) * 64 if self.wgmma else chunks)  # wgmma: whole KB, for its aligned atoms
 
     @property
     def reduce_bytes(self) -> int:
@@ -69,10 +71,11 @@ class TileConfig:
         """Dynamic shared memory (mirrors the pipelines' SMEM_BYTES): the stages and the
         reduction buffer after them, or over them when the reduction reuses the stages."""
         stages = self.stages * self.stage_bytes
-        return stages + self.reduce_bytes if self.own_reduce_buffer else max(stages, self.reduce_bytes)
+        align_slack = 1024 if self.wgmma else 0
+        return align_slack + (stages + self.reduce_bytes if self.own_reduce_buffer else max(stages, self.reduce_bytes))
 
     def defines(self) -> tuple[tuple[str, int], ...]:
-        return (
+        return (("WGMMA", 1),) * self.wgmma + (
             ("M_BLOCKS", self.m_blocks),
             ("TILE_N", self.tile_n),
             ("TILE_K", self.tile_k),
@@ -172,6 +175,7 @@ class PipelinedStep(CudaStep):
         for tk, tn in tiles:
             probe = self.config_type(self.m_blocks(M, tk, tn), tn, tk, 1, group_rows(group_size), self.evict_first,
                                      self.own_reduce_buffer, zero_points, bf16)  # fmt: skip
+            probe = self.instruction_choice(probe, device)
             stages = min(self.max_stages or plan.max_stages, self.stage_budget(probe, plan, device) // probe.stage_bytes)
             if self.even_stages and stages > 4:
                 stages -= stages % 2
@@ -182,6 +186,11 @@ class PipelinedStep(CudaStep):
             f"{self.name}: no tile shape for M={M}, K={K}, N={N}, group size {group_size} fits 3 pipeline stages "
             f"in this GPU's {limit} bytes of shared memory per block; use a rung below or a GPU with more"
         )
+
+    def instruction_choice(self, probe: TileConfig, device: int) -> TileConfig:
+        """The configuration with the tensor-core instruction this rung issues for it on `device`
+        (mma.sync here; s6 takes wgmma where Hopper has it)."""
+        return probe
 
     def stage_budget(self, probe: TileConfig, plan: TilePlan, device: int) -> int:
         """Shared memory the stages may fill: the plan's budget, within what the device allows
@@ -195,7 +204,7 @@ class PipelinedStep(CudaStep):
 
 @functools.cache
 def _load(source: str, cfg: TileConfig, device: int) -> Any:
-    kernel = get_kernel(source, source, cfg.defines(), device=device)
+    kernel = get_kernel(source, source, cfg.defines(), device=device, arch_specific=cfg.wgmma)
     if cfg.smem_bytes > 48 * 1024:
         kernel.max_dynamic_shared_size_bytes = cfg.smem_bytes
     return kernel

@@ -25,15 +25,23 @@ different streams (they would share the workspace).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from reference import QuantizedWeight
 from reference.marlin_layout import stripe_length
 
-from ._cuda import sm_count
+from ._cuda import has_wgmma, sm_count
 from .s4_marlin_layout import i32
-from .s5_async_pipeline import LARGE_BATCH_PLAN, SMALL_BATCH_PLAN, THREADS, PipelinedStep, TilePlan, zeros_or_scales
+from .s5_async_pipeline import (
+    LARGE_BATCH_PLAN,
+    SMALL_BATCH_PLAN,
+    THREADS,
+    PipelinedStep,
+    TileConfig,
+    TilePlan,
+    zeros_or_scales,
+)
 from .step import Packed
 
 MAX_SLABS = 16  # 64-row slabs per launch: M up to 1024 rows in one launch
@@ -46,6 +54,9 @@ LARGE_BATCH_WIDE_PLAN = TilePlan(((128, 256),) + LARGE_BATCH_PLAN.tiles, 200 * 1
 LARGE_BATCH_NARROW_PLAN = TilePlan(LARGE_BATCH_PLAN.tiles, 200 * 1024, 8)
 # The same holds up to 32 rows, where wide tiles also halve the A tiles each block reads.
 SMALL_BATCH_WIDE_PLAN = TilePlan(((128, 256),) + SMALL_BATCH_PLAN.tiles, SMALL_BATCH_PLAN.smem_budget, 4)
+# From 17 to 32 rows, 256 x 256 tiles: with wgmma the A tile's cost per weight byte shows
+# (112 against 118-128 µs at M = 32 on the H100); mma.sync measured the same either way.
+TWO_BLOCK_WIDE_PLAN = TilePlan(((256, 256),) + SMALL_BATCH_WIDE_PLAN.tiles, SMALL_BATCH_PLAN.smem_budget, 4)
 MAX_PARTIAL_FLOATS = 64 * 256  # one block's partial sums of a slice: a 64-row slab x TILE_N <= 256
 
 
@@ -70,15 +81,23 @@ class Marlin(PipelinedStep):
     # What sharing a column slice costs a block, in weight tiles (reference.marlin_layout.
     # stripe_length): storing its partials and counting itself, or reading everyone's.
     reduction_cost: float = 4.0
+    use_wgmma: bool = True  # tuning switch: False keeps mma.sync on Hopper too
 
     def __init__(self) -> None:
         self._workspaces: dict[int, ReductionWorkspace] = {}
 
     def tile_plan(self, M: int, N: int, sms: int | None) -> TilePlan:
         wide = sms is None or N >= 128 * (self.sms or sms)  # N / 256 column slices >= half the SMs
-        if M <= 32:
+        if M <= 16:
             return SMALL_BATCH_WIDE_PLAN if wide else SMALL_BATCH_PLAN
+        if M <= 32:
+            return TWO_BLOCK_WIDE_PLAN if wide else SMALL_BATCH_PLAN
         return LARGE_BATCH_WIDE_PLAN if wide else LARGE_BATCH_NARROW_PLAN
+
+    def instruction_choice(self, probe: TileConfig, device: int) -> TileConfig:
+        """wgmma on Hopper for slabs of 32-64 rows in 256-wide tiles at least 128 deep (marlin_core.cuh)."""
+        fits = probe.m_blocks >= 2 and probe.tile_n == 256 and probe.tile_k >= 128
+        return replace(probe, wgmma=True) if self.use_wgmma and fits and has_wgmma(device) else probe
 
     def pack(self, qw: QuantizedWeight) -> Packed:
         packed = super().pack(qw)

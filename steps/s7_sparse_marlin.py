@@ -71,6 +71,7 @@ class SparseMarlin(Marlin):
     activation_dtypes = ("float16",)
     config_type = SparseTileConfig
     even_stages = False
+    use_wgmma = False  # its kernel issues mma.sp; a wgmma.sp form is not written
 
     def tile_plan(self, M: int, N: int, sms: int | None) -> TilePlan:
         return SPARSE_SMALL_BATCH_PLAN if M <= 16 else SPARSE_LARGE_BATCH_PLAN

@@ -55,10 +55,11 @@ def shipped_configs(smem: int = H100_SMEM, sms: int = 132) -> list[tuple[str, ob
     """(rung, TileConfig) of every s5-s7 kernel configuration the host picks for the
     Llama-2 7B/70B and ideal shapes, batch sizes 1-128, every group size and, where the
     rung takes them, zero points and bf16, on a GPU with `smem` bytes of opt-in shared memory per
-    block and `sms` SMs (an H100 by default); a case the rung refuses on that GPU is left out."""
+    block and `sms` SMs, wgmma included (an H100 by default); a case the rung refuses on that GPU is left out."""
     from unittest import mock
 
     import steps.s5_async_pipeline as s5
+    import steps.s6_marlin as s6
     from steps.bench import preset_shapes
     from steps.registry import get
 
@@ -67,6 +68,7 @@ def shipped_configs(smem: int = H100_SMEM, sms: int = 132) -> list[tuple[str, ob
     with (
         mock.patch.object(s5, "max_dynamic_smem", lambda device: smem),
         mock.patch.object(s5, "sm_count", lambda device: sms),
+        mock.patch.object(s6, "has_wgmma", lambda device: True),
     ):
         for name in ("s5_async_pipeline", "s6_marlin", "s7_sparse_marlin"):
             step = get(name)
@@ -128,8 +130,9 @@ def test_every_shipped_variant_compiles_for_sm90_without_warnings_or_spills(tmp_
     def compile_variant(i: int) -> str | None:
         source, defines = variants[i]
         flags = [f"-D{name}={value}" for name, value in defines]
+        arch = "sm_90a" if dict(defines).get("WGMMA") else "sm_90"  # as steps/_cuda.py compiles them
         cmd = [
-            "nvcc", "-std=c++17", "-arch=sm_90", f"-I{CSRC}", "-cubin", "-o", str(tmp_path / f"{i}.cubin"),
+            "nvcc", "-std=c++17", f"-arch={arch}", f"-I{CSRC}", "-cubin", "-o", str(tmp_path / f"{i}.cubin"),
             "-Xptxas", "-v", "--Werror", "all-warnings", *flags, str(CSRC / f"{source}.cu"),
         ]  # fmt: skip
         result = subprocess.run(cmd, capture_output=True, text=True)

@@ -747,10 +747,14 @@ On the benchmark shape the prediction holds: at M ≤ 16 s6 and rung 5 both stre
 the measured read bandwidth, and the two profile rows are nearly the same. Where there are
 at least half as many 256-wide column slices as SMs (the benchmark shape among them) s6
 uses 128 × 256 tiles, which its striped grid allows (rung 5 needs many column slices to
-fill the SMs); above 32 rows both are limited by `mma.sync` arithmetic rather than bytes
-(the M = 64 profile: tensor pipe busy more than half the time, DRAM under half of peak),
-and by the loop's own bookkeeping: address arithmetic was a quarter of its instructions
-until each lane's offsets were computed once (docs/rungs.md, "What comes next").
+fill the SMs). Above 16 rows the limit is arithmetic rather than bytes: with `mma.sync`
+the M = 64 profile showed the tensor pipe busy more than half the time and DRAM under half
+of peak. On Hopper s6 therefore switches there to `wgmma`, the warpgroup MMA that the
+original MARLIN (written for Ampere) does not use: the dequantized weights become its
+register operand, the activations its shared-memory operand, and the tensor cores run
+asynchronously while the warps dequantize the next step. That took M = 64 from about 190 to
+about 155 µs, short of the predicted 110-130 µs (docs/rungs.md says where the rest goes),
+and is why s6 now pulls away from rung 5 at M = 64 in the table below.
 
 On the Llama-2-7B sum s6 is ahead of rung 5 at every printed M, as predicted. That took
 three tries. With MARLIN's serial reduction (each block waits for the previous one, then
@@ -855,7 +859,8 @@ assembled by register moves, about a third of the loop at M = 64. Now one `ldmat
 8 rows returns the operand exactly as `mma.sp` reads it, and up to M = 32 the A fragments
 are loaded a substep ahead like rung 6's. Executed instructions fell by a fifth at M = 16
 and by a third at M = 64; s7 now streams its 3 bits per weight at nearly the full read
-bandwidth and stays ahead of rung 6 at every batch size of the table.""") + [
+bandwidth and stays ahead of rung 6 at every batch size of the committed results, also
+where rung 6 multiplies with `wgmma` (M ≥ 32 on Hopper).""") + [
         md("""
 ## Try this
 

@@ -10,6 +10,11 @@ The original MARLIN instead adds them serially in the fp16 output, each block wa
 the previous one, which on small layers costs as much as the weight stream. M is cut
 into 64-row slabs, up to 16 per launch, which are simply more column slices to stripe.
 
+On Hopper (compute capability 9.0) slabs of 17-64 rows in 256-wide tiles are multiplied
+with the warpgroup MMA, `wgmma` (compiled for sm_90a), instead of `mma.sync`: there the
+tensor cores bound the kernel, and `wgmma` keeps them busier while the warps dequantize
+the next step (csrc/marlin_core.cuh explains the operand swap; `use_wgmma` switches it off).
+
 Error bound constant c = 10, as for s4 and s5: partial sums stay fp32 until the single
 final rounding, and adding them is part of the fp32 sum over K. Like s5 it takes weights
 with zero points (AWQ, asymmetric GPTQ): a second per-group stream beside the scales, and

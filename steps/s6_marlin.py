@@ -57,11 +57,11 @@ MIN_TILE_N = 128
 # of their 64 x 256 fp32 partials costs more than the wide tiles save (H100, docs/rungs.md).
 LARGE_BATCH_WIDE_PLAN = TilePlan(((128, 256),) + LARGE_BATCH_PLAN.tiles, 200 * 1024, 8)
 LARGE_BATCH_NARROW_PLAN = TilePlan(LARGE_BATCH_PLAN.tiles, 200 * 1024, 8)
-# The same holds up to 32 rows, where wide tiles also halve the A tiles each block reads.
-SMALL_BATCH_WIDE_PLAN = TilePlan(((128, 256),) + SMALL_BATCH_PLAN.tiles, SMALL_BATCH_PLAN.smem_budget, 4)
-# From 17 to 32 rows, 256 x 256 tiles: with wgmma the A tile's cost per weight byte shows
-# (112 against 118-128 µs at M = 32 on the H100); mma.sync measured the same either way.
-TWO_BLOCK_WIDE_PLAN = TilePlan(((256, 256),) + SMALL_BATCH_WIDE_PLAN.tiles, SMALL_BATCH_PLAN.smem_budget, 4)
+# From 17 to 32 rows the same holds, and 256 x 256 tiles come first: with wgmma the A tile's
+# cost per weight byte shows (112 against 118-128 µs for 128 x 256 at M = 32 on the H100;
+# mma.sync measured the same with either). Up to 16 rows rung 5's tall 256 x 128 tiles
+# beat the wide ones on every wide shape measured (tune9 in docs/results/tuning).
+TWO_BLOCK_WIDE_PLAN = TilePlan(((256, 256), (128, 256)) + SMALL_BATCH_PLAN.tiles, SMALL_BATCH_PLAN.smem_budget, 4)
 MAX_PARTIAL_FLOATS = 64 * 256  # one block's partial sums of a slice: a 64-row slab x TILE_N <= 256
 
 
@@ -94,7 +94,7 @@ class Marlin(PipelinedStep):
     def tile_plan(self, M: int, N: int, sms: int | None) -> TilePlan:
         wide = sms is None or N >= 128 * (self.sms or sms)  # N / 256 column slices >= half the SMs
         if M <= 16:
-            return SMALL_BATCH_WIDE_PLAN if wide else SMALL_BATCH_PLAN
+            return SMALL_BATCH_PLAN
         if M <= 32:
             return TWO_BLOCK_WIDE_PLAN if wide else SMALL_BATCH_PLAN
         return LARGE_BATCH_WIDE_PLAN if wide else LARGE_BATCH_NARROW_PLAN

@@ -744,12 +744,13 @@ a lock; here each block stores fp32 partials and the last to arrive adds them, s
 waits and the sum is rounded once."""),
     ] + measured("s6_marlin", "s5_async_pipeline", "M=16, K=1024, N=512", """
 On the benchmark shape the prediction holds: at M ≤ 16 s6 and rung 5 both stream at about
-the measured read bandwidth, and the two profile rows are nearly the same. Where there are
-at least half as many 256-wide column slices as SMs (the benchmark shape among them) s6
-uses 128 × 256 tiles, which its striped grid allows (rung 5 needs many column slices to
-fill the SMs). Above 16 rows the limit is arithmetic rather than bytes: with `mma.sync`
+the measured read bandwidth, and the two profile rows are nearly the same: with rung 5's
+256 × 128 tiles the striped schedule gives each block exactly one column slice here, which is
+rung 5's grid. Above 16 rows, where there are at least half as many 256-wide column slices
+as SMs (the benchmark shape among them), s6 uses 256-wide tiles, which its striped grid
+allows (rung 5 needs many column slices to fill the SMs). There the limit is arithmetic rather than bytes: with `mma.sync`
 the M = 64 profile showed the tensor pipe busy more than half the time and DRAM under half
-of peak. On Hopper s6 therefore switches there to `wgmma`, the warpgroup MMA that the
+of peak. On Hopper s6 therefore switches to `wgmma`, the warpgroup MMA that the
 original MARLIN (written for Ampere) does not use: the dequantized weights become its
 register operand, the activations its shared-memory operand, and the tensor cores run
 asynchronously while the warps dequantize the next step. That took M = 64 from about 190 to

@@ -88,8 +88,8 @@ __device__ __forceinline__ int a_swizzle(int row, int chunk) {
   return row * ROW_CHUNKS + (chunk ^ (row & 7));
 }
 
-// Hopper's warpgroup MMA (s6 above 16 rows, below) reads A from shared memory itself, in
-// its "128-byte swizzle" layout: atoms of 8 rows x 64 fp16, 1024 bytes aligned, with the
+// Hopper's warpgroup MMA (s6 above 16 rows, below) reads the activation tile from shared
+// memory itself, in its "128-byte swizzle" layout: atoms of 8 rows x 64 fp16, 1024 bytes aligned, with the
 // chunks of row r XOR-ed by r mod 8 -- a_swizzle's pattern for 128-byte rows. A wider
 // tile becomes side-by-side atom columns of 64 fp16, each holding all kRows rows.
 template <int kRows>
@@ -264,8 +264,9 @@ __device__ __forceinline__ void multiply_k16(const FragA (&a)[kMBlocks], const i
   }
 }
 
-template <int kMBlocks>
-__device__ __forceinline__ void zero_accumulators(FragC (&acc)[kMBlocks][4][2]) {
+// f(value) for each of a lane's accumulator values.
+template <int kMBlocks, class F>
+__device__ __forceinline__ void for_each_accumulator(FragC (&acc)[kMBlocks][4][2], F f) {
 #pragma unroll
   for (int m = 0; m < kMBlocks; ++m)
 #pragma unroll
@@ -273,7 +274,12 @@ __device__ __forceinline__ void zero_accumulators(FragC (&acc)[kMBlocks][4][2]) 
 #pragma unroll
       for (int h = 0; h < 2; ++h)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) acc[m][j][h].v[e] = 0.0f;
+        for (int e = 0; e < 4; ++e) f(acc[m][j][h].v[e]);
+}
+
+template <int kMBlocks>
+__device__ __forceinline__ void zero_accumulators(FragC (&acc)[kMBlocks][4][2]) {
+  for_each_accumulator(acc, [](float& x) { x = 0.0f; });
 }
 
 // ---------------------------------------------------------------------------------
@@ -382,14 +388,7 @@ __device__ __forceinline__ void multiply_k16_wgmma(const int4& w, const int4& s,
 template <int kMBlocks>
 __device__ __forceinline__ void wgmma_settle(FragC (&acc)[kMBlocks][4][2]) {
   wgmma_wait<0>();
-#pragma unroll
-  for (int m = 0; m < kMBlocks; ++m)
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(acc[m][j][h].v[e])::"memory");
+  for_each_accumulator(acc, [](float& x) { asm volatile("" : "+f"(x)::"memory"); });
 }
 
 // ---------------------------------------------------------------------------------

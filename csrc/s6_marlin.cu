@@ -22,11 +22,11 @@
 // marlin::run_stripes (s7 reuses it); the partition is modelled in
 // reference/marlin_layout.py (striped_schedule), which supplies `iters`.
 //
-// On Hopper (compiled for sm_90a) slabs of 32 to 64 rows take the warpgroup MMA instead
-// of mma.sync (WGMMA, marlin_core.cuh): there the tensor cores, not the weight stream,
-// bound the kernel, and mma.sync leaves them idle much of the time. Same layout, same
-// pipeline and reductions; the weights become wgmma's register operand, the activations
-// its shared-memory operand, and the output comes back transposed.
+// On Hopper (compiled for sm_90a) slabs of 2-4 m-blocks (17-64 rows) take the warpgroup
+// MMA instead of mma.sync (WGMMA, marlin_core.cuh): there the tensor cores, not the weight
+// stream, bound the kernel, and mma.sync leaves them idle much of the time. Same layout,
+// same pipeline and reductions; the weights become wgmma's register operand, the
+// activations its shared-memory operand, and the output comes back transposed.
 
 #include "marlin_core.cuh"
 

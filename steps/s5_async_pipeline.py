@@ -75,7 +75,8 @@ class TileConfig:
         return align_slack + (stages + self.reduce_bytes if self.own_reduce_buffer else max(stages, self.reduce_bytes))
 
     def defines(self) -> tuple[tuple[str, int], ...]:
-        return (("WGMMA", 1),) * self.wgmma + (
+        instruction = (("WGMMA", 1),) if self.wgmma else ()  # absent for mma.sync: the kernel's default
+        return instruction + (
             ("M_BLOCKS", self.m_blocks),
             ("TILE_N", self.tile_n),
             ("TILE_K", self.tile_k),

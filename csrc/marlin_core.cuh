@@ -377,7 +377,15 @@ __device__ __forceinline__ void multiply_k16_wgmma(const int4& w, const int4& s,
     dequantize_tile<kZeroPoints, E>(words[j], scales[j], left, right, zeros[j]);
     a[j] = FragA{{left.r[0], right.r[0], left.r[1], right.r[1]}};
   }
-  wgmma_fence();  // the A registers were just written by ordinary instructions
+  // wgmma.fence orders the ordinary writes of the A registers (and of acc, when zeroed)
+  // before the wgmmas that read them; the empty asm keeps the compiler from moving those
+  // writes below it.
+  for_each_accumulator(acc, [](float& x) { asm volatile("" : "+f"(x)::"memory"); });
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) asm volatile("" : "+r"(a[j].r[i])::"memory");
+  wgmma_fence();
 #pragma unroll
   for (int j = 0; j < 4; ++j) wgmma_k16<kMBlocks, E>(acc, j, a[j], desc);
   wgmma_commit();
@@ -826,8 +834,9 @@ struct Pipeline {
   // tile and make it visible to every warp. With mma.sync every read of that slot was issued
   // (and so done) before the previous barrier, so the copies go out first. wgmma reads its
   // activations asynchronously: a warpgroup is done with the slot only once it has waited
-  // for that tile's last group, which each has by this substep (the wait after substep
-  // SUBSTEPS - 3), so the barrier comes first, one tile less being in flight at the wait.
+  // for that tile's last group, which each has by this substep (its wait after this tile's
+  // substep 0, which needs this substep to be a later one), so the barrier comes first, one
+  // tile less being in flight at the wait.
   __device__ __forceinline__ void refill() {
     if constexpr (kWgmma) {
       cp_async_wait<kStages - 3>();

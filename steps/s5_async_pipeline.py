@@ -71,8 +71,12 @@ class TileConfig:
         """Dynamic shared memory (mirrors the pipelines' SMEM_BYTES): the stages and the
         reduction buffer after them, or over them when the reduction reuses the stages."""
         stages = self.stages * self.stage_bytes
-        align_slack = 1024 if self.wgmma else 0
-        return align_slack + (stages + self.reduce_bytes if self.own_reduce_buffer else max(stages, self.reduce_bytes))
+        return self.align_slack + (stages + self.reduce_bytes if self.own_reduce_buffer else max(stages, self.reduce_bytes))
+
+    @property
+    def align_slack(self) -> int:
+        """Bytes the kernel may skip to start its stages 1024-byte aligned (wgmma's operand atoms)."""
+        return 1024 if self.wgmma else 0
 
     def defines(self) -> tuple[tuple[str, int], ...]:
         instruction = (("WGMMA", 1),) if self.wgmma else ()  # absent for mma.sync: the kernel's default
@@ -195,9 +199,9 @@ class PipelinedStep(CudaStep):
 
     def stage_budget(self, probe: TileConfig, plan: TilePlan, device: int) -> int:
         """Shared memory the stages may fill: the plan's budget, within what the device allows
-        next to an own reduction buffer."""
+        next to an own reduction buffer and the alignment slack."""
         own = probe.reduce_bytes if probe.own_reduce_buffer else 0
-        return min(self.smem_budget or plan.smem_budget, max_dynamic_smem(device) - own)
+        return min(self.smem_budget or plan.smem_budget, max_dynamic_smem(device) - own - probe.align_slack)
 
     def kernel(self, cfg: TileConfig, device: int) -> Any:
         return _load(self.name, cfg, device)

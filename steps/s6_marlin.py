@@ -60,7 +60,8 @@ LARGE_BATCH_NARROW_PLAN = TilePlan(LARGE_BATCH_PLAN.tiles, 200 * 1024, 8)
 # From 17 to 32 rows the same holds, and 256 x 256 tiles come first: with wgmma the A tile's
 # cost per weight byte shows (112 against 118-128 µs for 128 x 256 at M = 32 on the H100;
 # mma.sync measured the same with either). Up to 16 rows rung 5's tall 256 x 128 tiles
-# beat the wide ones on every wide shape measured (tune9 in docs/results/tuning).
+# beat 128 x 256 on every wide shape measured, within the noise on 4096 x 22016 at M = 1
+# (tune9 in docs/results/tuning; 256 x 256 was better still on 8192 x 57344 alone).
 TWO_BLOCK_WIDE_PLAN = TilePlan(((256, 256), (128, 256)) + SMALL_BATCH_PLAN.tiles, SMALL_BATCH_PLAN.smem_budget, 4)
 MAX_PARTIAL_FLOATS = 64 * 256  # one block's partial sums of a slice: a 64-row slab x TILE_N <= 256
 

@@ -55,7 +55,8 @@ def shipped_configs(smem: int = H100_SMEM, sms: int = 132) -> list[tuple[str, ob
     """(rung, TileConfig) of every s5-s7 kernel configuration the host picks for the
     Llama-2 7B/70B and ideal shapes, batch sizes 1-128, every group size and, where the
     rung takes them, zero points and bf16, on a GPU with `smem` bytes of opt-in shared memory per
-    block and `sms` SMs, wgmma included (an H100 by default); a case the rung refuses on that GPU is left out."""
+    block and `sms` SMs (an H100 by default), with wgmma (Hopper) and without (other GPUs, or
+    s6's `use_wgmma` off); a case the rung refuses on that GPU is left out."""
     from unittest import mock
 
     import steps.s5_async_pipeline as s5
@@ -65,21 +66,22 @@ def shipped_configs(smem: int = H100_SMEM, sms: int = 132) -> list[tuple[str, ob
 
     shapes = {shape for preset in ("llama-7b", "llama-70b", "ideal") for shape in preset_shapes(preset, 132)}
     found = set()
-    with (
-        mock.patch.object(s5, "max_dynamic_smem", lambda device: smem),
-        mock.patch.object(s5, "sm_count", lambda device: sms),
-        mock.patch.object(s6, "has_wgmma", lambda device: True),
-    ):
-        for name in ("s5_async_pipeline", "s6_marlin", "s7_sparse_marlin"):
-            step = get(name)
-            zero_points = (False, True) if step.supports_zero_points else (False,)
-            bf16 = (False, True) if "bfloat16" in step.activation_dtypes else (False,)
-            for (K, N), M, g, z, b in itertools.product(shapes, (1, 16, 32, 48, 64, 128), GROUPS, zero_points, bf16):
-                if step.supports(M, K, N, g):
-                    try:
-                        found.add((name, step.config(M, K, N, g, 0, z, b)))
-                    except ValueError as e:
-                        assert "shared memory" in str(e), e
+    for wgmma in (True, False):
+        with (
+            mock.patch.object(s5, "max_dynamic_smem", lambda device: smem),
+            mock.patch.object(s5, "sm_count", lambda device: sms),
+            mock.patch.object(s6, "has_wgmma", lambda device: wgmma),
+        ):
+            for name in ("s5_async_pipeline", "s6_marlin", "s7_sparse_marlin"):
+                step = get(name)
+                zero_points = (False, True) if step.supports_zero_points else (False,)
+                bf16 = (False, True) if "bfloat16" in step.activation_dtypes else (False,)
+                for (K, N), M, g, z, b in itertools.product(shapes, (1, 16, 32, 48, 64, 128), GROUPS, zero_points, bf16):
+                    if step.supports(M, K, N, g):
+                        try:
+                            found.add((name, step.config(M, K, N, g, 0, z, b)))
+                        except ValueError as e:
+                            assert "shared memory" in str(e), e
     return sorted(found, key=repr)
 
 

@@ -1,8 +1,8 @@
-"""s6's Hopper path: the warpgroup MMA for slabs of 32-64 rows (csrc/marlin_core.cuh, "Hopper's
-warpgroup MMA").
+"""s6's 256-wide tiles above 16 rows, and its Hopper path there: the warpgroup MMA for slabs of
+17-64 rows (csrc/marlin_core.cuh, "Hopper's warpgroup MMA").
 
-Which configurations take it is checked anywhere; the kernel itself on a GPU that has wgmma
-(compute capability 9.0; marked `gpu`, skipped elsewhere). The registry-wide tests of
+Which configurations take it is checked anywhere; the kernel itself on a GPU (marked `gpu`,
+skipped elsewhere; the wgmma cases need compute capability 9.0). The registry-wide tests of
 tests/test_steps.py draw shapes too narrow for s6's 256-wide tiles on a full GPU, so here
 s6 runs on a few "SMs" (blocks per launch), where 256-wide tiles are its choice, column
 slices are shared and the global reduction runs."""
@@ -60,10 +60,16 @@ def test_wgmma_can_be_switched_off_and_is_not_the_sparse_rungs():
 
 
 # -- the kernel ------------------------------------------------------------------------------
-def _needs_wgmma():
-    from steps._cuda import gpu_support, has_wgmma
+def _gpu() -> bool:
+    from steps._cuda import gpu_support
 
-    if not gpu_support() or not has_wgmma(0):
+    return bool(gpu_support())
+
+
+def _needs_wgmma():
+    from steps._cuda import has_wgmma
+
+    if not _gpu() or not has_wgmma(0):
         pytest.skip("needs a GPU with wgmma (compute capability 9.0)")
 
 
@@ -105,16 +111,26 @@ def test_wgmma_kernel_matches_reference_within_bound(problem):
 @pytest.mark.gpu
 @pytest.mark.parametrize("M", [17, 32, 40, 64, 100, 200])
 @pytest.mark.parametrize("group", [-1, 32, 128])
-def test_wgmma_kernel_is_exact_on_integer_data(M, group):
+@pytest.mark.parametrize("zero_points", [False, True])
+@pytest.mark.parametrize("use_wgmma", [True, False], ids=["wgmma", "mma.sync"])
+def test_wide_tiles_are_exact_on_integer_data(M, group, zero_points, use_wgmma):
     """A in {-1, 0, 1}, scales 1/8: every partial sum is exact, so any misplaced weight,
-    activation or output element shows as a difference from the reference."""
-    _needs_wgmma()
+    activation or output element shows as a difference from the reference. Both
+    instructions, since s6's 256-wide tiles run mma.sync off Hopper."""
+    if use_wgmma:
+        _needs_wgmma()
+    elif not _gpu():
+        pytest.skip("needs a CUDA GPU")
     step = _marlin(5)
+    step.use_wgmma = use_wgmma
     K, N = 1024, 768
-    assert step.config(M, K, N, group, 0).wgmma
+    cfg = step.config(M, K, N, group, 0, zero_points)
+    assert cfg.wgmma == (use_wgmma and cfg.tile_n == 256), cfg
     rng = np.random.default_rng(M * 10 + group)
     groups = 1 if group == -1 else K // group
-    qw = ref.QuantizedWeight(rng.integers(0, 16, (K, N), dtype=np.uint8), np.full((groups, N), 0.125, np.float16), group)
+    zeros = rng.integers(0, 16, (groups, N), dtype=np.uint8) if zero_points else None
+    codes = rng.integers(0, 16, (K, N), dtype=np.uint8)
+    qw = ref.QuantizedWeight(codes, np.full((groups, N), 0.125, np.float16), group, zeros)
     A = rng.integers(-1, 2, (M, K)).astype(np.float16)
     first = _run(step, A, qw)
     np.testing.assert_array_equal(first, ref.reference_gemm(A, qw))

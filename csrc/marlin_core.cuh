@@ -559,6 +559,27 @@ struct FillCursor {
   }
 };
 
+// Refill the slot consumed before the one being read (the fill cursor's), then wait for
+// the next tile and make it visible to every warp, for the dense and sparse pipelines
+// alike. If every read of that slot was issued (and so done) before the previous barrier
+// (kSlotFree), the copies go out first. If reads of it may still be under way -- issued
+// after that barrier (s7 above two m-blocks) or running asynchronously (wgmma) -- the slot
+// is free only past this barrier: the barrier comes first and the copies after it, one
+// tile less being in flight at the wait. For an async-proxy reader (wgmma) each thread
+// fences its landed copies before the barrier that publishes them.
+template <int kStages, bool kSlotFree, bool kAsyncProxyReader, class Fetch>
+__device__ __forceinline__ void refill_and_publish(Fetch fetch) {
+  if constexpr (kSlotFree) {
+    fetch();
+    cp_async_wait<kStages - 2>();
+  } else {
+    cp_async_wait<kStages - 3>();
+  }
+  if constexpr (kAsyncProxyReader) fence_async_proxy();
+  __syncthreads();
+  if constexpr (!kSlotFree) fetch();
+}
+
 // Where a pipeline's next fetch comes from, for the dense and sparse pipelines alike: the
 // next tile of a block's run [t, end), numbered t = (slab * n_tiles + col) * k_tiles +
 // k_tile, and the A rows of its slab. When `left` reaches 0 the run enters a new column
@@ -647,7 +668,7 @@ struct Pipeline {
                 "a group must hold whole tiles or a tile whole groups");
 
   // kWgmma: the warpgroup MMA (above, s6 on Hopper). Warpgroup = k_warp needs 4 strips, and
-  // the refill order below needs at least 3 substeps.
+  // the refill at substep SUBSTEPS - 2 must come after substep 0's wait: at least 3 substeps.
   static_assert(!kWgmma || (N_STRIPS == 4 && SUBSTEPS >= 3 && kMBlocks >= 2),
                 "the wgmma pipeline takes TILE_N = 256, TILE_K >= 128 and 2-4 m-blocks");
 
@@ -816,7 +837,9 @@ struct Pipeline {
         // Double-buffered fragments: load substep sub+1 while sub multiplies.
         const int next = (sub + 1) % 2;
         if (sub + 1 < SUBSTEPS) load_fragments(stage, sub + 1, a[next], w[next], s[next], z[next]);
-        if (sub == SUBSTEPS - 2) refill();
+        // A wgmma warpgroup is done with the slot to refill once it has waited for that tile's
+        // last group, which it has by here (its wait after this tile's substep 0).
+        if (sub == SUBSTEPS - 2) refill_and_publish<kStages, !kWgmma, kWgmma>([&] { fetch(); });
         if (sub == SUBSTEPS - 1) load_fragments(stage_offset(read_slot), 0, a[0], w[0], s[0], z[0]);
         if constexpr (kWgmma) {
           multiply_k16_wgmma<kMBlocks, kZeroPoints, E>(w[sub % 2], s[sub % 2], z[sub % 2],
@@ -828,26 +851,6 @@ struct Pipeline {
       }
     }
     if constexpr (kWgmma) wgmma_settle<kMBlocks>(acc);
-  }
-
-  // Refill the slot before the one being read (the fill cursor's), then wait for the next
-  // tile and make it visible to every warp. With mma.sync every read of that slot was issued
-  // (and so done) before the previous barrier, so the copies go out first. wgmma reads its
-  // activations asynchronously: a warpgroup is done with the slot only once it has waited
-  // for that tile's last group, which each has by this substep (its wait after this tile's
-  // substep 0, which needs this substep to be a later one), so the barrier comes first, one
-  // tile less being in flight at the wait.
-  __device__ __forceinline__ void refill() {
-    if constexpr (kWgmma) {
-      cp_async_wait<kStages - 3>();
-      fence_async_proxy();
-      __syncthreads();
-      fetch();
-    } else {
-      fetch();
-      cp_async_wait<kStages - 2>();
-      __syncthreads();
-    }
   }
 
   // Where this warpgroup's k16 step of substep `sub` starts in the stage's activation atoms

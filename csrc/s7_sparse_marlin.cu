@@ -356,18 +356,7 @@ struct Pipeline {
       for (int sub = 0; sub < SUBSTEPS; ++sub) {
         const int next = (sub + 1) % 2;
         if (sub + 1 < SUBSTEPS) load_fragments(slot, sub + 1, w[next], meta[next], s[next], a[next]);
-        if (sub == SUBSTEPS - 2) {
-          // Wait for the next tile and make it visible to all warps.
-          if constexpr (A_AHEAD) {
-            fetch();
-            marlin::cp_async_wait<kStages - 2>();
-            __syncthreads();
-          } else {
-            marlin::cp_async_wait<kStages - 3>();
-            __syncthreads();
-            fetch();
-          }
-        }
+        if (sub == SUBSTEPS - 2) marlin::refill_and_publish<kStages, A_AHEAD, false>([&] { fetch(); });
         if (sub == SUBSTEPS - 1) load_fragments(read_slot, 0, w[0], meta[0], s[0], a[0]);
         multiply(slot, sub, w[sub % 2], meta[sub % 2], s[sub % 2], a[sub % 2], acc);
       }

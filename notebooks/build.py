@@ -6,7 +6,7 @@ ids, so rebuilding unchanged cells changes no byte. Outputs come from executing 
 (`scripts/execute_notebooks_on_gpu.sh` on a GPU; tests/test_notebooks.py on a CPU).
 `--keep-outputs` keeps the outputs of every code cell whose code (comments aside) is
 unchanged, so prose and comments can be edited without losing a GPU run's outputs.
-Shared helpers live in `steps.notebook_support`, imported as `nb`.
+Shared helpers live in `steps.harness.notebook_support`, imported as `nb`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import reference as ref
-from steps import notebook_support as nb"""
+from steps.harness import notebook_support as nb"""
 
 
 def md(text: str) -> tuple[str, str]:
@@ -92,7 +92,7 @@ def measured(name: str, below: str, check_args: str, explanation: str) -> list[t
         md("## Explanation\n\n" + explanation.strip()),
         md(
             "## The whole table\n\nBeside FP16 cuBLAS at every stored batch size, with the floor. On a GPU "
-            "this cell measures live (`steps.bench.run`, CUDA-graph replay, weights rotated past the L2); "
+            "this cell measures live (`steps.harness.bench.run`, CUDA-graph replay, weights rotated past the L2); "
             "elsewhere it shows the H100 results committed in `docs/results/`."
         ),
         code(f'nb.benchmark("{name}", below="{below}")'),
@@ -713,7 +713,7 @@ for shape, (k, n) in {"benchmark": (K, N), "Llama-2-7B o_proj (4096x4096)": (409
 SM utilisation of rung 5's grid (one block per column slice, all of K) against the striped
 schedule, for the four linear layers of Llama-2-7B on the benchmark GPU:"""),
         code("""\
-from steps.bench import LLAMA_2_7B
+from steps.harness.bench import LLAMA_2_7B
 
 names, plain, striped = [], [], []
 for k, n in LLAMA_2_7B:
@@ -891,7 +891,7 @@ measured against FP16 for batch 1..128.
 Decoding one token reads every weight once. For Llama-2-7B's linear layers at the
 streaming-read bandwidth:"""),
         code("""\
-from steps.bench import LLAMA_2_7B
+from steps.harness.bench import LLAMA_2_7B
 
 layers = 32
 fp16_bytes = layers * sum(2 * k * n for k, n in LLAMA_2_7B)
@@ -912,7 +912,7 @@ table), or a note if none are stored yet:"""),
         code("""\
 rows = nb.stored_rows(None, "ideal")
 if rows:
-    from steps.report import headline_groups, _rung_order
+    from steps.harness.report import headline_groups, _rung_order
     for (gpu, preset, shape, g), rs in headline_groups(rows).items():
         plt.figure(figsize=(7, 4))
         for r in _rung_order(rs):
@@ -983,7 +983,7 @@ comes closest to its layers' gain. What is left at larger batches is attention a
 
 * `python -m steps bench --shapes llama-7b --batch 1 16 64` sums the four layers of the
   model: compare its summed speedup with the estimate above.
-* Re-run the estimate for Llama-2-70B (`steps.bench.LLAMA_2_70B`, 80 layers)."""),
+* Re-run the estimate for Llama-2-70B (`steps.harness.bench.LLAMA_2_70B`, 80 layers)."""),
     ]
 
 

@@ -8,7 +8,7 @@ Correctness: each rung's output, written into a NaN-poisoned `out=`, must satisf
 reference.error_excess(C, A, W, step.error_c) <= 1. The reference is evaluated on a
 sample of columns (the first and last 128 and 256 random ones) so the float64 product
 stays cheap at M up to 1000 on the largest layers; every column is checked for NaN.
-Each rung is run 10 times more and must be bit-identical. Timing uses steps.timing
+Each rung is run 10 times more and must be bit-identical. Timing uses steps.harness.timing
 (CUDA-graph replay, weights rotated over copies larger than L2) against torch.matmul.
 """
 
@@ -113,7 +113,7 @@ def run_checks(shapes, groups, Ms, seed, repeats, sms=None) -> int:
 def run_timing(Ms, group, sweep: bool) -> None:
     import torch
 
-    from steps.timing import measure
+    from steps.harness.timing import measure
 
     K, N = 33792, 16896
     rng = np.random.default_rng(1)

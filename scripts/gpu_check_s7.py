@@ -12,7 +12,7 @@ Run from the repository root on a GPU machine:  PYTHONPATH=. python scripts/gpu_
     reference.error_excess(..) <= 1 on the decoded columns, and re-run to be bit-identical.
 (b) Timings at M = 1, 16, 32, 64, 128 on the ideal shape 33792 x 16896 (K x N): s7, s6 (if
     registered) and torch.matmul fp16, each rotating weight copies worth 4 L2 caches,
-    timed by steps.timing.measure (CUDA-graph replay, median).
+    timed by steps.harness.timing.measure (CUDA-graph replay, median).
 Ends with a compact summary; exits non-zero if any check failed.
 """
 
@@ -29,7 +29,7 @@ from reference import sparse_marlin as sm
 from reference.marlin_layout import permute_scales, unpermute_scales
 from steps import registry
 from steps.step import Packed
-from steps.timing import measure
+from steps.harness.timing import measure
 
 LLAMA_SHAPES = [(4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096),
                 (8192, 10240), (8192, 8192), (8192, 57344), (28672, 8192)]  # fmt: skip

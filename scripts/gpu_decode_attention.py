@@ -6,7 +6,7 @@ The e2e benchmark's decode step spends, at Llama-2-7B dims, more time in attenti
 64-position cache than its K/V bytes explain (docs/results/e2e/profiles): SDPA picks a
 prefill kernel for one query row. This script compiles each candidate of `CANDIDATES`
 with fullgraph=True, checks it against float64 attention under a random-length mask and
-times it with steps.timing.measure, K/V rotated past L2 as in the e2e breakdown, and
+times it with steps.harness.timing.measure, K/V rotated past L2 as in the e2e breakdown, and
 prints the K/V floor (bytes at the measured read bandwidth) beside each time.
 """
 
@@ -23,10 +23,10 @@ def main() -> int:
     import torch
     import torch.nn.functional as F
 
-    from steps.bench import copies_needed, describe_machine, measure_read_bandwidth
-    from steps.decode_attention import exact_attention
-    from steps.e2e import DIMS, grouped_decode_attention
-    from steps.timing import measure
+    from steps.harness.bench import copies_needed, describe_machine, measure_read_bandwidth
+    from steps.torch.decode_attention import exact_attention
+    from steps.torch.e2e import DIMS, grouped_decode_attention
+    from steps.harness.timing import measure
 
     def sdpa(q, k, v, mask, scale):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
@@ -41,7 +41,7 @@ def main() -> int:
         p = scores.masked_fill(~mask, float("-inf")).softmax(-1)
         return (p.unsqueeze(-1) * v.float().unsqueeze(2)).sum(-2).to(v.dtype)
 
-    def shipped(q, k, v, mask, scale):  # steps.e2e's function (on a GPU: steps.decode_attention)
+    def shipped(q, k, v, mask, scale):  # steps.torch.e2e's function (on a GPU: steps.torch.decode_attention)
         B, Hkv, G, D = q.shape
         return grouped_decode_attention(q.reshape(B, Hkv * G, 1, D), k, v, mask, scale).view(B, Hkv, G, D)
 

@@ -8,7 +8,7 @@ A variant is a rung name, optionally followed by `:attr=value;...` that sets the
 tuning attributes (`sms_per_sm` multiplies the device's SM count into `sms`). Weights
 are random 32-bit words and random scales made on the GPU: speed does not depend on the
 values, and correctness of every shipped configuration is the business of the tests and
-gpu_check_marlin.py. Timing is steps.timing.measure against torch.matmul in the same
+gpu_check_marlin.py. Timing is steps.harness.timing.measure against torch.matmul in the same
 process, weights rotated past L2 as in the benchmark.
 """
 
@@ -52,7 +52,7 @@ def main() -> int:
     import cupy
     import torch
 
-    from steps.timing import measure
+    from steps.harness.timing import measure
 
     p = argparse.ArgumentParser()
     p.add_argument("--shapes", nargs="+", default=["33792x16896"])

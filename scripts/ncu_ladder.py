@@ -11,7 +11,7 @@ import numpy as np
 
 import reference as ref
 import steps
-from steps.bench import preset_shapes
+from steps.harness.bench import preset_shapes
 
 M = int(sys.argv[1]) if len(sys.argv) > 1 else 16
 names = sys.argv[2:] or ["s2_smem_tiling", "s3_tensor_cores", "s4_marlin_layout", "s5_async_pipeline", "s6_marlin", "s7_sparse_marlin"]

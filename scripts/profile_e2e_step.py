@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from steps import e2e
+from steps.torch import e2e
 
 STEPS = 5
 

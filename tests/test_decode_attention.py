@@ -1,4 +1,4 @@
-"""The Triton decode attention of the e2e benchmark (steps/decode_attention.py).
+"""The Triton decode attention of the e2e benchmark (steps/torch/decode_attention.py).
 
 Against float64 attention within its documented bound, on random shapes, masks and both
 dtypes, into poisoned outputs, with and without splitting the cache; the e2e model's
@@ -15,7 +15,7 @@ pytest.importorskip("triton")
 
 from steps import decode_attention as da  # noqa: E402
 from steps._cuda import sm_count  # noqa: E402
-from steps.decode_attention import exact_attention  # noqa: E402
+from steps.torch.decode_attention import exact_attention  # noqa: E402
 
 
 def random_operands(B, Hkv, G, L, D, dtype, mask_kind, seed, device="cuda"):
@@ -77,7 +77,7 @@ def test_a_split_cache_gives_the_unsplit_result_within_the_bound():
 
 @pytest.mark.gpu
 def test_the_e2e_decode_attention_takes_the_kernel_on_a_gpu(monkeypatch):
-    e2e = pytest.importorskip("steps.e2e")
+    e2e = pytest.importorskip("steps.torch.e2e")
     q, k, v, mask = random_operands(3, 2, 4, 50, 128, torch.float16, "prefix", 2)
     calls, kernel = [], da.decode_attention
     monkeypatch.setattr(e2e.triton_decode, "decode_attention", lambda *a: calls.append(1) or kernel(*a))

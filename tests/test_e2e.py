@@ -1,4 +1,4 @@
-"""The end-to-end decoding benchmark (steps/e2e.py) on a tiny Llama, on the CPU.
+"""The end-to-end decoding benchmark (steps/torch/e2e.py) on a tiny Llama, on the CPU.
 
 The model builds with every block linear layer replaced, the FP16 twin holds exactly the
 weights the MarlinLinear layers multiply by, the logits check passes, greedy decoding with
@@ -19,9 +19,9 @@ pytest.importorskip("transformers")
 
 import torch.nn.functional as F  # noqa: E402
 
-from steps import e2e  # noqa: E402
-from steps.bench import describe_machine  # noqa: E402
-from steps.torch_layer import MarlinLinear  # noqa: E402
+from steps.torch import e2e  # noqa: E402
+from steps.harness.bench import describe_machine  # noqa: E402
+from steps.torch.layer import MarlinLinear  # noqa: E402
 
 LAYERS = 2
 PROMPT = 5

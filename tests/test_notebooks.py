@@ -46,7 +46,7 @@ def test_every_source_listing_names_a_region_that_exists():
     import ast
     import re
 
-    from steps.notebook_support import source_region
+    from steps.harness.notebook_support import source_region
 
     build = _build_module()
     listings = [
@@ -70,7 +70,7 @@ def test_every_rung_chapter_predicts_then_measures_then_explains():
 
 
 def test_stored_measurements_and_profile_rows():
-    from steps.notebook_support import ncu_rows, stored_by_batch
+    from steps.harness.notebook_support import ncu_rows, stored_by_batch
 
     assert stored_by_batch("no_such_rung") == {}
     assert "No stored Nsight Compute profile" in ncu_rows("no_such_rung").text
@@ -92,11 +92,11 @@ def test_notebook_runs(path, monkeypatch):
 
 
 def test_show_source_selects_whole_functions_and_kernels():
-    from steps.notebook_support import show_source, source_region
+    from steps.harness.notebook_support import show_source, source_region
 
     first, lines = source_region("steps/s0_numpy.py", "def _run")
     assert lines[0].strip().startswith("def _run") and "out[...]" in lines[-1]
-    first, lines = source_region("steps/notebook_support.py", "def source_region")
+    first, lines = source_region("steps/harness/notebook_support.py", "def source_region")
     assert lines[-1].strip() == "return i + 1, lines[i : j + 1]"  # past a multi-line signature
     first, lines = source_region("csrc/common.cuh", "void mma_m16n8k16")
     assert lines[0].startswith("//") and lines[-1] == "}"  # with its comment, to its closing brace

@@ -61,7 +61,7 @@ def shipped_configs(smem: int = H100_SMEM, sms: int = 132) -> list[tuple[str, ob
 
     import steps.s5_async_pipeline as s5
     import steps.s6_marlin as s6
-    from steps.bench import preset_shapes
+    from steps.harness.bench import preset_shapes
     from steps.registry import get
 
     shapes = {shape for preset in ("llama-7b", "llama-70b", "ideal") for shape in preset_shapes(preset, 132)}

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from steps.report import END, START, write_report
+from steps.harness.report import END, START, write_report
 
 
 def fake_rows():
@@ -36,7 +36,7 @@ def test_report_fills_the_readme_section_reproducibly(tmp_path):
 
 
 def test_e2e_report_is_generated_from_the_json_lines_and_reproducible(tmp_path):
-    from steps.report import write_e2e
+    from steps.harness.report import write_e2e
 
     rows = [
         {"gpu": "Test GPU", "dims": "7b", "layers": 2, "group_size": 128, "date": "2026-11-25T12:00:00+00:00",

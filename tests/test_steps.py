@@ -227,7 +227,7 @@ def test_packing_for_a_rung_this_machine_cannot_run_says_why(step):
 
 
 def test_timing_needs_two_samples():
-    from steps.timing import measure
+    from steps.harness.timing import measure
 
     with pytest.raises(ValueError, match="at least 2 samples"):
         measure(lambda i: None, device="cpu", samples=1)

@@ -28,7 +28,7 @@ from reference.formats import (  # noqa: E402
 from reference.quant import expand_groups  # noqa: E402
 from reference.sparse_marlin import prune_quantized_2_4  # noqa: E402
 from steps._arrays import to_host  # noqa: E402
-from steps.torch_layer import MarlinLinear, int4_matmul, replace_linear_layers, select_step  # noqa: E402
+from steps.torch.layer import MarlinLinear, int4_matmul, replace_linear_layers, select_step  # noqa: E402
 
 seeds = st.integers(0, 2**32 - 1)
 

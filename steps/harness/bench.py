@@ -29,8 +29,8 @@ import numpy as np
 
 from reference import QuantizedWeight, dequantize, error_excess, random_quantized_weight
 
-from .registry import STEPS
-from .step import Step
+from ..registry import STEPS
+from ..step import Step
 from .timing import Timing, measure
 
 L2_MULTIPLE = 4  # rotate copies of the weights totalling at least this many L2 caches

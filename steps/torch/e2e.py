@@ -8,7 +8,7 @@ tiny configuration for CPU machines and tests. Every nn.Linear inside the decode
 stay FP16. With `fused`, both models are first rebuilt with one q|k|v and one gate|up
 layer per block (fuse_projections) whose decode-step attention reads each k/v head once
 for its whole group of query heads (grouped_decode_attention; on a GPU a Triton decode
-kernel, steps.decode_attention), as serving engines run them. The FP16 model it is
+kernel, steps.torch.decode_attention), as serving engines run them. The FP16 model it is
 compared with is its "dequantized twin": the same network whose replaced layers hold,
 as ordinary FP16 weights, exactly the dequantized values the MarlinLinear multiplies by.
 Both models therefore compute the same function and differ only in how the products are
@@ -29,7 +29,7 @@ norm, softmax and residual add propagates and amplifies those differences by fac
 
 1. Every MarlinLinear call in that forward pass, on the activations it actually received,
    meets its rung's bound c * u * (|A| @ |W|) against the dequantized weight (a subset of
-   columns, as steps.bench does). This is the kernel check, and it is rigorous.
+   columns, as steps.harness.bench does). This is the kernel check, and it is rigorous.
 2. The logits, relative to an FP32 evaluation of the twin (the same weights, fp16 -> fp32
    is exact): e_q = ||L_marlin - L_fp32|| / ||L_fp32|| must not exceed
    KAPPA * max(1, c / 2) * e_16, where e_16 is the same distance for the FP16 twin. To first
@@ -43,7 +43,7 @@ norm, softmax and residual add propagates and amplifies those differences by fac
 Timing. For each batch size both models get a static KV cache (transformers StaticCache)
 of prompt + tokens positions, prefill a random prompt and decode greedily; the decode step
 reads its token, position and 4-D attention mask from fixed buffers, so it can be captured.
-steps.timing.measure times that step (on a GPU it captures the step in a CUDA graph and
+steps.harness.timing.measure times that step (on a GPU it captures the step in a CUDA graph and
 replays it; after each step the cache is rewound by one position so that every replay
 decodes the same last position). tokens/s = batch / step time.
 
@@ -86,10 +86,10 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager
 from reference import dequantize, error_excess, random_quantized_weight
 from reference.sparse_marlin import prune_quantized_2_4
 
-from .bench import CHECK_COLUMNS, Machine, copies_needed
-from .registry import get
-from .timing import Timing, measure
-from .torch_layer import MarlinLinear
+from ..harness.bench import CHECK_COLUMNS, Machine, copies_needed
+from ..registry import get
+from ..harness.timing import Timing, measure
+from .layer import MarlinLinear
 
 try:  # triton comes with GPU installs of torch; without it decode attention is SDPA's
     from . import decode_attention as triton_decode
@@ -186,7 +186,7 @@ def grouped_decode_attention(q, k, v, mask, scaling: float | None = None) -> tor
     the batch and the cache and that serving engines do not pay (docs/results/e2e/profiles
     shows its kernels). A mask (B, 1 or H, 1, L) is shared by a query head's whole group.
 
-    On a GPU with triton the grouped rows go to steps.decode_attention, a decode kernel that
+    On a GPU with triton the grouped rows go to steps.torch.decode_attention, a decode kernel that
     reads the cache at close to the memory bandwidth; SDPA takes the rest (CPU, per-head
     masks, float masks)."""
     B, H, _, D = q.shape
@@ -203,7 +203,7 @@ def grouped_decode_attention(q, k, v, mask, scaling: float | None = None) -> tor
 
 def attention_kind(fused: bool, device: str) -> str:
     """What the decode steps' attention runs on: "transformers" (its SDPA path, unfused
-    models), "triton" (grouped_decode_attention on steps.decode_attention) or "grouped"
+    models), "triton" (grouped_decode_attention on steps.torch.decode_attention) or "grouped"
     (grouped_decode_attention on SDPA)."""
     if not fused:
         return "transformers"
@@ -517,7 +517,7 @@ def attention_us(config: LlamaConfig, machine: Machine, batch: int, max_len: int
 class Row:
     """One model at one batch size."""
 
-    kind: str  # "e2e", so these lines are never mistaken for steps.bench rows
+    kind: str  # "e2e", so these lines are never mistaken for steps.harness.bench rows
     dims: str
     layers: int
     batch: int

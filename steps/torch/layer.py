@@ -41,9 +41,9 @@ from reference import QuantizedWeight, element_dtype, quantize
 from reference.formats import check_permutation, import_awq, import_gptq
 from reference.sparse_marlin import prune_quantized_2_4
 
-from ._arrays import as_cupy, caller_stream, dtype_name, raw_bits, to_host, torch_from_host
-from .registry import STEPS, get
-from .step import Packed, Step
+from .._arrays import as_cupy, caller_stream, dtype_name, raw_bits, to_host, torch_from_host
+from ..registry import STEPS, get
+from ..step import Packed, Step
 
 # Rungs that compute a different function (weights pruned to 2:4) and so never stand in
 # for a dense layer.

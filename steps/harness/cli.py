@@ -12,8 +12,8 @@ import numpy as np
 from reference import error_excess, random_quantized_weight
 
 from . import bench
-from ._arrays import to_gpu, to_host
-from .registry import STEPS
+from .._arrays import to_gpu, to_host
+from ..registry import STEPS
 
 CHECK_SHAPES = ((1, 256, 256, 128), (16, 512, 256, -1), (33, 1024, 512, 64), (5, 256, 512, 32))
 SIMULATOR_SHAPES = ((2, 128, 64, 32),)  # a CUDA rung under Numba's simulator is slow
@@ -77,7 +77,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_e2e(args: argparse.Namespace) -> int:
     import transformers
 
-    from . import e2e  # needs torch and transformers
+    from ..torch import e2e  # needs torch and transformers
 
     device = "cuda" if bench.gpu_present() else "cpu"
     dims = args.dims or ("7b" if device == "cuda" else "tiny")

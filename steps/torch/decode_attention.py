@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._cuda import sm_count
+from .._cuda import sm_count
 
 BLOCK_L = 64  # cache positions per step of a program
 MIN_ROWS = 16  # tl.dot's smallest tile height: the G query rows are padded to it

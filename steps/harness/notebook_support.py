@@ -3,8 +3,8 @@
 Each notebook is a chapter about one rung. With these helpers it shows the rung's own
 source (never a copy of it), checks the rung against the reference, puts the rung's
 benchmark row beside the rung below it, and states the memory floor, without
-re-implementing any of that: times come from `steps.bench`, stored results from
-`steps.report`, the error bound from `reference.error_excess`.
+re-implementing any of that: times come from `steps.harness.bench`, stored results from
+`steps.harness.report`, the error bound from `reference.error_excess`.
 
 Everything degrades to a plain sentence when this checkout or this machine lacks
 something: a rung that is not written yet, no GPU, no stored results. So every notebook
@@ -26,10 +26,10 @@ import numpy as np
 from reference import error_excess, random_quantized_weight
 
 from . import bench, report
-from .registry import STEPS
-from .step import Step
+from ..registry import STEPS
+from ..step import Step
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 RESULTS_DIR = REPO / "docs" / "results"
 
 # Used only when no GPU is here and no stored result says otherwise.
@@ -302,7 +302,7 @@ def _tables(rows: list[dict], heading: str) -> Md:
 def benchmark(name: str, below: str | None = None, preset: str = "ideal", batches=(1, 16, 64)) -> Md:
     """The rung's benchmark rows beside the rung below it and FP16.
 
-    Live where this machine can run the rung (`steps.bench.run`: on a GPU for CUDA rungs,
+    Live where this machine can run the rung (`steps.harness.bench.run`: on a GPU for CUDA rungs,
     on the CPU's small shape and batches for CPU rungs); otherwise the committed GPU results; otherwise
     a note saying there are none yet."""
     step = rung(name)
@@ -332,9 +332,9 @@ def benchmark(name: str, below: str | None = None, preset: str = "ideal", batche
 def torch_layer_module() -> str | None:
     """The `steps` module that defines MarlinLinear, if this checkout has one (found by
     reading the sources, so nothing is imported that might need a GPU)."""
-    for path in sorted((REPO / "steps").glob("*.py")):
+    for path in sorted((REPO / "steps").rglob("*.py")):
         if re.search(r"^class MarlinLinear\b", path.read_text(), re.MULTILINE):
-            return f"steps.{path.stem}"
+            return ".".join(path.relative_to(REPO).with_suffix("").parts)
     return None
 
 

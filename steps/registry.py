@@ -10,6 +10,7 @@ from .s4_marlin_layout import MarlinLayout
 from .s5_async_pipeline import AsyncPipeline
 from .s6_marlin import Marlin
 from .s7_sparse_marlin import SparseMarlin
+from .s8_hopper import Hopper
 from .step import Step
 
 STEPS: tuple[Step, ...] = (
@@ -21,6 +22,7 @@ STEPS: tuple[Step, ...] = (
     AsyncPipeline(),
     Marlin(),
     SparseMarlin(),
+    Hopper(),
 )
 
 

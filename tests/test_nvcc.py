@@ -18,13 +18,16 @@ import pytest
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 SOURCES = sorted(CSRC.glob("*.cu"))
 ARCHS = ("sm_80", "sm_90")
+# Rungs built from Hopper-only instructions (wgmma, setmaxnreg) compile for sm_90a alone.
+HOPPER_ONLY = {"s8_hopper.cu"}
 
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
 
 
 def compile_report(source: Path, arch: str, tmp_path: Path) -> str:
+    target = f"-gencode=arch=compute_{arch[3:]}a,code={arch}a" if source.name in HOPPER_ONLY else f"-arch={arch}"
     cmd = [
-        "nvcc", "-std=c++17", f"-arch={arch}", f"-I{CSRC}", "-cubin", "-o", str(tmp_path / f"{source.stem}.cubin"),
+        "nvcc", "-std=c++17", target, f"-I{CSRC}", "-cubin", "-o", str(tmp_path / f"{source.stem}.cubin"),
         "-Xptxas", "-v", "--Werror", "all-warnings", str(source),
     ]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True)
@@ -41,8 +44,11 @@ def test_there_are_cuda_sources_to_check():
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("source", SOURCES, ids=[s.name for s in SOURCES])
 def test_compiles_without_warnings_or_spills(source, arch, tmp_path):
+    if source.name in HOPPER_ONLY and arch != "sm_90":
+        pytest.skip(f"{source.name} uses Hopper-only instructions")
     log = compile_report(source, arch, tmp_path)
     assert "warning" not in log.lower(), log
+    assert "Potential Performance Loss" not in log, log  # e.g. ptxas serializing wgmma groups (C7513)
     spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
     assert not any(spills), f"{source.name} spills registers on {arch}:\n{log}"
     assert "Used" in log, f"ptxas printed no resource usage for {source.name}:\n{log}"

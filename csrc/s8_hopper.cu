@@ -1,0 +1,424 @@
+// Rung 8: Hopper-native. Stop issuing copies and start specializing warps.
+//
+// s6 streams the weights at ~98 % of an H100's read bandwidth, but on an H200 (1.45x the
+// bandwidth, the same SMs and clocks) it reaches ~70 %: every one of its 256 threads issues
+// 16-byte cp.asyncs, waits at a block barrier, dequantizes and multiplies, so the bytes an SM
+// keeps in flight and the instructions it issues per weight are both fixed by one role.
+// Here a block (one per SM, persistent over s6's striped run of tiles) splits the roles:
+//
+//      producer warp (warpgroup 2, 56 registers)        consumer warpgroups 0 and 1 (224 registers)
+//      ------------------------------------------       --------------------------------------------
+//      wait  empty[s]                                    wait  full[s]
+//      bulk-copy 8 x 2 KB of weights, scale rows   -->   ld.shared the lane's 16-byte weight word,
+//        (one thread; bytes reported to full[s])          dequantize (s4's lop3 trick, unchanged),
+//      cp.async the activation tile (32 lanes),           wgmma m64 x (16 * M_BLOCKS) x k16 with the
+//        each lane's landing arrives on full[s]            weights as A (registers) and the
+//                                                          activations as B (shared memory)
+//                                              <--       arrive on empty[s] once the slot's
+//                                                          wgmmas are done
+//
+// The ring has STAGES slots of one 128 x 256 weight tile each (16 KB) plus its activations
+// and scales; with 6-8 slots ~100 KB of weights are in flight per SM, against the ~30-60 KB
+// that the H200's bandwidth-latency product asks of each SM. The two consumer warpgroups
+// take the even and the odd k16 steps of each tile (as s6's two k-warps do) and add their
+// sums through shared memory at the end of a column slice; the slice's partial sums are
+// then combined across blocks exactly as in s6 (no block waits; the last to arrive adds all
+// in block order), so results stay bit-identical run to run.
+//
+//   stage s (1024-byte aligned)
+//   +---------------------------+--------------------------+-----------+-------------+
+//   | activations: 16*M_BLOCKS  | weights: 8 k16 rows x    | scales:   | zero points |
+//   | rows x 128 k, as 2 atom   | 256 columns, MARLIN      | group rows| (optional)  |
+//   | columns of 64 k (128-byte | layout (2 KB per k16 row;| x 256     |             |
+//   | swizzle: wgmma's B)       | warp w reads 512 B)      | columns   |             |
+//   +---------------------------+--------------------------+-----------+-------------+
+//
+// The activation tile rides cp.async rather than a tensor-map copy: building a tensor map
+// needs the driver API per call (A's address changes), and A is at most a few per cent of
+// the bytes. The weights, which are the bytes, take the copy engine.
+#include "marlin_core.cuh"
+#include "s8_hopper.cuh"
+
+#ifndef M_BLOCKS
+#define M_BLOCKS 1  // 16-row blocks of A per slab: 1..4 (wgmma n = 16 * M_BLOCKS)
+#endif
+#ifndef STAGES
+#define STAGES 8  // slots in the shared-memory ring
+#endif
+#ifndef GROUP_ROWS
+#define GROUP_ROWS 128  // rows of K per scale; 0 means one scale per column (group size -1)
+#endif
+#ifndef ZERO_POINTS
+#define ZERO_POINTS 0  // 1: w = (q - z) * s with a zero point z per group and column (Z)
+#endif
+#ifndef BF16
+#define BF16 0  // 1: bf16 activations, scales, zero points and output; 0: fp16
+#endif
+#ifndef PRODUCER_FENCES
+// How the producer's cp.async activations are published to wgmma (a measured alternative,
+// docs/rungs.md): 0 -- each lane's copies arrive on the slot's mbarrier as they land
+// (cp.async.mbarrier.arrive) and the consumers fence the async proxy after their wait;
+// 1 -- the producer waits for its own copies STAGES - 2 tiles later, fences and arrives.
+#define PRODUCER_FENCES 0
+#endif
+#ifndef DYNAMIC_SMEM
+#define DYNAMIC_SMEM 0  // the host's figure for the dynamic shared memory, checked below (0: unchecked)
+#endif
+
+using Element = marlin::ElementOf<BF16 != 0>::type;
+using marlin::FragA;
+using marlin::FragB;
+using marlin::FragC;
+
+namespace s8 {
+
+constexpr int TILE_N = 256, TILE_K = 128, K16_STEPS = TILE_K / 16;
+constexpr int SLAB_ROWS = 16 * M_BLOCKS;
+constexpr int CONSUMER_THREADS = 256, THREADS = 384;  // warpgroups 0, 1 consume; warpgroup 2 produces
+constexpr int A_BYTES = SLAB_ROWS * TILE_K * 2;
+constexpr int W_ROW_BYTES = TILE_N * 8;  // one k16 row of a tile: 256 columns x 16 codes x 4 bits
+constexpr int W_BYTES = K16_STEPS * W_ROW_BYTES;
+constexpr int S_ROWS = (GROUP_ROWS == 0 || GROUP_ROWS >= TILE_K) ? 1 : TILE_K / GROUP_ROWS;
+constexpr int S_ROW_BYTES = TILE_N * 2;
+constexpr int S_BYTES = S_ROWS * S_ROW_BYTES, Z_BYTES = ZERO_POINTS ? S_BYTES : 0;
+constexpr int STAGE_BYTES = (A_BYTES + W_BYTES + S_BYTES + Z_BYTES + 1023) / 1024 * 1024;
+constexpr int REDUCE_BYTES = 4 * 32 * 32 * 4;  // one m-block of one warpgroup's accumulators
+constexpr int BARRIER_BYTES = 16 * STAGES + 16;
+constexpr int ALIGN_SLACK = 1024;  // the ring starts 1024-byte aligned (wgmma's swizzle atoms)
+constexpr int TOTAL_SMEM = ALIGN_SLACK + STAGES * STAGE_BYTES + REDUCE_BYTES + BARRIER_BYTES;
+static_assert(DYNAMIC_SMEM == 0 || DYNAMIC_SMEM == TOTAL_SMEM, "the host's DYNAMIC_SMEM must match the kernel's layout");
+static_assert(M_BLOCKS >= 1 && M_BLOCKS <= 4, "slabs of 16 to 64 rows");
+static_assert(GROUP_ROWS == 0 || GROUP_ROWS % 16 == 0, "groups are whole k16 steps");
+static_assert(GROUP_ROWS == 0 || GROUP_ROWS >= TILE_K ? GROUP_ROWS % TILE_K == 0 : TILE_K % GROUP_ROWS == 0,
+              "a group must hold whole tiles or a tile whole groups");
+constexpr int LAG = STAGES - 2;  // PRODUCER_FENCES: tiles between a copy and its arrival
+static_assert(LAG >= 1, "a ring of at least 3 slots");
+constexpr int FULL_ARRIVALS = 1 + 32;  // the expect-bytes arrival and the 32 lanes' cp.async arrivals
+constexpr int EMPTY_ARRIVALS = 8;      // one per consumer warp
+
+// ---------------------------------------------------------------------------------
+// wgmma m64 x n x k16, n = 16 * M_BLOCKS: A = the dequantized weights (registers), B = the
+// stage's activations (descriptor). The accumulator of wgmma j lies in acc[m][j][h] as in
+// s6's Hopper experiment: chunk 2m + h of 8 tokens; marlin::fold_wgmma_into_output writes it.
+// ---------------------------------------------------------------------------------
+#define S8_ACC(m)                                                                                         \
+  "+f"(acc[m][j][0].v[0]), "+f"(acc[m][j][0].v[1]), "+f"(acc[m][j][0].v[2]), "+f"(acc[m][j][0].v[3]),    \
+      "+f"(acc[m][j][1].v[0]), "+f"(acc[m][j][1].v[1]), "+f"(acc[m][j][1].v[2]), "+f"(acc[m][j][1].v[3])
+#define S8_IN "r"(a.r[0]), "r"(a.r[1]), "r"(a.r[2]), "r"(a.r[3]), "l"(desc)
+#define S8_WGMMA(SHAPE, TYPE, DREGS, AREGS, ...)                                                        \
+  asm volatile("wgmma.mma_async.sync.aligned." SHAPE ".f32." TYPE "." TYPE " {" DREGS "}, {" AREGS "}, " \
+               __VA_ARGS__)
+#define S8_D8 "%0, %1, %2, %3, %4, %5, %6, %7"
+#define S8_D16 S8_D8 ", %8, %9, %10, %11, %12, %13, %14, %15"
+#define S8_D24 S8_D16 ", %16, %17, %18, %19, %20, %21, %22, %23"
+#define S8_D32 S8_D24 ", %24, %25, %26, %27, %28, %29, %30, %31"
+
+template <class E>
+__device__ __forceinline__ void wgmma_k16(FragC (&acc)[M_BLOCKS][4][2], int j, const FragA& a, unsigned long long desc) {
+  constexpr bool bf = E::IS_BF16;
+  if constexpr (M_BLOCKS == 1) {
+    if constexpr (bf) S8_WGMMA("m64n16k16", "bf16", S8_D8, "%8, %9, %10, %11", "%12, 1, 1, 1, 0;\n" : S8_ACC(0) : S8_IN);
+    else S8_WGMMA("m64n16k16", "f16", S8_D8, "%8, %9, %10, %11", "%12, 1, 1, 1, 0;\n" : S8_ACC(0) : S8_IN);
+  } else if constexpr (M_BLOCKS == 2) {
+    if constexpr (bf)
+      S8_WGMMA("m64n32k16", "bf16", S8_D16, "%16, %17, %18, %19", "%20, 1, 1, 1, 0;\n" : S8_ACC(0), S8_ACC(1) : S8_IN);
+    else
+      S8_WGMMA("m64n32k16", "f16", S8_D16, "%16, %17, %18, %19", "%20, 1, 1, 1, 0;\n" : S8_ACC(0), S8_ACC(1) : S8_IN);
+  } else if constexpr (M_BLOCKS == 3) {
+    if constexpr (bf)
+      S8_WGMMA("m64n48k16", "bf16", S8_D24, "%24, %25, %26, %27", "%28, 1, 1, 1, 0;\n"
+               : S8_ACC(0), S8_ACC(1), S8_ACC(2) : S8_IN);
+    else
+      S8_WGMMA("m64n48k16", "f16", S8_D24, "%24, %25, %26, %27", "%28, 1, 1, 1, 0;\n"
+               : S8_ACC(0), S8_ACC(1), S8_ACC(2) : S8_IN);
+  } else {
+    if constexpr (bf)
+      S8_WGMMA("m64n64k16", "bf16", S8_D32, "%32, %33, %34, %35", "%36, 1, 1, 1, 0;\n"
+               : S8_ACC(0), S8_ACC(1), S8_ACC(2), S8_ACC(3) : S8_IN);
+    else
+      S8_WGMMA("m64n64k16", "f16", S8_D32, "%32, %33, %34, %35", "%36, 1, 1, 1, 0;\n"
+               : S8_ACC(0), S8_ACC(1), S8_ACC(2), S8_ACC(3) : S8_IN);
+  }
+}
+#undef S8_D32
+#undef S8_D24
+#undef S8_D16
+#undef S8_D8
+#undef S8_WGMMA
+#undef S8_IN
+#undef S8_ACC
+
+// Keep the compiler from moving ordinary reads or writes of these registers across a
+// wgmma fence or wait: the tensor cores read and write them asynchronously.
+__device__ __forceinline__ void pin(FragC (&acc)[M_BLOCKS][4][2]) {
+  marlin::for_each_accumulator(acc, [](float& x) { asm volatile("" : "+f"(x)::"memory"); });
+}
+
+// One k16 step of a warpgroup: the lane's 128-bit weight word holds its A fragments for the
+// four wgmmas (tile j of each warp's 64-column strip: a lane's left and right mma.sync B
+// fragments of a 16-column tile are, side by side, its wgmma A fragment), dequantized and
+// scaled exactly as in s4-s6, then issued as one group.
+__device__ __forceinline__ void multiply_k16(const int4& w, const int4& s, const int4& z, unsigned long long desc,
+                                             FragC (&acc)[M_BLOCKS][4][2]) {
+  const unsigned words[4] = {unsigned(w.x), unsigned(w.y), unsigned(w.z), unsigned(w.w)};
+  const unsigned scales[4] = {unsigned(s.x), unsigned(s.y), unsigned(s.z), unsigned(s.w)};
+  const unsigned zeros[4] = {unsigned(z.x), unsigned(z.y), unsigned(z.z), unsigned(z.w)};
+  FragA a[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    FragB left, right;
+    marlin::dequantize_tile<ZERO_POINTS != 0, Element>(words[j], scales[j], left, right, zeros[j]);
+    a[j] = FragA{{left.r[0], right.r[0], left.r[1], right.r[1]}};
+  }
+  pin(acc);
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) asm volatile("" : "+r"(a[j].r[i])::"memory");
+  hopper::wgmma_fence();
+#pragma unroll
+  for (int j = 0; j < 4; ++j) wgmma_k16<Element>(acc, j, a[j], desc);
+  hopper::wgmma_commit();
+}
+
+struct Ring {
+  unsigned base;  // shared address of slot 0
+  unsigned bars;  // full[0..STAGES), then empty[0..STAGES), then a flag word
+
+  __device__ __forceinline__ unsigned slot(int s) const { return base + s * STAGE_BYTES; }
+  __device__ __forceinline__ unsigned full(int s) const { return bars + 8 * s; }
+  __device__ __forceinline__ unsigned empty(int s) const { return bars + 8 * (STAGES + s); }
+};
+
+struct Problem {
+  int M, K, N, k_tiles, n_tiles, t0, t1, iters;
+
+  __device__ __forceinline__ Problem(int M_, int K_, int N_, int iters_) : M(M_), K(K_), N(N_), iters(iters_) {
+    k_tiles = K / TILE_K;
+    n_tiles = N / TILE_N;
+    const int total = (M + SLAB_ROWS - 1) / SLAB_ROWS * n_tiles * k_tiles;
+    t0 = blockIdx.x * iters;
+    t1 = min(t0 + iters, total);
+  }
+};
+
+// ---------------------------------------------------------------------------------
+// The producer: one warp walks the block's run of tiles (s6's numbering t = (slab * n_tiles
+// + col) * k_tiles + k_tile) and fills the ring slot by slot.
+// ---------------------------------------------------------------------------------
+__device__ __forceinline__ void produce(const Ring& ring, const Problem& p, const int4* __restrict__ A,
+                                        const int4* __restrict__ B, const int4* __restrict__ S,
+                                        const int4* __restrict__ Z) {
+  const int lane = threadIdx.x % 32;
+  const unsigned long long policy = marlin::make_evict_first_policy();
+  const int a_stride = p.K / 8;  // 16-byte chunks per row of A
+  const int tiles = p.t1 - p.t0;
+  for (int i = 0; i < tiles; ++i) {
+    const int t = p.t0 + i, s = i % STAGES;
+    if (i >= STAGES) hopper::mbarrier_wait(ring.empty(s), (i / STAGES - 1) & 1);
+    const int slice = t / p.k_tiles, k_tile = t - slice * p.k_tiles;
+    const int slab = slice / p.n_tiles, col = slice - slab * p.n_tiles;
+    const unsigned stage = ring.slot(s);
+    if (lane == 0) {
+      hopper::mbarrier_arrive_expect_bytes(ring.full(s), W_BYTES + S_BYTES + Z_BYTES);
+      // Weights: k16 row r of the tile is 2 KB contiguous in the MARLIN layout (K/16 rows of 2N words).
+      const char* w = reinterpret_cast<const char*>(B) + size_t(k_tile) * K16_STEPS * p.N * 8 + size_t(col) * W_ROW_BYTES;
+#pragma unroll
+      for (int r = 0; r < K16_STEPS; ++r)
+        hopper::bulk_copy_evict_first(stage + A_BYTES + r * W_ROW_BYTES, w + size_t(r) * p.N * 8, W_ROW_BYTES, ring.full(s),
+                                      policy);
+      // Scales (and zero points): the tile's group rows, 512 bytes of each.
+      const int group_row = GROUP_ROWS == 0 ? 0 : k_tile * TILE_K / GROUP_ROWS;
+#pragma unroll
+      for (int r = 0; r < S_ROWS; ++r) {
+        const size_t offset = size_t(group_row + r) * p.N * 2 + size_t(col) * S_ROW_BYTES;
+        const unsigned dst = stage + A_BYTES + W_BYTES + r * S_ROW_BYTES;
+        hopper::bulk_copy(dst, reinterpret_cast<const char*>(S) + offset, S_ROW_BYTES, ring.full(s));
+        if (ZERO_POINTS)
+          hopper::bulk_copy(dst + S_BYTES, reinterpret_cast<const char*>(Z) + offset, S_ROW_BYTES, ring.full(s));
+      }
+    }
+    // Activations: 16-byte chunks into the swizzled atoms, rows past the batch zero-filled.
+    const int row0 = slab * SLAB_ROWS, rows_valid = min(SLAB_ROWS, p.M - row0);
+#pragma unroll
+    for (int k = 0; k < SLAB_ROWS * 16 / 32; ++k) {
+      const int c = lane + 32 * k, row = c / 16, chunk = c % 16;
+      const bool valid = row < rows_valid;
+      const int4* src = A + size_t(row0 + (valid ? row : 0)) * a_stride + k_tile * 16 + chunk;
+      marlin::cp_async16_zfill(stage + hopper::swizzled_chunk<SLAB_ROWS>(row, chunk), src, valid);
+    }
+    if constexpr (PRODUCER_FENCES) {
+      // Tile i is full once the producer reaches tile i + LAG, which needs tile i - 2's slot
+      // released: the consumers release it as they start tile i - 1, so nothing waits on itself.
+      marlin::cp_async_commit();
+      if (i >= LAG) {
+        marlin::cp_async_wait<LAG>();
+        hopper::fence_async_proxy();
+        hopper::mbarrier_arrive(ring.full((i - LAG) % STAGES));
+      }
+    } else {
+      hopper::cp_async_arrive(ring.full(s));
+    }
+  }
+  marlin::cp_async_wait<0>();  // leave no copy of this thread in flight behind it
+  if constexpr (PRODUCER_FENCES) {
+    hopper::fence_async_proxy();
+    for (int i = tiles > LAG ? tiles - LAG : 0; i < tiles; ++i) hopper::mbarrier_arrive(ring.full(i % STAGES));
+  }
+}
+
+// ---------------------------------------------------------------------------------
+// The consumers' end of a column slice: warpgroup 1 hands its sums to warpgroup 0 through
+// shared memory ([strip][value][lane]: conflict-free), one m-block at a time.
+// ---------------------------------------------------------------------------------
+__device__ __forceinline__ void add_warpgroups(FragC (&acc)[M_BLOCKS][4][2], float* red, int wg, int strip) {
+  const int lane = threadIdx.x % 32;
+  float* mine = red + strip * 32 * 32 + lane;
+#pragma unroll
+  for (int m = 0; m < M_BLOCKS; ++m) {
+    hopper::named_barrier(1, CONSUMER_THREADS);  // warpgroup 0 is done with the previous values
+    if (wg == 1) {
+#pragma unroll
+      for (int v = 0; v < 32; ++v) mine[32 * v] = acc[m][v / 8][(v / 4) % 2].v[v % 4];
+    }
+    hopper::named_barrier(1, CONSUMER_THREADS);
+    if (wg == 0) {
+#pragma unroll
+      for (int v = 0; v < 32; ++v) acc[m][v / 8][(v / 4) % 2].v[v % 4] += mine[32 * v];
+    }
+  }
+}
+
+// s6's no-wait global reduction of a shared column slice (marlin::add_partial_sums), for
+// warpgroup 0 alone: the producer and warpgroup 1 run on, so the block barrier becomes a
+// named barrier of 128 threads and the "am I last" vote a flag in shared memory.
+__device__ __forceinline__ bool add_partial_sums(FragC (&acc)[M_BLOCKS][4][2], float* __restrict__ partials,
+                                                 int* counter, volatile int* flag, const marlin::StripeSegment& seg,
+                                                 const Problem& p, int strip) {
+  if (seg.contributors == 1) return true;
+  constexpr int PARTIAL_FLOATS = 4 * M_BLOCKS * 32 * 32;
+  const int lane = threadIdx.x % 32;
+  const size_t offset = size_t(strip) * M_BLOCKS * 32 * 32 + lane;
+  float* mine = partials + size_t(2 * blockIdx.x + seg.slot) * PARTIAL_FLOATS + offset;
+#pragma unroll
+  for (int m = 0; m < M_BLOCKS; ++m)
+#pragma unroll
+    for (int v = 0; v < 32; ++v) __stcg(mine + 32 * (32 * m + v), acc[m][v / 8][(v / 4) % 2].v[v % 4]);
+  __threadfence();
+  hopper::named_barrier(2, 128);
+  if (threadIdx.x == 0) {
+    int arrived;
+    asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;\n" : "=r"(arrived) : "l"(counter) : "memory");
+    const bool last = arrived == seg.contributors - 1;
+    if (last) asm volatile("st.relaxed.gpu.global.b32 [%0], %1;\n" ::"l"(counter), "r"(0) : "memory");
+    *flag = last;
+  }
+  hopper::named_barrier(2, 128);
+  if (!*flag) return false;
+  marlin::zero_accumulators<M_BLOCKS>(acc);
+  const int slice_t0 = seg.slice * p.k_tiles, end = seg.first_block + seg.contributors;
+  for (int b = seg.first_block; b < end; ++b) {
+    const float* theirs =
+        partials + size_t(2 * b + marlin::partial_slot(b, p.iters, slice_t0)) * PARTIAL_FLOATS + offset;
+#pragma unroll
+    for (int m = 0; m < M_BLOCKS; ++m) {
+      float v32[32];
+#pragma unroll
+      for (int v = 0; v < 32; ++v) v32[v] = __ldcg(theirs + 32 * (32 * m + v));
+#pragma unroll
+      for (int v = 0; v < 32; ++v) acc[m][v / 8][(v / 4) % 2].v[v % 4] += v32[v];
+    }
+  }
+  return true;
+}
+
+// ---------------------------------------------------------------------------------
+// The consumers: each warpgroup multiplies its k16 steps of every tile of a column slice
+// segment (warpgroup wg the steps 2 * sub + wg), releases each slot as soon as its wgmmas
+// are done, and at the segment's end the sums go to the output (or to the partial sums).
+// ---------------------------------------------------------------------------------
+__device__ __forceinline__ void consume(const Ring& ring, const Problem& p, Element::scalar* __restrict__ C,
+                                        int* __restrict__ counters, float* __restrict__ partials, float* red,
+                                        volatile int* flag) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wg = warp / 4, strip = warp % 4;
+  const unsigned w_lane = A_BYTES + strip * 512 + lane * 16;
+  const unsigned s_lane = A_BYTES + W_BYTES + strip * 128 + (lane / 4) * 16;
+  // A lane's 128-bit weight word of k16 step `step` and the scales (zero points) of its
+  // 8 columns in that step's group row.
+  auto load_step = [&](unsigned stage, int step, int4& w, int4& sc, int4& z) {
+    w = marlin::load_shared16(stage + w_lane + step * W_ROW_BYTES);
+    const unsigned s_row = stage + s_lane + (S_ROWS == 1 ? 0 : 16 * step / GROUP_ROWS) * S_ROW_BYTES;
+    sc = marlin::load_shared16(s_row);
+    z = ZERO_POINTS ? marlin::load_shared16(s_row + S_BYTES) : int4{};
+  };
+  FragC acc[M_BLOCKS][4][2];
+  int consumed = 0;  // tiles of the run consumed so far: slot and phase of the next
+  for (int t = p.t0; t < p.t1;) {
+    const marlin::StripeSegment seg = marlin::stripe_segment(t, p.t1, p.k_tiles, p.n_tiles, p.iters);
+    marlin::zero_accumulators<M_BLOCKS>(acc);
+    for (int r = 0; r < seg.rows; ++r, ++consumed) {
+      const int s = consumed % STAGES;
+      const unsigned stage = ring.slot(s);
+      hopper::mbarrier_wait(ring.full(s), (consumed / STAGES) & 1);
+      if constexpr (!PRODUCER_FENCES) hopper::fence_async_proxy();  // the producer's activations, for wgmma
+      // The lane's words for k16 step 2 * sub + wg, loaded one substep ahead.
+      int4 w[2], sc[2], z[2];
+      load_step(stage, wg, w[0], sc[0], z[0]);
+#pragma unroll
+      for (int sub = 0; sub < 4; ++sub) {
+        if (sub < 3) load_step(stage, 2 * (sub + 1) + wg, w[(sub + 1) % 2], sc[(sub + 1) % 2], z[(sub + 1) % 2]);
+        const int step = 2 * sub + wg;
+        const unsigned b = stage + (step / 4) * SLAB_ROWS * 128 + (step % 4) * 32;
+        multiply_k16(w[sub % 2], sc[sub % 2], z[sub % 2], hopper::swizzled_operand(b), acc);
+        hopper::wgmma_wait<1>();  // the previous group is done: its registers and its slot are free
+        // The previous tile's slot: one arrival per warp (its lanes run the wgmma instructions in
+        // step), predicated rather than branched around (see mbarrier_arrive_if).
+        if (sub == 0)
+          hopper::mbarrier_arrive_if(ring.empty((consumed + STAGES - 1) % STAGES), r > 0 && lane == 0);
+      }
+    }
+    hopper::wgmma_wait<0>();
+    pin(acc);
+    hopper::mbarrier_arrive_if(ring.empty((consumed - 1) % STAGES), lane == 0);
+
+    add_warpgroups(acc, red, wg, strip);
+    if (wg == 0 && add_partial_sums(acc, partials, &counters[seg.slice], flag, seg, p, strip)) {
+      const int rows_valid = min(SLAB_ROWS, p.M - seg.slab * SLAB_ROWS);
+      marlin::fold_wgmma_into_output<M_BLOCKS, Element>(acc, C + size_t(seg.slab) * SLAB_ROWS * p.N, p.N, rows_valid,
+                                                       seg.col * TILE_N + 64 * strip);
+    }
+    t += seg.rows;
+  }
+}
+
+}  // namespace s8
+
+extern "C" __global__ void __launch_bounds__(s8::THREADS, 1)
+    s8_hopper(const int4* __restrict__ A, const int4* __restrict__ B, const int4* __restrict__ S,
+              const int4* __restrict__ Z, Element::scalar* __restrict__ C, int M, int K, int N,
+              int* __restrict__ counters, float* __restrict__ partials, int iters) {
+  extern __shared__ int4 smem[];
+  const unsigned raw = marlin::smem_address(smem);
+  const unsigned base = (raw + 1023u) & ~1023u;
+  const s8::Ring ring{base, base + STAGES * s8::STAGE_BYTES + s8::REDUCE_BYTES};
+  char* generic_base = reinterpret_cast<char*>(smem) + (base - raw);
+  float* red = reinterpret_cast<float*>(generic_base + STAGES * s8::STAGE_BYTES);
+  volatile int* flag = reinterpret_cast<volatile int*>(generic_base + STAGES * s8::STAGE_BYTES + s8::REDUCE_BYTES +
+                                                       16 * STAGES);
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < STAGES; ++s) {
+      hopper::mbarrier_init(ring.full(s), s8::FULL_ARRIVALS);
+      hopper::mbarrier_init(ring.empty(s), s8::EMPTY_ARRIVALS);
+    }
+    hopper::mbarrier_init_fence();
+  }
+  __syncthreads();
+
+  if (threadIdx.x >= s8::CONSUMER_THREADS) {
+    hopper::release_registers<56>();
+    if (threadIdx.x < s8::CONSUMER_THREADS + 32) s8::produce(ring, s8::Problem(M, K, N, iters), A, B, S, Z);
+  } else {
+    hopper::claim_registers<224>();
+    s8::consume(ring, s8::Problem(M, K, N, iters), C, counters, partials, red, flag);
+  }
+}

@@ -1,0 +1,148 @@
+// s8_hopper.cuh: Hopper's own machinery for rung 8 (sm_90a only).
+//
+// Up to s6 every thread of a block did everything: issue its share of the cp.async copies,
+// wait at the block barrier, dequantize, multiply. On Hopper three pieces of hardware take
+// work off the threads, and this header wraps each in a few lines of PTX:
+//
+//   * mbarriers: a 64-bit counter in shared memory that a phase completes when the expected
+//     number of threads has arrived AND the expected number of bytes has landed. A consumer
+//     waits on "stage full", a producer on "stage empty"; nobody waits at a block barrier.
+//   * the bulk copy engine (TMA, `cp.async.bulk`): one instruction from one thread moves a
+//     contiguous run of up to megabytes global -> shared and reports its bytes to an
+//     mbarrier. A 256-column weight tile is 8 such copies, not 1024 per-thread cp.asyncs.
+//   * the warpgroup MMA (`wgmma`): 4 warps issue one asynchronous matrix product; A comes from
+//     registers (here: the dequantized weights), B from shared memory through a descriptor
+//     (here: the activations), the accumulators stay in registers.
+//
+// `setmaxnreg` then moves registers from the warpgroup that only copies to the warpgroups
+// that multiply. Everything lives in namespace `hopper`.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace hopper {
+
+// ---------------------------------------------------------------------------------
+// mbarriers (PTX ISA "mbarrier"): all addresses are 32-bit shared-memory addresses.
+// ---------------------------------------------------------------------------------
+__device__ __forceinline__ void mbarrier_init(unsigned bar, unsigned arrivals) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(arrivals) : "memory");
+}
+
+// Make the initialised barriers visible to the other threads and to the copy engine.
+__device__ __forceinline__ void mbarrier_init_fence() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
+
+__device__ __forceinline__ void mbarrier_arrive(unsigned bar) {
+  asm volatile("{\n .reg .b64 state;\n mbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(bar) : "memory");
+}
+
+// Arrive if `pred` holds. The predicate stays inside the instruction: a branch around an
+// arrive between two wgmma groups would make ptxas serialize the groups (warning C7513).
+__device__ __forceinline__ void mbarrier_arrive_if(unsigned bar, bool pred) {
+  asm volatile("{\n .reg .pred p;\n .reg .b64 state;\n setp.ne.b32 p, %1, 0;\n @p mbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(
+                   bar),
+               "r"(int(pred))
+               : "memory");
+}
+
+// Arrive and announce `bytes` more bytes that the copy engine will report to this phase.
+__device__ __forceinline__ void mbarrier_arrive_expect_bytes(unsigned bar, unsigned bytes) {
+  asm volatile("{\n .reg .b64 state;\n mbarrier.arrive.expect_tx.shared::cta.b64 state, [%0], %1;\n}\n" ::"r"(bar),
+               "r"(bytes)
+               : "memory");
+}
+
+// Wait until the phase with this parity (0 for phases 0, 2, 4...; 1 for 1, 3, 5...) has
+// completed. try_wait suspends the thread for a while inside the instruction, so the loop
+// spins rarely.
+__device__ __forceinline__ void mbarrier_wait(unsigned bar, unsigned parity) {
+  unsigned done;
+  do {
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        " selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+
+// ---------------------------------------------------------------------------------
+// The bulk copy engine: `bytes` (a multiple of 16, both addresses 16-byte aligned) from
+// global to shared memory, completion reported to `bar`. The weights, read exactly once,
+// carry an L2 evict-first policy (marlin::make_evict_first_policy); the scales, re-read by
+// the next tiles of their group, do not.
+// ---------------------------------------------------------------------------------
+__device__ __forceinline__ void bulk_copy_evict_first(unsigned dst, const void* src, unsigned bytes, unsigned bar,
+                                                      unsigned long long policy) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;\n" ::"r"(
+          dst),
+      "l"(src), "r"(bytes), "r"(bar), "l"(policy)
+      : "memory");
+}
+
+__device__ __forceinline__ void bulk_copy(unsigned dst, const void* src, unsigned bytes, unsigned bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
+               "l"(src), "r"(bytes), "r"(bar)
+               : "memory");
+}
+
+// Arrive on `bar` once every cp.async this thread has issued so far has landed, without
+// waiting for them here (.noinc: the barrier's expected count already includes this arrival).
+__device__ __forceinline__ void cp_async_arrive(unsigned bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+
+// Shared memory written through the generic proxy (cp.async, st.shared) and read next by the
+// tensor cores through the async proxy needs a proxy fence between the two. It compiles to a
+// memory barrier that waits for the thread's own outstanding memory operations, so it belongs
+// in a thread that has none in flight: the consumer, after it has acquired the data on the
+// mbarrier and before its wgmma reads them -- never in the producer, whose copies of the next
+// tiles would all have to land first.
+__device__ __forceinline__ void fence_async_proxy() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// A barrier for `threads` threads (a multiple of 32) under hardware barrier `id` (1..15;
+// 0 is __syncthreads), so that one role can synchronise without the others.
+__device__ __forceinline__ void named_barrier(unsigned id, unsigned threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+// Give this warpgroup's registers back / take more (every warp of the warpgroup executes it).
+template <int kRegisters>
+__device__ __forceinline__ void release_registers() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegisters));
+}
+template <int kRegisters>
+__device__ __forceinline__ void claim_registers() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegisters));
+}
+
+// ---------------------------------------------------------------------------------
+// wgmma: issue, commit as a group, wait until at most kPending groups are in flight.
+// ---------------------------------------------------------------------------------
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int kPending>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
+}
+
+// The descriptor of a K-major B operand stored in 128-byte-swizzled atoms (8 rows x 128
+// bytes, 1024 bytes each, the 16-byte chunks of row r XOR-ed with r % 8) at shared address
+// `smem`: address / 16 in bits 0-13, the 8-row groups 1024 bytes apart (bits 32-45),
+// swizzle mode 1 = 128 bytes (bits 62-63); the leading offset (bits 16-29) is unused by
+// this layout and set to 1.
+__device__ __forceinline__ unsigned long long swizzled_operand(unsigned smem) {
+  return ((smem & 0x3FFFFu) >> 4) | (1ull << 16) | ((1024ull >> 4) << 32) | (1ull << 62);
+}
+
+// Byte offset of 16-byte chunk `chunk` of row `row` in a tile of kRows rows stored as
+// side-by-side 128-byte-swizzled atom columns (64 fp16 of K each).
+template <int kRows>
+__device__ __forceinline__ unsigned swizzled_chunk(int row, int chunk) {
+  return (chunk / 8) * (kRows * 128) + row * 128 + (((chunk % 8) ^ (row & 7)) * 16);
+}
+
+}  // namespace hopper

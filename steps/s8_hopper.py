@@ -1,0 +1,160 @@
+"""Rung 8: Hopper-native -- stop issuing copies and start specializing warps.
+
+s6 is the MARLIN paper's kernel: every thread copies, waits at the block barrier,
+dequantizes and multiplies. On an H200 that one role cannot keep enough bytes in flight
+per SM nor issue few enough instructions per weight (s6 streams at ~70 % of the read
+bandwidth there, against ~98 % on an H100). This rung keeps s4's weight layout and
+dequantization and s6's striped schedule and no-wait global reduction, and changes who
+does what (csrc/s8_hopper.cu draws it):
+
+* one producer warp feeds a ring of 128 x 256 weight tiles with the bulk copy engine
+  (eight 2 KB copies a tile, completion counted in bytes on an mbarrier) and the
+  activation tile with cp.async; it never multiplies;
+* two consumer warpgroups (with the producer's spare registers, `setmaxnreg`) dequantize
+  into registers and multiply with `wgmma` -- the weights as its register operand, the
+  activations as its shared-memory operand -- for every batch size, and hand each slot
+  back on another mbarrier as soon as its wgmmas are done;
+* the ring is as deep as shared memory allows (up to 8 slots, ~130 KB of weights in
+  flight per SM), which is what the H200's bandwidth-latency product asks for.
+
+Numerics are s6's: the same dequantized fp16/bf16 weights (one rounding of (q - z) * s),
+fp32 accumulation, fp32 partial sums added in block order: error bound constant c = 10,
+and results bit-identical run to run. Compiled for sm_90a, so the rung runs on compute
+capability 9.0 (H100, H200) only; `MarlinLinear` falls back to s6 elsewhere.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+from reference.marlin_layout import stripe_length
+
+from ._cuda import get_kernel, gpu_support, has_wgmma, sm_count
+from .s4_marlin_layout import group_rows, i32, m_blocks_for
+from .s5_async_pipeline import max_dynamic_smem, zeros_or_scales
+from .s6_marlin import MAX_SLABS, Marlin
+from .step import SUPPORTED, Packed, Support
+
+TILE_K, TILE_N = 128, 256  # one ring slot: 8 k16 rows x 256 columns of weights
+THREADS = 384  # consumer warpgroups 0 and 1, producer warpgroup 2
+MAX_STAGES = 8
+REDUCE_BYTES = 4 * 32 * 32 * 4  # the warpgroups' hand-over buffer: one m-block of 4 warps
+
+
+@dataclass(frozen=True)
+class HopperConfig:
+    """One compiled variant of s8_hopper.cu. The shared-memory figure is passed to the kernel
+    (DYNAMIC_SMEM), which checks it against its own layout at compile time."""
+
+    m_blocks: int
+    stages: int
+    group_rows: int
+    zero_points: bool
+    bf16: bool
+    producer_fences: bool = False  # the kernel's PRODUCER_FENCES (a measured alternative)
+
+    @staticmethod
+    def stage_bytes(m_blocks: int, group_rows: int, zero_points: bool) -> int:
+        a = 16 * m_blocks * TILE_K * 2
+        w = TILE_K * TILE_N // 2
+        s_rows = 1 if group_rows == 0 or group_rows >= TILE_K else TILE_K // group_rows
+        s = (2 if zero_points else 1) * s_rows * TILE_N * 2
+        return -(-(a + w + s) // 1024) * 1024
+
+    @staticmethod
+    def fixed_bytes(stages: int) -> int:
+        """Alignment slack, the hand-over buffer and the mbarriers (two per slot and a flag)."""
+        return 1024 + REDUCE_BYTES + 16 * stages + 16
+
+    @property
+    def smem_bytes(self) -> int:
+        return self.fixed_bytes(self.stages) + self.stages * self.stage_bytes(self.m_blocks, self.group_rows, self.zero_points)
+
+    def defines(self) -> tuple[tuple[str, int], ...]:
+        return (
+            ("M_BLOCKS", self.m_blocks),
+            ("STAGES", self.stages),
+            ("GROUP_ROWS", self.group_rows),
+            ("ZERO_POINTS", int(self.zero_points)),
+            ("BF16", int(self.bf16)),
+            ("PRODUCER_FENCES", int(self.producer_fences)),
+            ("DYNAMIC_SMEM", self.smem_bytes),
+        )
+
+
+class Hopper(Marlin):
+    """s6's weight layout, schedule and reduction workspace; Hopper's copies, barriers and MMA."""
+
+    name = "s8_hopper"
+    title = "Hopper: bulk copies on mbarriers, a producer warp, wgmma consumers"
+    idea = (
+        "Stop issuing copies and start specializing warps: one producer warp streams weight tiles "
+        "with the bulk copy engine into a deep mbarrier ring, two warpgroups dequantize and multiply with wgmma."
+    )
+    max_stages: int | None = MAX_STAGES  # tuning override of the ring depth
+    producer_fences: bool = False  # tuning switch: publish the activations the PRODUCER_FENCES way
+
+    def available(self) -> Support:
+        base = gpu_support()
+        if not base:
+            return base
+        import cupy
+
+        if not has_wgmma(cupy.cuda.Device().id):
+            return Support(False, "needs a Hopper GPU (compute capability 9.0: bulk copies, mbarriers, wgmma)")
+        return SUPPORTED
+
+    def _supports(self, M: int, K: int, N: int, group_size: int) -> Support:
+        if K % TILE_K or N % TILE_N:
+            return Support(False, f"{self.name} needs K divisible by {TILE_K} and N by {TILE_N}, got K={K}, N={N}")
+        return SUPPORTED
+
+    def config(
+        self, M: int, K: int, N: int, group_size: int, device: int, zero_points: bool = False, bf16: bool = False
+    ) -> HopperConfig:
+        """The variant for an M-row launch: slabs of up to 64 rows, the deepest ring that fits."""
+        m_blocks, rows = m_blocks_for(M), group_rows(group_size)
+        stage = HopperConfig.stage_bytes(m_blocks, rows, zero_points)
+        limit = max_dynamic_smem(device)
+        stages = self.max_stages or MAX_STAGES
+        while stages > 4 and HopperConfig.fixed_bytes(stages) + stages * stage > limit:
+            stages -= 1
+        cfg = HopperConfig(m_blocks, stages, rows, zero_points, bf16, self.producer_fences)
+        if cfg.smem_bytes > limit:
+            raise ValueError(f"{self.name}: a 4-slot ring needs {cfg.smem_bytes} bytes of shared memory, this GPU has {limit}")
+        return cfg
+
+    def schedule(
+        self, M: int, K: int, N: int, group_size: int, device: int, zero_points: bool = False, bf16: bool = False
+    ):
+        """(config, iters, blocks): s6's striped partition of the (slab, column, k) tiles."""
+        cfg = self.config(M, K, N, group_size, device, zero_points, bf16)
+        slabs = -(-M // (16 * cfg.m_blocks))
+        k_tiles, n_tiles = K // TILE_K, N // TILE_N
+        iters = stripe_length(slabs * k_tiles * n_tiles, k_tiles, self.sms or sm_count(device), self.reduction_cost)
+        return cfg, iters, -(-(slabs * k_tiles * n_tiles) // iters)
+
+    def kernel(self, cfg: HopperConfig, device: int) -> Any:
+        return _load(self.name, cfg, device)
+
+    def _launch(self, A: Any, packed: Packed, out: Any) -> None:
+        M, K, N = A.shape[0], packed.K, packed.N
+        ws = self.workspace(packed.device, N)
+        rows_per_launch = MAX_SLABS * 64
+        for r0 in range(0, M, rows_per_launch):
+            r1 = min(M, r0 + rows_per_launch)
+            cfg, iters, blocks = self.schedule(
+                r1 - r0, K, N, packed.group_size, packed.device, "zeros" in packed.arrays, packed.dtype == "bfloat16"
+            )
+            args = (A[r0:r1], packed.arrays["qweight"], packed.arrays["scales"], zeros_or_scales(packed), out[r0:r1],
+                    i32(r1 - r0), i32(K), i32(N), ws.counters, ws.partials, i32(iters))
+            self.kernel(cfg, packed.device)((blocks,), (THREADS,), args, shared_mem=cfg.smem_bytes)
+
+
+@functools.cache
+def _load(source: str, cfg: HopperConfig, device: int) -> Any:
+    kernel = get_kernel(source, source, cfg.defines(), device=device, arch_specific=True)
+    kernel.max_dynamic_shared_size_bytes = cfg.smem_bytes
+    return kernel

@@ -134,7 +134,7 @@ def _figure(panels: int, width: float, height: float):
     caller's matplotlib backend (a notebook's inline one) as it was."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width * panels, height))
+    fig = Figure(figsize=(width * panels, height), layout="tight")
     return fig, fig.subplots(1, panels, squeeze=False)[0]
 
 
@@ -165,7 +165,6 @@ def _speedup_axes(
 
 def _save(fig, path: Path) -> None:
     """Write a figure without a timestamp, so regenerating it reproduces the same bytes."""
-    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, metadata={"Software": None})
 

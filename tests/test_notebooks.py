@@ -94,6 +94,26 @@ def test_stored_measurements_and_profile_rows():
         assert text.index(stored_gpus()[0]) < text.index("| 16 |")
 
 
+def test_stored_results_show_the_newest_gpu_first(tmp_path, monkeypatch):
+    import json
+
+    from steps.harness import notebook_support as nb
+    from test_report import row
+
+    rows = [row(rung, us, M=M, gpu=gpu, date=date, preset="ideal", shape="64x64")
+            for gpu, date, us in (("Old GPU", "2026-11-01T00:00:00+00:00", 20.0), ("New GPU", "2026-12-01T00:00:00+00:00", 10.0))
+            for M in (1, 16, 64) for rung in ("fp16", "s5_async_pipeline", "s6_marlin")]  # fmt: skip
+    (tmp_path / "run.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setattr(nb, "RESULTS_DIR", tmp_path)
+    assert nb.stored_gpus() == ["New GPU", "Old GPU"]
+    assert {r["gpu"] for r in nb.stored_by_batch("s6_marlin").values()} == {"New GPU"}
+    assert nb.measured_read_gbps() == (2.0, "New GPU")
+    text = nb.measured("s6_marlin", below="s5_async_pipeline").text
+    assert text.index("New GPU") < text.index("Old GPU") and "| 16 | 10.0 µs · 10× | 10.0 µs · 10× | 1× |" in text
+    assert [gpu for gpu, pictures in nb.stored_pictures()] == ["New GPU", "Old GPU"]
+    assert nb.stored_pictures()[0][1][1]._repr_png_().startswith(b"\x89PNG")
+
+
 @pytest.mark.parametrize("stem", CHAPTERS)
 def test_chapter_runs(stem, monkeypatch):
     # The kernel must import this checkout's `reference` and `steps`, installed or not.

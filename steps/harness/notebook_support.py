@@ -219,15 +219,15 @@ def stored_by_batch(name: str, preset: str = "ideal", gpu: str | None = None, gr
 
 def measured(name: str, below: str, presets=("ideal", "llama-7b"), batches=(1, 16, 64)) -> Md:
     """The stored times of rung `name` beside the rung below it at a few batch sizes, with the
-    gain (the time below over this rung's), for each preset on each GPU, the newest first;
+    gain (the time below over this rung's), GPU by GPU, the newest first, for each preset;
     then both rungs' rows of the Nsight Compute profiles."""
 
     def cell(row: dict | None) -> str:
         return f"{row['us']:,.1f} µs · {row['speedup_vs_fp16']:.3g}×" if row else "not stored"
 
     parts = []
-    for preset in presets:
-        for gpu in stored_gpus():
+    for gpu in stored_gpus():
+        for preset in presets:
             this, prev = stored_by_batch(name, preset, gpu), stored_by_batch(below, preset, gpu)
             if not this:
                 continue

@@ -1,10 +1,11 @@
-"""What the notebooks (notebooks/*.ipynb) share: the one place they get their helpers.
+"""What the chapters (notebooks/NN_name.py) share: the one place they get their helpers.
 
 Each notebook is a chapter about one rung. With these helpers it shows the rung's own
 source (never a copy of it), checks the rung against the reference, puts the rung's
-benchmark row beside the rung below it, and states the memory floor, without
-re-implementing any of that: times come from `steps.harness.bench`, stored results from
-`steps.harness.report`, the error bound from `reference.error_excess`.
+stored times beside the rung below it (every GPU of the committed results, the newest
+first), and states the memory floor, without re-implementing any of that: times come from
+`steps.harness.bench`, stored results, tables and pictures from `steps.harness.report`,
+the error bound from `reference.error_excess`.
 
 Everything degrades to a plain sentence when this checkout or this machine lacks
 something: a rung that is not written yet, no GPU, no stored results. So every notebook
@@ -16,10 +17,12 @@ elsewhere; nothing here needs IPython.
 
 from __future__ import annotations
 
+import io
 import re
 import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -190,22 +193,79 @@ def check(name: str, M: int, K: int, N: int, group_size: int = 128, seed: int = 
 
 
 # -- stored results, the floor ------------------------------------------------------------
-def stored_rows(name: str | None = None, preset: str = "ideal") -> list[dict]:
+def stored_rows(name: str | None = None, preset: str | None = "ideal") -> list[dict]:
     """Committed GPU rows (docs/results/*.jsonl, newest per key) of one rung (all rungs
-    if None) for one preset, ordered by GPU, shape and batch size."""
-    rows = [r for r in report.load_rows(RESULTS_DIR) if r["device"] == "cuda" and r["preset"] == preset]
+    if None) for one preset (all presets if None), ordered by GPU, shape and batch size."""
+    rows = [r for r in report.load_rows(RESULTS_DIR) if r["device"] == "cuda" and preset in (None, r["preset"])]
     if name is not None:
         rows = [r for r in rows if r["rung"] == name]
     return sorted(rows, key=lambda r: (r["gpu"], r["shape"], r["M"]))
 
 
-def stored_by_batch(name: str, preset: str = "ideal", gpu: str = "H100", group_size: int = 128) -> dict[int, dict]:
-    """Rung `name`'s stored rows on a `gpu` for one preset, by batch size M: the preset's
-    headline shape (its single shape, or the sum over a model's layers, as in
-    `report.headline_groups`). Empty when nothing is stored."""
-    rows = [r for r in stored_rows(name, preset) if gpu in r["gpu"] and r["group_size"] == group_size]
+def stored_gpus() -> list[str]:
+    """The GPUs of the committed results, the newest first (as `report.gpus_newest_first`)."""
+    return report.gpus_newest_first(stored_rows(None, None))
+
+
+def stored_by_batch(name: str, preset: str = "ideal", gpu: str | None = None, group_size: int = 128) -> dict[int, dict]:
+    """Rung `name`'s stored rows on `gpu` (default: the newest GPU) for one preset, by batch
+    size M: the preset's headline shape (its single shape, or the sum over a model's layers,
+    as in `report.headline_groups`). Empty when nothing is stored."""
+    gpu = gpu or next(iter(stored_gpus()), None)
+    rows = [r for r in stored_rows(name, preset) if r["gpu"] == gpu and r["group_size"] == group_size]
     groups = list(report.headline_groups(rows).values())
     return {r["M"]: r for r in groups[0]} if groups else {}
+
+
+def measured(name: str, below: str, presets=("ideal", "llama-7b"), batches=(1, 16, 64)) -> Md:
+    """The stored times of rung `name` beside the rung below it at a few batch sizes, with the
+    gain (the time below over this rung's), GPU by GPU, the newest first, for each preset;
+    then both rungs' rows of the Nsight Compute profiles."""
+
+    def cell(row: dict | None) -> str:
+        return f"{row['us']:,.1f} µs · {row['speedup_vs_fp16']:.3g}×" if row else "not stored"
+
+    parts = []
+    for gpu in stored_gpus():
+        for preset in presets:
+            this, prev = stored_by_batch(name, preset, gpu), stored_by_batch(below, preset, gpu)
+            if not this:
+                continue
+            shape = next(iter(this.values()))["shape"]
+            parts += [f"*{gpu}, preset `{preset}` ({'sum of its layers' if shape == 'sum' else shape}): "
+                      "time · speedup over FP16, and the gain over the rung below.*", "",
+                      f"| M | {below} | {name} | gain |", "|---:|---:|---:|---:|"]  # fmt: skip
+            for M in batches:
+                a, b = prev.get(M), this.get(M)
+                gain = f"{a['us'] / b['us']:.3g}×" if a and b else "no stored pair"
+                parts.append(f"| {M} | {cell(a)} | {cell(b)} | {gain} |")
+            parts.append("")
+    if not parts:
+        parts = [f"*No stored measurement of `{name}` (presets {', '.join(presets)}) exists yet.*", ""]
+    return Md("\n".join(parts) + "\n" + ncu_rows(below, name).text)
+
+
+@dataclass(frozen=True)
+class Picture:
+    """A matplotlib figure that a notebook shows as a PNG (report's figures belong to no
+    pyplot backend, so the notebook's inline backend would not draw them by itself)."""
+
+    figure: Any
+
+    def _repr_png_(self) -> bytes:
+        buffer = io.BytesIO()
+        self.figure.savefig(buffer, format="png", dpi=90)
+        return buffer.getvalue()
+
+
+def stored_pictures() -> list[tuple[str, list[Picture]]]:
+    """(GPU, [speedup plot, waterfall]) from the committed results, the newest GPU first:
+    the pictures of the README, drawn by `steps.harness.report`."""
+    rows = stored_rows(None, None)
+    return [
+        (gpu, [Picture(figure([r for r in rows if r["gpu"] == gpu])) for _, _, figure in report.PICTURES])
+        for gpu in stored_gpus()
+    ]
 
 
 def ncu_rows(*names: str) -> Md:
@@ -224,13 +284,11 @@ def ncu_rows(*names: str) -> Md:
 
 
 def measured_read_gbps() -> tuple[float, str] | None:
-    """The median streaming-read bandwidth over the stored GPU rows, preferring H100s."""
-    rows = [r for r in report.load_rows(RESULTS_DIR) if r["device"] == "cuda"]
-    h100 = [r for r in rows if "H100" in r["gpu"]]
-    rows = h100 or rows
-    if not rows:
+    """The median streaming-read bandwidth over the newest GPU's stored rows, and its name."""
+    gpus = stored_gpus()
+    if not gpus:
         return None
-    return statistics.median(r["read_bw_gbps"] for r in rows), rows[0]["gpu"]
+    return statistics.median(r["read_bw_gbps"] for r in stored_rows(None, None) if r["gpu"] == gpus[0]), gpus[0]
 
 
 def benchmark_shape() -> tuple[int, int, int, str]:
@@ -239,8 +297,9 @@ def benchmark_shape() -> tuple[int, int, int, str]:
         machine = bench.describe_machine("cuda")
         sms, source = machine.sms, f"the {machine.name} here"
     else:
-        stored = stored_rows(None)
-        sms, source = (stored[0]["sms"], f"the {stored[0]['gpu']} of the stored results") if stored else (H100_SMS, "an H100 SXM")
+        gpus = stored_gpus()
+        stored = next((r for r in stored_rows(None, None) if r["gpu"] == gpus[0]), None) if gpus else None
+        sms, source = (stored["sms"], f"the {stored['gpu']} of the stored results") if stored else (H100_SMS, "an H100 SXM")
     (K, N), = bench.preset_shapes("ideal", sms)
     return K, N, sms, source
 
@@ -326,16 +385,6 @@ def benchmark(name: str, below: str | None = None, preset: str = "ideal", batche
             f"`python -m steps bench --rungs {name} --json docs/results/<gpu>.jsonl` measures them.*{note}"
         )
     return _tables(rows, f"Stored GPU results from `docs/results/` ({why}):")
-
-
-# -- the torch layer ----------------------------------------------------------------------
-def torch_layer_module() -> str | None:
-    """The `steps` module that defines MarlinLinear, if this checkout has one (found by
-    reading the sources, so nothing is imported that might need a GPU)."""
-    for path in sorted((REPO / "steps").rglob("*.py")):
-        if re.search(r"^class MarlinLinear\b", path.read_text(), re.MULTILINE):
-            return ".".join(path.relative_to(REPO).with_suffix("").parts)
-    return None
 
 
 # -- pictures -----------------------------------------------------------------------------

@@ -2,17 +2,52 @@
 
 Nothing in the README's results section is typed by hand: this module rewrites it from
 the JSON lines, and rerunning it on the same data reproduces the same bytes (rows are
-sorted, the plot carries no timestamp).
+sorted, the plots carry no timestamp). Results are shown GPU by GPU, the GPU that joined
+the results last first, each with two pictures: speedup over FP16 by batch size, and a
+waterfall of where the speedup comes from, one bar per rung's idea. A rung has the same
+colour in every plot (`RUNG_COLOURS`).
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import re
+import zlib
 from collections import defaultdict
 from pathlib import Path
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+# One colour per rung in every plot, by name, so a rung keeps its colour whichever rungs a
+# plot shows (and rungs that are planned have theirs already). FP16 is the grey reference.
+RUNG_COLOURS = {
+    "fp16": "#7f7f7f",
+    "s0_numpy": "#8c564b",
+    "s1_numba_naive": "#e377c2",
+    "s2_smem_tiling": "#bcbd22",
+    "s3_tensor_cores": "#17becf",
+    "s4_marlin_layout": "#9467bd",
+    "s5_async_pipeline": "#ff7f0e",
+    "s6_marlin": "#1f77b4",
+    "s7_sparse_marlin": "#2ca02c",
+    "s8_hopper": "#d62728",
+}
+# Anything else a plot shows (a peer library's kernel): a dark colour chosen by its name.
+OTHER_COLOURS = ("#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd")
+FLOOR_COLOUR = "black"
+# The waterfall's batch size: decode batches, where the paper's kernels are memory-bound.
+WATERFALL_M = 16
+
+
+def rung_colour(name: str) -> str:
+    """The colour of rung (or baseline, or peer) `name` in every plot."""
+    return RUNG_COLOURS.get(name) or OTHER_COLOURS[zlib.crc32(name.encode()) % len(OTHER_COLOURS)]
+
+
+def is_sparse(rung: str) -> bool:
+    """Whether a rung streams 2:4-sparse weights (3 bits per weight instead of 4)."""
+    return "sparse" in rung
 
 
 def load_rows(results_dir: Path) -> list[dict]:
@@ -29,6 +64,20 @@ def load_rows(results_dir: Path) -> list[dict]:
     return list(newest.values())
 
 
+def gpus_newest_first(rows: list[dict]) -> list[str]:
+    """The GPUs of `rows`, the one first measured most recently first: a GPU joins the
+    results after the ones before it, and re-measuring an older GPU does not move it."""
+    first: dict[str, str] = {}
+    for r in rows:
+        first[r["gpu"]] = min(first.get(r["gpu"], r["date"]), r["date"])
+    return sorted(first, key=lambda gpu: (first[gpu], gpu), reverse=True)
+
+
+def gpu_slug(gpu: str) -> str:
+    """A GPU's name as a file name part: 'NVIDIA H100 80GB HBM3' -> 'NVIDIA_H100_80GB_HBM3'."""
+    return re.sub(r"\W+", "_", gpu).strip("_")
+
+
 def _rung_order(rows: list[dict]) -> list[str]:
     from ..registry import STEPS
 
@@ -38,11 +87,12 @@ def _rung_order(rows: list[dict]) -> list[str]:
 
 
 def all_groups(rows: list[dict]) -> dict[tuple, list[dict]]:
-    """Rows grouped by (gpu, preset, shape, group), sorted."""
+    """Rows grouped by (gpu, preset, shape, group), the newest GPU's first, then sorted."""
+    rank = {gpu: i for i, gpu in enumerate(gpus_newest_first(rows))}
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         groups[(r["gpu"], r["preset"], r["shape"], r["group_size"])].append(r)
-    return dict(sorted(groups.items()))
+    return dict(sorted(groups.items(), key=lambda item: (rank[item[0][0]], item[0])))
 
 
 def headline_groups(rows: list[dict]) -> dict[tuple, list[dict]]:
@@ -51,6 +101,13 @@ def headline_groups(rows: list[dict]) -> dict[tuple, list[dict]]:
     groups = all_groups(rows)
     has_sum = {(g, p, gs) for (g, p, s, gs) in groups if s == "sum"}
     return {k: v for k, v in groups.items() if k[2] == "sum" or (k[0], k[1], k[3]) not in has_sum}
+
+
+def floor_us(rows: list[dict], M: int, sparse: bool) -> float | None:
+    """The memory floor at batch M of one shape's rows: the weight bytes of a dense (or
+    2:4-sparse) rung over the read bandwidth measured in the same run; None if no such row."""
+    row = next((r for r in rows if r["M"] == M and r["rung"] != "fp16" and is_sparse(r["rung"]) == sparse), None)
+    return None if row is None else row["weight_bytes"] / (row["read_bw_gbps"] * 1e3)
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -64,27 +121,37 @@ def markdown_table(rows: list[dict]) -> str:
             cells.append("" if r is None else f"{r['us']:.1f} µs · {r['speedup_vs_fp16']:.2f}× · {r['pct_of_read_bw']:.0f}%")
         lines.append(f"| {rung} | " + " | ".join(cells) + " |")
     # The byte floors: the dense rungs stream 4-bit codes, the 2:4 rung 3 bits per weight.
-    for label, pick in (("int4", lambda r: "sparse" not in r["rung"]), ("2:4 sparse int4", lambda r: "sparse" in r["rung"])):
-        floors = []
-        for m in Ms:
-            row = next((r for r in rows if r["M"] == m and r["rung"] != "fp16" and pick(r)), None)
-            floors.append("" if row is None else f"{row['weight_bytes'] / (row['read_bw_gbps'] * 1e3):.1f} µs")
-        if any(floors):
-            lines.append(f"| floor: {label} bytes / read bandwidth | " + " | ".join(floors) + " |")
+    for label, sparse in (("int4", False), ("2:4 sparse int4", True)):
+        floors = [floor_us(rows, m, sparse) for m in Ms]
+        if any(f is not None for f in floors):
+            lines.append(f"| floor: {label} bytes / read bandwidth | " + " | ".join("" if f is None else f"{f:.1f} µs" for f in floors) + " |")
     return "\n".join(lines)
 
 
+
+def _figure(panels: int, width: float, height: float):
+    """A row of `panels` axes on a Figure that no pyplot state holds, so plotting leaves the
+    caller's matplotlib backend (a notebook's inline one) as it was."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width * panels, height), layout="tight")
+    return fig, fig.subplots(1, panels, squeeze=False)[0]
+
+
 def _speedup_axes(
-    ax, curves: dict[str, list[tuple[int, float]]], xlabel: str, ylabel: str, title: str, legend_outside: bool = False
-) -> None:
+    ax, curves: dict[str, list[tuple[int, float]]], xlabel: str, ylabel: str, title: str,
+    colours: dict[str, str] | None = None, legend_outside: bool = False,
+) -> None:  # fmt: skip
     """One line per curve of (batch, speedup) points, log2 batch axis, legend (beside the axes
-    when there are too many curves to keep it off them) and grid."""
+    when there are too many curves to keep it off them) and grid. Curves are coloured by
+    `colours` (label -> colour), else by a palette that uses no colour twice."""
     import matplotlib
 
-    colors = matplotlib.colormaps["tab20" if len(curves) > 10 else "tab10"].colors  # no colour used twice
-    for (label, pts), color in zip(curves.items(), colors * (len(curves) // len(colors) + 1)):
+    palette = matplotlib.colormaps["tab20" if len(curves) > 10 else "tab10"].colors
+    for i, (label, pts) in enumerate(curves.items()):
         pts = sorted(pts)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label, color=color)
+        colour = colours[label] if colours else palette[i % len(palette)]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label, color=colour)
     ax.set_xscale("log", base=2)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -98,49 +165,132 @@ def _speedup_axes(
 
 def _save(fig, path: Path) -> None:
     """Write a figure without a timestamp, so regenerating it reproduces the same bytes."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, metadata={"Software": None})
-    plt.close(fig)
+
+
+def _panel_title(key: tuple) -> str:
+    gpu, preset, shape, g = key
+    return f"{gpu}\n{preset} ({'sum of its layers' if shape == 'sum' else shape}), group {g}"
+
+
+def speedup_figure(rows: list[dict]):
+    """Speedup over FP16 against batch size, one line per rung, one panel per headline shape."""
+    groups = headline_groups(rows)
+    fig, axes = _figure(len(groups), 5.5, 4.2)
+    for ax, (key, rs) in zip(axes, groups.items()):
+        curves = {rung: [(r["M"], r["speedup_vs_fp16"]) for r in rs if r["rung"] == rung] for rung in _rung_order(rs)}
+        _speedup_axes(ax, curves, "batch size M", "speedup over FP16 cuBLAS", _panel_title(key),
+                      colours={rung: rung_colour(rung) for rung in curves})  # fmt: skip
+        ax.set_yscale("log", base=2)
+    return fig
 
 
 def plot_speedup(rows: list[dict], path: Path) -> None:
-    """Speedup over FP16 against batch size, one line per rung, one panel per shape group."""
-    import matplotlib
+    """speedup_figure, written to `path`."""
+    _save(speedup_figure(rows), path)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def waterfall_batch(rows: list[dict]) -> int:
+    """The batch size a shape's waterfall shows: WATERFALL_M where it was measured, else
+    the batch size with the most rungs measured (the smallest of those)."""
+    counts = defaultdict(int)
+    for r in rows:
+        counts[r["M"]] += r["rung"] != "fp16"
+    return WATERFALL_M if counts.get(WATERFALL_M) else min(counts, key=lambda m: (-counts[m], m))
+
+
+def waterfall_steps(rows: list[dict], M: int) -> list[tuple[str, float, float]]:
+    """(rung, time before its idea, time after) at batch M, in ladder order, from rung 1 (or,
+    where rung 1 was not measured, the slowest rung) to the last rung measured. A rung builds on
+    the dense rung before it: a 2:4-sparse rung is a branch off it, not the base of the next."""
+    times = {r["rung"]: r["us"] for r in rows if r["M"] == M and r["rung"] != "fp16"}
+    chain = [rung for rung in _rung_order(rows) if rung in times]
+    if not chain:
+        return []
+    start = chain.index("s1_numba_naive") if "s1_numba_naive" in chain else max(range(len(chain)), key=lambda i: times[chain[i]])
+    chain = chain[start:]
+    steps, base = [(chain[0], times[chain[0]], times[chain[0]])], times[chain[0]]
+    for rung in chain[1:]:
+        steps.append((rung, base, times[rung]))
+        if not is_sparse(rung):
+            base = times[rung]
+    return steps
+
+
+def waterfall_figure(rows: list[dict]):
+    """Where the speedup comes from, one panel per headline shape: the first bar is the
+    starting rung's time, each later bar spans the time before and after one rung's idea
+    (hatched where the idea cost time at this batch size), with the FP16 time and the
+    memory floors drawn across. Log time axis, so a bar's length is the factor it bought."""
+    from matplotlib.ticker import FuncFormatter
 
     groups = headline_groups(rows)
-    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4.2), squeeze=False)
-    for ax, ((gpu, preset, shape, g), rs) in zip(axes[0], groups.items()):
-        curves = {rung: [(r["M"], r["speedup_vs_fp16"]) for r in rs if r["rung"] == rung] for rung in _rung_order(rs)}
-        _speedup_axes(ax, curves, "batch size M", "speedup over FP16 cuBLAS", f"{gpu}\n{preset} ({shape}), group {g}")
-        ax.set_yscale("log", base=2)
-    _save(fig, path)
+    fig, axes = _figure(len(groups), 5.5, 5.0)
+    for ax, (key, rs) in zip(axes, groups.items()):
+        M = waterfall_batch(rs)
+        steps = waterfall_steps(rs, M)
+        bottom = min([after for _, _, after in steps] + [f for s in (False, True) if (f := floor_us(rs, M, s))]) / 2
+        for x, (rung, before, after) in enumerate(steps):
+            low, high = (bottom, after) if x == 0 else sorted((before, after))
+            ax.bar(x, high - low, bottom=low, color=rung_colour(rung), hatch="//" if after > before else None,
+                   edgecolor="white" if after > before else rung_colour(rung))  # fmt: skip
+            label = f"{after:,.0f} µs" if x == 0 else f"{before / after:.2g}×"
+            ax.annotate(label, (x, after), xytext=(0, -9 if after < before or x == 0 else 3),
+                        textcoords="offset points", ha="center", fontsize=7)  # fmt: skip
+        fp16 = next((r["us"] for r in rs if r["M"] == M and r["rung"] == "fp16"), None)
+        lines = [("fp16 cuBLAS", fp16, rung_colour("fp16"), "-"), ("floor: int4 bytes", floor_us(rs, M, False), FLOOR_COLOUR, "--"),
+                 ("floor: 2:4 sparse bytes", floor_us(rs, M, True), FLOOR_COLOUR, ":")]  # fmt: skip
+        for label, us, colour, style in lines:
+            if us is not None:
+                ax.axhline(us, color=colour, ls=style, lw=1, label=f"{label}: {us:,.1f} µs")
+        ax.set_yscale("log")
+        ax.set_ylim(bottom=bottom)
+        # Plain numbers on the time axis, the minor ticks labelled at 2 and 5 times a power of ten.
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "25" else ""))
+        ax.tick_params(axis="y", which="both", labelsize=7)
+        ax.set_xticks(range(len(steps)), [rung.replace("_", "\n") for rung, _, _ in steps], fontsize=7)
+        ax.set_ylabel(f"time at M = {M} (µs)")
+        ax.set_title(f"where the speedup comes from: {_panel_title(key)}", fontsize=9)
+        ax.grid(True, axis="y", which="both", alpha=0.3)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, frameon=False)
+    return fig
 
 
-def results_markdown(rows: list[dict], plot_name: str, groups: dict[tuple, list[dict]] | None = None) -> str:
-    """The plot and one table per group (default: the headline groups)."""
+def results_markdown(rows: list[dict], plots: str, groups_of=headline_groups, level: int = 3) -> str:
+    """GPU by GPU, the newest first and the earlier ones under one heading after it: each
+    GPU's speedup plot and waterfall (files in folder `plots`, as `write_report` names them)
+    and one table per group (`groups_of`: headline_groups or all_groups)."""
     parts = [
-        f"![speedup over FP16 by batch size]({plot_name})",
-        "",
         "Each cell: median time · speedup over FP16 cuBLAS measured in the same run · "
-        "weight bandwidth as a share of the streaming-read bandwidth measured in the same run.",
+        "weight bandwidth as a share of the streaming-read bandwidth measured in the same run. "
+        f"The waterfalls show where the speedup comes from at M = {WATERFALL_M}: each bar is one rung's idea, "
+        "from the time before it to the time after it (log scale, so a bar's length is the factor it bought).",
     ]
-    for (gpu, preset, shape, g), rs in (groups or headline_groups(rows)).items():
-        dates = sorted({r["date"][:10] for r in rs})
-        versions = rs[0].get("versions", {})
-        parts += [
-            "",
-            f"**{gpu}**, preset `{preset}` ({'sum of its layers' if shape == 'sum' else shape}), group size {g}, "
-            f"measured {', '.join(dates)}; torch {versions.get('torch', '?')}, CuPy {versions.get('cupy', '?')}",
-            "",
-            markdown_table(rs),
-        ]
+    for i, gpu in enumerate(gpus_newest_first(rows)):
+        if i == 1:
+            parts += ["", f"{'#' * level} Earlier GPUs"]
+        mine = [r for r in rows if r["gpu"] == gpu]
+        parts += ["", f"{'#' * (level + (i > 0))} {gpu}"]
+        for name, what, _ in PICTURES:
+            parts += ["", f"![{what} on the {gpu}]({plots}{name}_{gpu_slug(gpu)}.png)"]
+        for (_, preset, shape, g), rs in groups_of(mine).items():
+            dates = sorted({r["date"][:10] for r in rs})
+            versions = rs[0].get("versions", {})
+            parts += [
+                "",
+                f"Preset `{preset}` ({'sum of its layers' if shape == 'sum' else shape}), group size {g}, "
+                f"measured {', '.join(dates)}; torch {versions.get('torch', '?')}, CuPy {versions.get('cupy', '?')}",
+                "",
+                markdown_table(rs),
+            ]
     return "\n".join(parts)
+
+
+# The pictures of each GPU: file name stem, what it shows, the function that draws it.
+PICTURES = (("ladder", "speedup over FP16 by batch size", speedup_figure),
+            ("waterfall", "where the speedup comes from", waterfall_figure))  # fmt: skip
 
 
 NCU_COLUMNS = {
@@ -189,15 +339,17 @@ def write_report(results_dir: Path, readme: Path) -> None:
     rows = [r for r in load_rows(results_dir) if r["device"] == "cuda"]
     if not rows:
         raise ValueError(f"no GPU results in {results_dir}/*.jsonl")
-    plot = results_dir / "ladder.png"
-    plot_speedup(rows, plot)
-    rel_plot = plot.relative_to(readme.parent) if plot.is_relative_to(readme.parent) else plot
     text = readme.read_text()
     if START not in text or END not in text:
         raise ValueError(f"{readme} has no {START} ... {END} section to fill")
+    for gpu in gpus_newest_first(rows):
+        mine = [r for r in rows if r["gpu"] == gpu]
+        for name, _, figure in PICTURES:
+            _save(figure(mine), results_dir / f"{name}_{gpu_slug(gpu)}.png")
+    plots = results_dir.relative_to(readme.parent) if results_dir.is_relative_to(readme.parent) else results_dir
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{START}\n{results_markdown(rows, str(rel_plot))}\n{END}{tail}")
+    readme.write_text(f"{head}{START}\n{results_markdown(rows, f'{plots.as_posix()}/')}\n{END}{tail}")
     write_profiles(results_dir)
     write_e2e(results_dir / "e2e")
     page = "\n".join([
@@ -208,7 +360,7 @@ def write_report(results_dir: Path, readme: Path) -> None:
         "[profiles.md](profiles.md) the Nsight Compute profiles; [e2e/](e2e/README.md) end-to-end decoding; "
         "[../methodology.md](../methodology.md) how everything is measured.",
         "",
-        results_markdown(rows, plot.name, all_groups(rows)),
+        results_markdown(rows, "", all_groups, level=2),
     ])  # fmt: skip
     (results_dir / "README.md").write_text(page + "\n")
 
@@ -252,12 +404,7 @@ def write_e2e(e2e_dir: Path) -> None:
             parts.append("| " + " | ".join(cells) + " |")
     (e2e_dir / "README.md").write_text("\n".join(parts) + "\n")
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(9.5, 4))
+    fig, (ax,) = _figure(1, 9.5, 4)
     gpus = sorted({key[0] for key in runs})
     # One curve per configuration: a run that crossed midnight (UTC) is two tables but one curve.
     configs: dict[tuple, list[dict]] = defaultdict(list)

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import tempfile
 from collections import defaultdict
 from pathlib import Path
+
+from .bench import BASELINE_TITLES
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
@@ -32,7 +36,7 @@ def load_rows(results_dir: Path) -> list[dict]:
 def _rung_order(rows: list[dict]) -> list[str]:
     from ..registry import STEPS
 
-    names = ["fp16"] + [s.name for s in STEPS]
+    names = [*BASELINE_TITLES] + [s.name for s in STEPS]
     present = {r["rung"] for r in rows}
     return [n for n in names if n in present] + sorted(present - set(names))
 
@@ -67,7 +71,7 @@ def markdown_table(rows: list[dict]) -> str:
     for label, pick in (("int4", lambda r: "sparse" not in r["rung"]), ("2:4 sparse int4", lambda r: "sparse" in r["rung"])):
         floors = []
         for m in Ms:
-            row = next((r for r in rows if r["M"] == m and r["rung"] != "fp16" and pick(r)), None)
+            row = next((r for r in rows if r["M"] == m and r["rung"] not in BASELINE_TITLES and pick(r)), None)
             floors.append("" if row is None else f"{row['weight_bytes'] / (row['read_bw_gbps'] * 1e3):.1f} µs")
         if any(floors):
             lines.append(f"| floor: {label} bytes / read bandwidth | " + " | ".join(floors) + " |")
@@ -96,14 +100,51 @@ def _speedup_axes(
         ax.legend(fontsize=7)
 
 
+# Metadata naming the tool's version, per format that has any; dates are pinned through
+# SOURCE_DATE_EPOCH, which matplotlib honours for every format (PostScript has no other way).
+# Without both, regenerating a plot would not reproduce the same bytes.
+_NO_STAMP = {"png": {"Software": None}, "svg": {"Date": None, "Creator": None}, "svgz": {"Date": None, "Creator": None},
+             "pdf": {"CreationDate": None, "Producer": None, "Creator": None},
+             "ps": {"Creator": "matplotlib"}, "eps": {"Creator": "matplotlib"}}  # fmt: skip
+
+
+def plot_format(path: Path) -> str:
+    """The matplotlib format that `path`'s suffix names; ValueError listing the formats when none."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    formats = FigureCanvasAgg.get_supported_filetypes()
+    fmt = path.suffix.lower().lstrip(".")
+    if fmt not in formats:
+        raise ValueError(f"cannot write a plot to {path}: the file name must end in one of .{', .'.join(sorted(formats))}")
+    return fmt
+
+
 def _save(fig, path: Path) -> None:
-    """Write a figure without a timestamp, so regenerating it reproduces the same bytes."""
+    """Write a figure without a timestamp, in the format its suffix names, all or nothing: it
+    is written under its own name in a temporary folder beside `path` and moved into place,
+    so a failure leaves no broken file."""
     import matplotlib.pyplot as plt
 
+    fmt = plot_format(path)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, metadata={"Software": None})
-    plt.close(fig)
+    pinned = os.environ.get("SOURCE_DATE_EPOCH")
+    os.environ["SOURCE_DATE_EPOCH"] = "0"
+    try:
+        with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as scratch:
+            whole = Path(scratch) / path.name
+            with plt.rc_context({"svg.hashsalt": "marlin-ladder"}):  # SVG ids are random hashes otherwise
+                fig.savefig(whole, format=fmt, dpi=110, metadata=_NO_STAMP.get(fmt))
+            whole.replace(path)
+    finally:
+        if pinned is None:
+            del os.environ["SOURCE_DATE_EPOCH"]
+        else:
+            os.environ["SOURCE_DATE_EPOCH"] = pinned
+        plt.close(fig)
 
 
 def plot_speedup(rows: list[dict], path: Path) -> None:
@@ -117,7 +158,8 @@ def plot_speedup(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4.2), squeeze=False)
     for ax, ((gpu, preset, shape, g), rs) in zip(axes[0], groups.items()):
         curves = {rung: [(r["M"], r["speedup_vs_fp16"]) for r in rs if r["rung"] == rung] for rung in _rung_order(rs)}
-        _speedup_axes(ax, curves, "batch size M", "speedup over FP16 cuBLAS", f"{gpu}\n{preset} ({shape}), group {g}")
+        baseline = next((BASELINE_TITLES[r["rung"]] for r in rs if r["rung"] in BASELINE_TITLES), "FP16 cuBLAS")
+        _speedup_axes(ax, curves, "batch size M", f"speedup over {baseline}", f"{gpu}\n{preset} ({shape}), group {g}")
         ax.set_yscale("log", base=2)
     _save(fig, path)
 

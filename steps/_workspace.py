@@ -16,7 +16,9 @@ current stream's, ahead of the first launch); later launches find it in a dict, 
 steady state adds no launch and no allocation, only a capture-status query. A new
 workspace is allocated and zeroed on a private, non-capturing stream and that stream is
 synchronised before use, so under capture no memset is recorded into the graph (a graph
-would re-zero on every replay) and nothing waits on the capturing stream. Workspaces are
+would re-zero on every replay) and nothing waits on the capturing stream; during capture
+the allocation runs in CUDA's relaxed capture mode (`capture_tolerant`), as torch's own
+allocator does. Workspaces are
 never freed: a captured graph may still point at one after it was outgrown, and there is
 one per stream or graph, a few MB each.
 """
@@ -24,6 +26,7 @@ one per stream or graph, a few MB each.
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +37,23 @@ class ReductionWorkspace:
 
     counters: Any
     partials: Any
+
+
+@contextmanager
+def capture_tolerant():
+    """Let this thread allocate while a capture is under way (CUDA's relaxed capture mode):
+    cudaMalloc is a "potentially unsafe" call during capture because the graph does not
+    record it, which is just what a workspace that outlives the graph wants. torch's caching
+    allocator does the same around its own allocations during capture."""
+    from cuda.bindings import driver
+
+    err, previous = driver.cuThreadExchangeStreamCaptureMode(driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_RELAXED)
+    if err != driver.CUresult.CUDA_SUCCESS:
+        raise RuntimeError(f"cuThreadExchangeStreamCaptureMode failed: {err}")
+    try:
+        yield
+    finally:
+        driver.cuThreadExchangeStreamCaptureMode(previous)
 
 
 def capture_id(stream_ptr: int) -> int:
@@ -79,7 +99,7 @@ class WorkspaceCache:
             if old is not None:
                 counters, partials = max(counters, old.counters.size), max(partials, old.partials.size)
                 self._outgrown.append(old)
-            with cupy.cuda.Device(device):
+            with cupy.cuda.Device(device), capture_tolerant() if key[2] else nullcontext():
                 side = cupy.cuda.Stream(non_blocking=True)
                 with side:
                     ws = ReductionWorkspace(cupy.zeros(counters, dtype=cupy.int32), cupy.empty(partials, dtype=cupy.float32))

@@ -190,3 +190,35 @@ def test_bench_refuses_any_bad_argument_before_working(good, bad, at):
     assert rc not in (0, None), (argv, out.getvalue())
     assert "Traceback" not in err.getvalue() and err.getvalue().strip(), argv
     assert "Benchmarking" not in out.getvalue(), argv  # nothing ran
+
+
+# -- s1 under Numba's simulator, from several threads ----------------------------------------------
+
+
+def test_s1_under_the_simulator_is_safe_from_several_threads():
+    """The simulator swaps the kernel module's globals during a launch; without the lock in
+    steps/s1_numba_naive.py, concurrent launches fail with "'Thread' object has no attribute
+    'blockIdx'"."""
+    import threading
+
+    s1 = steps.get("s1_numba_naive")
+    if not (s1.available() and s1.host_arrays):
+        pytest.skip("runs where s1 is simulated (NUMBA_ENABLE_CUDASIM=1, as conftest sets on CPU machines)")
+    rng = np.random.default_rng(0)
+    packed = s1.pack(ref.random_quantized_weight(rng, 128, 32, 32))
+    A = rng.standard_normal((2, 128)).astype(np.float16)
+    expected, failures = s1(A, packed), []
+
+    def launch_twice():
+        try:
+            for _ in range(2):
+                np.testing.assert_array_equal(s1(A, packed), expected)
+        except Exception as e:  # collected: an exception in a thread would not fail the test
+            failures.append(repr(e))
+
+    threads = [threading.Thread(target=launch_twice) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures, failures

@@ -159,8 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--seed", type=int, default=0, help="seed of the random problems")
     b = sub.add_parser("bench", help="benchmark the rungs side by side with the FP16 baseline")
     b.add_argument("--shapes", action="append", help="ideal, llama-7b, llama-70b, cpu-small or K,N[;K,N]; repeatable")
-    b.add_argument("--batch", type=positive_int, nargs="+", help="batch sizes M (default 1 2 4 ... 128 on a GPU, 1 16 on a CPU)")
-    b.add_argument("--rungs", nargs="+", help="rung names; each must run here (default: all this machine runs)")
+    b.add_argument("--batch", type=positive_int, nargs="+", action="extend",
+                   help="batch sizes M, repeatable (default 1 2 4 ... 128 on a GPU, 1 16 on a CPU)")
+    b.add_argument("--rungs", nargs="+", action="extend", help="rung names, repeatable; each must run here (default: all this machine runs)")
     b.add_argument("--group-size", type=int, default=128, choices=(-1, 32, 64, 128), help="rows of K per scale (-1: one per column)")
     b.add_argument("--json", help="append JSON lines (with GPU, versions, date) to this file")
     b.add_argument("--plot", help="save a speedup-vs-batch plot here, in the format its suffix names (.png, .svg, .pdf, ...)")

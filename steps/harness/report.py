@@ -8,6 +8,8 @@ sorted, the plot carries no timestamp).
 from __future__ import annotations
 
 import csv
+import gzip
+import io
 import json
 import os
 import tempfile
@@ -103,7 +105,7 @@ def _speedup_axes(
 # Metadata naming the tool's version, per format that has any; dates are pinned through
 # SOURCE_DATE_EPOCH, which matplotlib honours for every format (PostScript has no other way).
 # Without both, regenerating a plot would not reproduce the same bytes.
-_NO_STAMP = {"png": {"Software": None}, "svg": {"Date": None, "Creator": None}, "svgz": {"Date": None, "Creator": None},
+_NO_STAMP = {"png": {"Software": None}, "svg": {"Date": None, "Creator": None},
              "pdf": {"CreationDate": None, "Producer": None, "Creator": None},
              "ps": {"Creator": "matplotlib"}, "eps": {"Creator": "matplotlib"}}  # fmt: skip
 
@@ -137,7 +139,12 @@ def _save(fig, path: Path) -> None:
         with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as scratch:
             whole = Path(scratch) / path.name
             with plt.rc_context({"svg.hashsalt": "marlin-ladder"}):  # SVG ids are random hashes otherwise
-                fig.savefig(whole, format=fmt, dpi=110, metadata=_NO_STAMP.get(fmt))
+                if fmt == "svgz":  # matplotlib's gzip header carries the time: compress here, without it
+                    svg = io.BytesIO()
+                    fig.savefig(svg, format="svg", dpi=110, metadata=_NO_STAMP["svg"])
+                    whole.write_bytes(gzip.compress(svg.getvalue(), mtime=0))
+                else:
+                    fig.savefig(whole, format=fmt, dpi=110, metadata=_NO_STAMP.get(fmt))
             whole.replace(path)
     finally:
         if pinned is None:

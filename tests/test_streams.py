@@ -92,6 +92,7 @@ def test_graphs_replayed_concurrently_give_the_serial_results(step):
         for (A, packed), out in zip(problems, outs):
             step(A, packed, out=out)
     torch.cuda.synchronize()
+    workspaces_before = len(getattr(step, "_workspaces", ()))
     graphs = []
     for (A, packed), out in zip(problems, outs):
         graph = torch.cuda.CUDAGraph()
@@ -99,6 +100,8 @@ def test_graphs_replayed_concurrently_give_the_serial_results(step):
             for _ in range(REPEATS):
                 step(A, packed, out=out)
         graphs.append(graph)
+    if hasattr(step, "_workspaces"):  # rungs with a reduction workspace: one more per capture
+        assert len(step._workspaces) == workspaces_before + len(graphs)
     for out in outs:
         out.fill_(float("nan"))
     torch.cuda.synchronize()
@@ -120,3 +123,73 @@ def test_graphs_replayed_concurrently_give_the_serial_results(step):
     assert _overlapped(starts, ends), "the graph replays did not overlap; the test proved nothing"
     for got, want in zip(outs, serial):
         assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+
+
+# -- on the CPU: the workspace cache's keys, with a stand-in for CuPy ---------------------------------
+
+
+class _FakeCupy:
+    """Just what steps._workspace uses of CuPy: the current stream, devices, streams, arrays."""
+
+    def __init__(self):
+        import contextlib
+        import types
+
+        self.stream_ptr = 1
+        fake = self
+
+        class Stream:
+            def __init__(self, non_blocking=False):
+                pass
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return False
+
+            def synchronize(self):
+                pass
+
+        self.cuda = types.SimpleNamespace(
+            get_current_stream=lambda device=-1: types.SimpleNamespace(ptr=fake.stream_ptr),
+            Device=lambda device: contextlib.nullcontext(),
+            Stream=Stream,
+        )
+        self.int32, self.float32 = np.int32, np.float32
+
+    def zeros(self, n, dtype):
+        return np.zeros(n, dtype)
+
+    def empty(self, n, dtype):
+        return np.empty(n, dtype)
+
+
+def test_workspaces_are_one_per_stream_and_per_capture_and_never_freed(monkeypatch):
+    import sys
+
+    from steps import _workspace
+
+    cupy = _FakeCupy()
+    capturing = {}  # stream -> capture id
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    monkeypatch.setattr(_workspace, "capture_id", lambda ptr: capturing.get(ptr, 0))
+    monkeypatch.setattr(_workspace, "capture_tolerant", lambda: __import__("contextlib").nullcontext())
+    cache = _workspace.WorkspaceCache()
+
+    first = cache.get(0, 4096, 1000)
+    assert cache.get(0, 4096, 1000) is first and cache.get(0, 100, 10) is first  # same stream: reused
+    cupy.stream_ptr = 2
+    second = cache.get(0, 4096, 1000)
+    assert second is not first and not np.shares_memory(second.counters, first.counters)
+    assert cache.get(1, 4096, 1000) is not second  # another device
+    capturing[2] = 7  # two graphs captured one after another on the same stream
+    graph_a = cache.get(0, 4096, 1000)
+    capturing[2] = 8
+    graph_b = cache.get(0, 4096, 1000)
+    assert len({id(w) for w in (first, second, graph_a, graph_b)}) == 4
+    capturing[2] = 0
+    assert cache.get(0, 4096, 1000) is second  # eager again: the stream's own
+    grown = cache.get(0, 8192, 1000)
+    assert grown.counters.size == 8192 and grown.partials.size == 1000 and not grown.counters.any()
+    assert second in cache._outgrown  # a graph may still point at it

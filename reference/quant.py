@@ -15,7 +15,9 @@ product with the scale is rounded once to the element type -- exactly what `__hm
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -80,9 +82,11 @@ class QuantizedWeight:
     zeros: np.ndarray | None = None  # uint8 like scales; None means symmetric (zero 8)
 
     def __post_init__(self) -> None:
-        scales_dtype = np.asarray(self.scales).dtype
-        if scales_dtype not in ELEMENT_DTYPES:
-            raise TypeError(f"scales must be float16 or bfloat16, got {scales_dtype}")
+        """Check every field once, here, so that no rung, importer or reference function meets
+        a weight that means something other than what it says (see `_check_weight`)."""
+        codes, zeros = _check_weight(self.codes, self.scales, self.group_size, self.zeros)
+        object.__setattr__(self, "codes", codes)  # uint8, whatever unsigned type held the values
+        object.__setattr__(self, "zeros", zeros)
 
     @property
     def dtype(self) -> np.dtype:
@@ -108,6 +112,71 @@ class QuantizedWeight:
         return np.full(self.scales.shape, SYMMETRIC_ZERO, dtype=np.uint8)
 
 
+def _field(name: str) -> str:
+    return f"QuantizedWeight.{name}"
+
+
+def _check_codes_array(name: str, x: Any, shape: tuple[int, int] | None) -> np.ndarray:
+    """A 2-D array of unsigned integers 0..15 (codes or zero points), returned as uint8."""
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{_field(name)} must be a NumPy array of unsigned integers 0..15, got {type(x).__name__}")
+    if not np.issubdtype(x.dtype, np.unsignedinteger):
+        raise TypeError(
+            f"{_field(name)} must have an unsigned integer dtype (uint8 values 0..15), got {x.dtype}; "
+            "a signed or floating code has no single meaning (is -1 the code 15?), so convert it explicitly"
+        )
+    if x.ndim != 2 or 0 in x.shape:
+        raise ValueError(f"{_field(name)} must be a non-empty 2-D array, got shape {x.shape}")
+    if shape is not None and x.shape != shape:
+        raise ValueError(f"{_field(name)} must have shape {shape} like the scales, got {x.shape}")
+    top = int(x.max())
+    if top > 15:
+        where = tuple(int(i) for i in np.unravel_index(int(np.argmax(x)), x.shape))
+        raise ValueError(f"{_field(name)} must lie in 0..15 (4 bits), got {top} at {where}")
+    return x if x.dtype == np.uint8 else x.astype(np.uint8)
+
+
+def _check_weight(codes: Any, scales: Any, group_size: Any, zeros: Any) -> tuple[np.ndarray, np.ndarray | None]:
+    """Raise a one-sentence TypeError/ValueError naming the field unless the four fields form
+    a weight: codes (K, N) unsigned 0..15; group_size -1 or a positive divisor of K; scales
+    (groups, N) float16 or bfloat16, finite, and non-zero wherever a code differs from its zero
+    point; zeros None or like the scales, unsigned 0..15. Returns codes and zeros as uint8."""
+    codes = _check_codes_array("codes", codes, None)
+    K, N = codes.shape
+    if not isinstance(group_size, (int, np.integer)) or isinstance(group_size, bool):
+        raise TypeError(f"{_field('group_size')} must be an int (-1 or a divisor of K={K}), got {group_size!r}")
+    group_size = int(group_size)
+    if group_size != -1 and (group_size <= 0 or K % group_size):
+        raise ValueError(f"{_field('group_size')} must be -1 or a positive divisor of K={K}, got {group_size}")
+    if not isinstance(scales, np.ndarray):
+        raise TypeError(f"{_field('scales')} must be a NumPy array of float16 or bfloat16, got {type(scales).__name__}")
+    if scales.dtype not in ELEMENT_DTYPES:
+        raise TypeError(f"{_field('scales')} must be float16 or bfloat16, got {scales.dtype}")
+    groups = 1 if group_size == -1 else K // group_size
+    if scales.shape != (groups, N):
+        raise ValueError(
+            f"{_field('scales')} must have shape (groups, N) = ({groups}, {N}) for K={K}, N={N} and group_size "
+            f"{group_size}, got {scales.shape}"
+        )
+    wide = scales.astype(np.float32)
+    finite = np.isfinite(wide)
+    if not finite.all():
+        where = tuple(int(i) for i in np.argwhere(~finite)[0])
+        raise ValueError(f"{_field('scales')} must be finite, got {scales[where]} at (group, column) {where}")
+    if zeros is not None:
+        zeros = _check_codes_array("zeros", zeros, (groups, N))
+    if not wide.all():  # a zero scale is only meaningful for a group whose codes all sit at the zero point
+        zero_points = np.full((groups, N), SYMMETRIC_ZERO, np.uint8) if zeros is None else zeros
+        used = (codes.reshape(groups, K // groups, N) != zero_points[:, None, :]).any(axis=1)
+        if (used & (wide == 0)).any():
+            where = tuple(int(i) for i in np.argwhere(used & (wide == 0))[0])
+            raise ValueError(
+                f"{_field('scales')} is 0 at (group, column) {where}, where codes differ from the zero point; "
+                "a used scale must be non-zero"
+            )
+    return codes, zeros
+
+
 def check_group_size(group_size: int, K: int) -> None:
     """Raise ValueError unless `group_size` is one we support and divides K."""
     if group_size not in GROUP_SIZES:
@@ -131,8 +200,14 @@ def quantize(
     W = np.asarray(W)
     if W.ndim != 2:
         raise ValueError(f"W must be a 2-D (K, N) matrix, got shape {W.shape}")
+    if not (np.issubdtype(W.dtype, np.floating) or np.issubdtype(W.dtype, np.integer)) and W.dtype not in ELEMENT_DTYPES:
+        raise TypeError(f"W must hold real numbers (a float or integer dtype), got {W.dtype}")
     K, N = W.shape
     check_group_size(group_size, K)
+    finite = np.isfinite(W.astype(np.float64, copy=False))
+    if not finite.all():
+        where = tuple(int(i) for i in np.argwhere(~finite)[0])
+        raise ValueError(f"W must be finite to be quantized, got {W[where]} at (k, n) {where}")
     g = K if group_size == -1 else group_size
     Wg = W.astype(np.float64).reshape(K // g, g, N)
     if symmetric:
@@ -144,13 +219,23 @@ def quantize(
     scales = _round_up_to_element(s, dtype)
     scales[scales == 0] = 1  # an all-zero group: any scale reproduces it
     sf = scales.astype(np.float64)
+    sf[~np.isfinite(sf)] = math.inf  # an overflowing scale is refused below
     if symmetric:
         z = np.full(scales.shape, SYMMETRIC_ZERO, dtype=np.float64)
     else:
         z = np.clip(np.rint(-lo / sf), 0, 15)
-    q = np.clip(np.rint(Wg / sf[:, None, :]) + z[:, None, :], 0, 15).astype(np.uint8)
+    q = np.clip(np.rint(Wg / sf[:, None, :]) + z[:, None, :], 0, 15)
+    # Refuse rather than clamp: a clamped scale would change every weight of its group, silently.
+    top = float(np.abs((q - z[:, None, :]) * sf[:, None, :]).max()) if np.isfinite(sf).all() else math.inf
+    largest = float(ml_dtypes.finfo(dtype).max)
+    if not np.isfinite(round_to_element(top, dtype)):  # the dequantized weight rounds to inf
+        raise ValueError(
+            f"W has values up to {float(np.abs(Wg).max()):.6g} in magnitude, beyond what 4-bit codes times {dtype.name} "
+            f"scales reach without overflowing {dtype.name} (largest finite value {largest:.6g}); "
+            "scale the weights down or quantize with dtype=bfloat16"
+        )
     return QuantizedWeight(
-        codes=q.reshape(K, N),
+        codes=q.astype(np.uint8).reshape(K, N),
         scales=scales,
         group_size=group_size,
         zeros=None if symmetric else z.astype(np.uint8),

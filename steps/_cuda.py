@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import functools
 import hashlib
+from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ._arrays import as_cupy, caller_stream
+from ._first_run import VERDICTS, verdict_key
 from .step import SUPPORTED, Packed, Step, Support
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
@@ -108,10 +112,31 @@ def has_wgmma(device: int) -> bool:
         return compute_capability() == (9, 0)
 
 
+@functools.cache
+def _device_identity(device: int) -> tuple[str, int, int]:
+    """(name, major, minor) of CUDA device `device`: what a first-run verdict holds for."""
+    import cupy
+
+    props = cupy.cuda.runtime.getDeviceProperties(device)
+    name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+    return name, props["major"], props["minor"]
+
+
+# A small problem for a rung's first-run check: (M, K, N, group size), the first the rung
+# supports; per-variant checks (PipelinedStep) build their own.
+PROBE_PROBLEMS = ((5, 512, 512, 128), (5, 1024, 1024, 128), (5, 4096, 4096, 128))
+
+
 class CudaStep(Step):
-    """A rung whose product runs as a CUDA kernel on CuPy views of the caller's arrays."""
+    """A rung whose product runs as a CUDA kernel on CuPy views of the caller's arrays.
+
+    Before a kernel variant first runs on a kind of GPU it is checked once against the
+    reference (steps/_first_run.py). This base class checks the rung as one variant, on its
+    first launch on a device; rungs with many compiled variants check each instead
+    (`checks_each_variant`) by calling `first_run_check` where they load one."""
 
     device = "cuda"
+    checks_each_variant = False
 
     def available(self) -> Support:
         return gpu_support()
@@ -120,7 +145,61 @@ class CudaStep(Step):
         import cupy
 
         with cupy.cuda.Device(packed.device), caller_stream(A):
+            if not self.checks_each_variant:
+                self.first_run_check("rung", packed.device, self._probe_rung)
             self._launch(as_cupy(A), packed, as_cupy(out))
+
+    def first_run_check(self, variant: Hashable, device: int, probe: Callable[[int], str]) -> None:
+        """Return when `variant` of this rung has passed its first-run check on `device`'s kind
+        of GPU; run `probe(device)` (returns "" on a match, else what went wrong) if it never
+        ran; raise VariantRefused when the variant failed. Costs a dict lookup once passed."""
+        key = (self.name, variant, device)
+        if VERDICTS.passed(key):
+            return
+        import cupy
+
+        from ._workspace import capture_id
+
+        if capture_id(cupy.cuda.get_current_stream(device).ptr):
+            return  # nothing can be synchronised during capture: checked at the first eager launch
+        VERDICTS.check(
+            key,
+            f"{self.name} {variant}",
+            lambda: probe(device),
+            lambda: verdict_key(self.name, variant, _sources_hash(), _device_identity(device), cupy.__version__),
+        )
+
+    def check_first_run(self, K: int, N: int, group_size: int, zero_points: bool, dtype: str, device: int) -> None:
+        """Check (once) the variant a single-row product of this weight would launch; raise
+        VariantRefused when it fails. MarlinLinear calls this to choose a rung that passes."""
+        self.first_run_check("rung", device, self._probe_rung)
+
+    def probe(self, M: int, K: int, N: int, group_size: int, zero_points: bool, dtype: str, device: int) -> str:
+        """Run this rung once on a random M x K x N problem on `device` and compare with the
+        reference: "" when within the rung's error bound, else a sentence saying how far off."""
+        import cupy
+
+        from reference import error_excess, random_quantized_weight
+
+        from ._arrays import to_host, torch_from_host
+
+        rng = np.random.default_rng(0)
+        qw = random_quantized_weight(rng, K, N, group_size, symmetric=not zero_points, dtype=dtype)
+        A = rng.standard_normal((M, K), dtype=np.float32).astype(qw.dtype)
+        with cupy.cuda.Device(device):
+            A_dev = torch_from_host(A, f"cuda:{device}") if dtype == "bfloat16" else cupy.asarray(A)
+            C = to_host(self(A_dev, self.pack(qw)))
+        ratio = error_excess(C, A, self.reference_weight(qw), self.error_c)
+        if ratio <= 1:
+            return ""
+        return (
+            f"on a random {M} x {K} x {N} product (group size {group_size}) its largest error is {ratio:.3g} times "
+            "the bound c * u * (|A| @ |W|) (non-finite outputs count as infinitely far)"
+        )
+
+    def _probe_rung(self, device: int) -> str:
+        M, K, N, g = next(p for p in PROBE_PROBLEMS if self.supports(*p))
+        return self.probe(M, K, N, g, False, "float16", device)
 
     def _launch(self, A: Any, packed: Packed, out: Any) -> None:
         """Launch the rung's kernel(s) on CuPy's current stream."""

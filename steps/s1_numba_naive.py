@@ -17,6 +17,8 @@ which is at least as accurate as the reference's fp16 weight).
 from __future__ import annotations
 
 import os
+import threading
+from contextlib import nullcontext
 from typing import Any
 
 from reference import QuantizedWeight
@@ -27,6 +29,11 @@ from .step import SUPPORTED, Packed, Step, Support
 
 THREADS_PER_BLOCK = 128
 SIMULATED = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+SIMULATOR_HINT = "NUMBA_ENABLE_CUDASIM=1 runs it on the CPU under Numba's CUDA simulator (slowly)"
+# The simulator runs a launch by swapping the kernel module's `cuda` global for a fake one
+# and restoring it afterwards, so two launches from different threads would tear each
+# other's swap down: simulated launches take turns. Real launches need no lock.
+_SIMULATOR_LOCK = threading.Lock()
 
 
 def _kernel():
@@ -79,8 +86,8 @@ class NumbaNaive(Step):
         try:
             usable = cuda.is_available()
         except Exception as e:  # a missing or broken driver
-            return Support(False, f"no usable CUDA device ({e})")
-        return SUPPORTED if usable else Support(False, "no CUDA device found")
+            return Support(False, f"no usable CUDA device ({e}); {SIMULATOR_HINT}")
+        return SUPPORTED if usable else Support(False, f"no CUDA device found; {SIMULATOR_HINT}")
 
     def _supports(self, M: int, K: int, N: int, group_size: int) -> Support:
         return plain_layout_support(K)
@@ -93,7 +100,7 @@ class NumbaNaive(Step):
         grid = ((N + THREADS_PER_BLOCK - 1) // THREADS_PER_BLOCK, M)
         group_rows = packed.K if packed.group_size == -1 else packed.group_size
         a = packed.arrays
-        with caller_stream(A):
+        with caller_stream(A), _SIMULATOR_LOCK if SIMULATED else nullcontext():
             stream = _launch_stream(A)
             _kernel()[grid, (THREADS_PER_BLOCK, 1), stream](
                 _device_view(A), _device_view(a["qweight"]), _device_view(a["scales"]), _device_view(out), group_rows

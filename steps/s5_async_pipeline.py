@@ -23,7 +23,9 @@ stages that fit in 96 KB above.
 
 from __future__ import annotations
 
+import contextvars
 import functools
+import math
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -132,6 +134,8 @@ def max_dynamic_smem(device: int) -> int:
 class PipelinedStep(CudaStep):
     """Host side of the pipelined kernels: configuration choice and kernel loading."""
 
+    checks_each_variant = True  # many compiled variants: each is checked where it is loaded
+
     error_c = 10.0
     evict_first = True
     supports_zero_points = True
@@ -167,7 +171,11 @@ class PipelinedStep(CudaStep):
         self, M: int, K: int, N: int, group_size: int, device: int, zero_points: bool = False, bf16: bool = False
     ) -> TileConfig:
         """The compiled variant for this call: the plan's first tile shape that divides K and
-        N and whose stages (at least 3) fit the device's shared memory."""
+        N and whose stages (at least 3) fit the device's shared memory (or the variant a
+        first-run check is probing)."""
+        probed = _PROBED_VARIANT.get()
+        if probed is not None:
+            return probed
         plan = self.tile_plan(M, N, sm_count(device))
         tiles = dividing_tiles(K, N, plan.tiles)
         if zero_points and m_blocks_for(M) == MAX_M_BLOCKS:
@@ -204,7 +212,28 @@ class PipelinedStep(CudaStep):
         return min(self.smem_budget or plan.smem_budget, max_dynamic_smem(device) - own - probe.align_slack)
 
     def kernel(self, cfg: TileConfig, device: int) -> Any:
+        """The compiled variant `cfg`, checked against the reference the first time it runs
+        on this kind of GPU (steps/_first_run.py); VariantRefused if it failed."""
+        self.first_run_check(cfg, device, functools.partial(self._probe_variant, cfg))
         return _load(self.name, cfg, device)
+
+    def check_first_run(self, K: int, N: int, group_size: int, zero_points: bool, dtype: str, device: int) -> None:
+        self.kernel(self.config(1, K, N, group_size, device, zero_points, dtype == "bfloat16"), device)
+
+    def _probe_variant(self, cfg: TileConfig, device: int) -> str:
+        """Run variant `cfg` on the smallest problem it serves: two tiles each way, one row
+        short of its slab (so the row masking runs too)."""
+        K = 2 * math.lcm(cfg.tile_k, cfg.group_rows or 1)
+        token = _PROBED_VARIANT.set(cfg)
+        try:
+            dtype = "bfloat16" if cfg.bf16 else "float16"
+            return self.probe(max(1, 16 * cfg.m_blocks - 1), K, 2 * cfg.tile_n, cfg.group_rows or -1, cfg.zero_points, dtype, device)
+        finally:
+            _PROBED_VARIANT.reset(token)
+
+
+# The variant a first-run check runs: config() returns it for the probe's product.
+_PROBED_VARIANT: contextvars.ContextVar[TileConfig | None] = contextvars.ContextVar("probed_variant", default=None)
 
 
 @functools.cache

@@ -22,21 +22,22 @@ fp16((q - z) * s) formed with one rounding, bit for bit the reference's
 (reference.marlin_layout.dequantize_marlin models it).
 
 The workspace (one int32 counter per column slice and slab, and two fp32 partial-sum
-buffers per block) is allocated once per device, when weights are first packed there,
-and cached here; every launch leaves the counters zeroed, so CUDA-graph capture and
-replay need nothing per call. Launches that share a device must not run concurrently on
-different streams (they would share the workspace).
+buffers per block) is one per stream and one per captured graph (steps/_workspace.py), so
+launches on several streams and graphs replayed concurrently never share it; it is
+allocated on first use (pack allocates the current stream's), and every launch leaves the
+counters zeroed, so CUDA-graph capture and replay need nothing per call.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from reference import QuantizedWeight
 from reference.marlin_layout import stripe_length
 
 from ._cuda import has_wgmma, sm_count
+from ._workspace import ReductionWorkspace, WorkspaceCache
 from .s4_marlin_layout import i32
 from .s5_async_pipeline import (
     LARGE_BATCH_PLAN,
@@ -66,14 +67,6 @@ TWO_BLOCK_WIDE_PLAN = TilePlan(((256, 256), (128, 256)) + SMALL_BATCH_PLAN.tiles
 MAX_PARTIAL_FLOATS = 64 * 256  # one block's partial sums of a slice: a 64-row slab x TILE_N <= 256
 
 
-@dataclass(frozen=True)
-class ReductionWorkspace:
-    """Per-slice arrival counters (zero between launches) and two fp32 partial-sum buffers per block."""
-
-    counters: Any
-    partials: Any
-
-
 class Marlin(PipelinedStep):
     name = "s6_marlin"
     title = "MARLIN: SM-striped tiles, no-wait fp32 global reduction"
@@ -90,7 +83,7 @@ class Marlin(PipelinedStep):
     use_wgmma: bool = True  # tuning switch: False keeps mma.sync on Hopper too
 
     def __init__(self) -> None:
-        self._workspaces: dict[int, ReductionWorkspace] = {}
+        self._workspaces = WorkspaceCache()
 
     def tile_plan(self, M: int, N: int, sms: int | None) -> TilePlan:
         wide = sms is None or N >= 128 * (self.sms or sms)  # N / 256 column slices >= half the SMs
@@ -111,20 +104,10 @@ class Marlin(PipelinedStep):
         return packed
 
     def workspace(self, device: int, N: int) -> ReductionWorkspace:
-        """This device's zeroed workspace, grown (outside the hot path) to serve N columns."""
-        ws = self._workspaces.get(device)
+        """The zeroed workspace of CuPy's current stream (or capture) on `device`, serving N columns."""
         counters = max(MAX_SLABS * (N // MIN_TILE_N), 4096)
         partials = 2 * max(self.sms or 0, sm_count(device)) * MAX_PARTIAL_FLOATS
-        if ws is None or ws.counters.size < counters or ws.partials.size < partials:
-            import cupy
-
-            with cupy.cuda.Device(device):
-                ws = ReductionWorkspace(
-                    cupy.zeros(counters, dtype=cupy.int32), cupy.empty(partials, dtype=cupy.float32)
-                )
-                cupy.cuda.Device(device).synchronize()
-            self._workspaces[device] = ws
-        return ws
+        return self._workspaces.get(device, counters, partials)
 
     def schedule(
         self, M: int, K: int, N: int, group_size: int, device: int, zero_points: bool = False, bf16: bool = False

@@ -89,6 +89,11 @@ class Step:
         """Whether this machine can run the rung (a GPU, the right packages)."""
         return SUPPORTED
 
+    def check_first_run(self, K: int, N: int, group_size: int, zero_points: bool, dtype: str, device: int) -> None:
+        """Raise steps._first_run.VariantRefused when the kernel a single-row product of such a
+        weight would launch on CUDA device `device` failed its first-run check against the
+        reference (run once per variant and kind of GPU). Nothing to check on the CPU."""
+
     @property
     def host_arrays(self) -> bool:
         """True when the rung takes and returns NumPy arrays (CPU rungs, simulated CUDA)."""

@@ -68,7 +68,7 @@ def test_every_rung_has_its_own_colour_in_every_plot():
     pytest.importorskip("matplotlib")
     from steps.registry import STEPS
 
-    names = ["fp16", "s8_hopper"] + [s.name for s in STEPS]
+    names = sorted({"fp16", *(s.name for s in STEPS)})
     assert len({report.rung_colour(n) for n in names}) == len(names)
     assert report.rung_colour("some_peer") == report.rung_colour("some_peer")
     # The same rung is drawn in the same colour whichever rungs the plot shows.
@@ -123,3 +123,28 @@ def test_e2e_report_is_generated_from_the_json_lines_and_reproducible(tmp_path):
     assert "| 8 | s6_marlin | 508.0 |" in first_md and "1.97×" in first_md
     write_e2e(tmp_path)
     assert (tmp_path / "README.md").read_text() == first_md and (tmp_path / "e2e.png").read_bytes() == first_png
+
+
+def _agg_formats():
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    return sorted(FigureCanvasAgg.get_supported_filetypes())
+
+
+@pytest.mark.parametrize("fmt", _agg_formats() if __import__("importlib").util.find_spec("matplotlib") else [])
+def test_every_plot_format_is_written_whole_and_reproducibly_or_refused(tmp_path, fmt):
+    from steps.harness.report import plot_speedup
+
+    path = tmp_path / f"plot.{fmt}"
+    try:
+        plot_speedup(list(fake_rows()), path)
+    except Exception as e:  # a format whose writer needs what this machine lacks (pgf: LaTeX)
+        assert not path.exists() and not list(tmp_path.iterdir()), "a failed plot left a file behind"
+        assert str(e)
+        return
+    first = path.read_bytes()
+    assert first
+    plot_speedup(list(fake_rows()), path)
+    assert path.read_bytes() == first, f"{fmt} output carries a timestamp"

@@ -174,9 +174,9 @@ def test_unsupported_problems_say_why(step):
     for M, K, N, g in [(1, 100, 64, 128), (1, 256, 64, 100), (1, 0, 64, -1)]:
         verdict = step.supports(M, K, N, g)
         assert not verdict and verdict.reason
-    bad = ref.QuantizedWeight(np.zeros((256, 64), np.uint8), np.ones((1, 64), np.float16), 100)
+    unsupported = ref.QuantizedWeight(np.zeros((256, 64), np.uint8), np.ones((1, 64), np.float16), 256)
     with pytest.raises(ValueError, match="group_size"):
-        step.pack(bad)
+        step.pack(unsupported)
 
 
 @pytest.mark.parametrize("step", [p for p in ALL_STEPS if p.values[0].host_arrays])

@@ -8,8 +8,8 @@ M the activations are random; the output is poisoned with NaN, the rung runs onc
 its result is checked against the reference on the same data before any time is taken.
 Times come from `timing.measure` (CUDA-graph replay, median and IQR).
 
-Columns: time; speedup over the FP16 baseline (cuBLAS through torch.matmul on a GPU,
-NumPy float32 on a CPU); effective weight bandwidth (the packed weight, scale and
+Columns: time; speedup over the baseline (FP16 cuBLAS through torch.matmul on a GPU, row
+"fp16"; on a CPU a NumPy float32 product, row "numpy-fp32", named so in table, JSON and plot); effective weight bandwidth (the packed weight, scale and
 metadata bytes a call must read, divided by its time); and that bandwidth as a share
 of the streaming-read bandwidth measured in this run (a read-only reduction over a
 buffer far larger than the L2: weights are only read, so a copy's figure is the wrong
@@ -221,15 +221,38 @@ class ShapeBench:
         return measure(lambda i: step(A, copies[i], out=out), len(copies), self.machine.device), error
 
 
-def runnable_steps(machine: Machine, names: Iterable[str] | None) -> list[Step]:
-    chosen = [s for s in STEPS if names is None or s.name in set(names)]
-    if names is not None:
-        unknown = set(names) - {s.name for s in STEPS}
-        if unknown:
-            raise ValueError(f"unknown rung(s) {sorted(unknown)}; the rungs are: {', '.join(s.name for s in STEPS)}")
-    if machine.device == "cpu":
-        return [s for s in chosen if s.device == "cpu"]
-    return [s for s in chosen if s.device == "cuda" and s.available()]
+def _why_not_runnable(step: Step, device: str) -> str:
+    """Why `step` cannot be benchmarked on `device` ("" when it can)."""
+    if device == "cpu":
+        return "" if step.device == "cpu" else "it runs on a CUDA GPU and this benchmark runs on the CPU"
+    if step.device != "cuda":
+        return "it runs on the CPU and this benchmark runs on the GPU (pass --cpu for the CPU rungs)"
+    available = step.available()
+    return "" if available else available.reason
+
+
+def runnable_steps(device: str, names: Iterable[str] | None) -> list[Step]:
+    """Every rung this machine runs, or exactly the rungs named (ValueError naming any that is
+    unknown or cannot run here, and why)."""
+    if names is None:
+        return [s for s in STEPS if not _why_not_runnable(s, device)]
+    names = list(dict.fromkeys(names))
+    unknown = [n for n in names if n not in {s.name for s in STEPS}]
+    if unknown:
+        raise ValueError(f"unknown rung(s) {', '.join(unknown)}; the rungs are: {', '.join(s.name for s in STEPS)}")
+    chosen = [s for s in STEPS if s.name in names]
+    refused = [f"{s.name} ({why})" for s in chosen if (why := _why_not_runnable(s, device))]
+    if refused:
+        raise ValueError(f"cannot benchmark {'; '.join(refused)}")
+    return chosen
+
+
+def baseline_name(device: str) -> str:
+    """The baseline row's rung label: FP16 cuBLAS on a GPU, a NumPy float32 product on a CPU."""
+    return "fp16" if device == "cuda" else "numpy-fp32"
+
+
+BASELINE_TITLES = {"fp16": "FP16 cuBLAS", "numpy-fp32": "NumPy float32 matmul"}
 
 
 def run(
@@ -246,7 +269,7 @@ def run(
     machine = describe_machine(device)
     shapes = preset_shapes(preset, machine.sms)
     batches = tuple(batches)
-    steps = runnable_steps(machine, rung_names)
+    steps = runnable_steps(device, rung_names)
     rng = np.random.default_rng(seed)
     read_gbps = measure_read_bandwidth(device)
     rows: list[Row] = []
@@ -257,7 +280,7 @@ def run(
         for M in batches:
             A_host, A = bench.activations(M)
             base = bench.time_baseline(A)
-            rows.append(_row(preset, K, N, M, group_size, "fp16", base, base, 2 * K * N, read_gbps, 0.0))
+            rows.append(_row(preset, K, N, M, group_size, baseline_name(device), base, base, 2 * K * N, read_gbps, 0.0))
             bar.update()
             for step in steps:
                 if step.name in copies and step.supports(M, K, N, group_size):
@@ -285,7 +308,7 @@ def _summed_rows(rows: list[Row], preset: str, read_gbps: float) -> list[Row]:
     for rung in dict.fromkeys(r.rung for r in rows):
         for M in dict.fromkeys(r.M for r in rows):
             mine = [r for r in rows if r.rung == rung and r.M == M]
-            base = [r for r in rows if r.rung == "fp16" and r.M == M]
+            base = [r for r in rows if r.rung in BASELINE_TITLES and r.M == M]
             if len(mine) != len(base) or not mine:
                 continue  # a rung that skipped a layer has no meaningful sum
             us, base_us = sum(r.us for r in mine), sum(r.us for r in base)
@@ -316,8 +339,9 @@ def _progress(total: int, enabled: bool):
 
 # -- output ---------------------------------------------------------------------------
 def format_table(rows: list[Row], machine: Machine, read_gbps: float) -> str:
-    head = f"{machine.name} ({machine.device}); streaming read {read_gbps:,.0f} GB/s measured in this run"
-    cols = f"{'shape':>12} {'M':>4}  {'rung':<20} {'us':>9} {'IQR%':>5} {'x FP16':>7} {'GB/s':>8} {'%read':>6}"
+    head = (f"{machine.name} ({machine.device}); streaming read {read_gbps:,.0f} GB/s measured in this run; "
+            f"x base = speedup over the {BASELINE_TITLES[baseline_name(machine.device)]} baseline")  # fmt: skip
+    cols = f"{'shape':>12} {'M':>4}  {'rung':<20} {'us':>9} {'IQR%':>5} {'x base':>7} {'GB/s':>8} {'%read':>6}"
     lines = [head, cols, "-" * len(cols)]
     for r in rows:
         lines.append(
@@ -330,5 +354,6 @@ def format_table(rows: list[Row], machine: Machine, read_gbps: float) -> str:
 def json_lines(rows: list[Row], machine: Machine) -> list[str]:
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     meta = {"date": stamp, "device": machine.device, "gpu": machine.name, "sms": machine.sms,
-            "l2_bytes": machine.l2_bytes, "versions": machine.versions}  # fmt: skip
+            "l2_bytes": machine.l2_bytes, "versions": machine.versions,
+            "baseline": BASELINE_TITLES[baseline_name(machine.device)]}  # fmt: skip
     return [json.dumps({**meta, **asdict(r)}, sort_keys=True) for r in rows]

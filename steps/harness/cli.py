@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import functools
 import sys
 from pathlib import Path
 
@@ -50,13 +52,49 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (batch sizes, counts)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
+def writable_output(path: str, what: str) -> Path:
+    """`path` with its folder created, checked before any work (ValueError when it cannot be written)."""
+    target = Path(path)
+    if target.is_dir():
+        raise ValueError(f"--{what} {path} is a folder; give a file name")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target, "a"):
+            pass
+    except OSError as e:
+        raise ValueError(f"--{what} {path} cannot be written: {e.strerror}") from None
+    return target
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     device = "cpu" if args.cpu or not bench.gpu_present() else "cuda"
     presets = args.shapes or (["ideal"] if device == "cuda" else ["cpu-small"])
     batches = args.batch or (bench.GPU_BATCHES if device == "cuda" else bench.CPU_BATCHES)
+    for preset in presets:  # every argument is checked before any work starts
+        bench.preset_shapes(preset, 1 if device == "cuda" else None)
+    bench.runnable_steps(device, args.rungs)
+    if args.plot:
+        from .report import plot_format
+
+        plot_format(Path(args.plot))
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+    if args.json:
+        writable_output(args.json, "json")
     if device == "cpu":
         reason = "--cpu was given" if args.cpu else "no CUDA GPU here"
-        print(f"Benchmarking the CPU rungs only ({reason}), on a small shape; the CUDA rungs need a GPU.")
+        where = "" if args.shapes else ", on a small shape"
+        print(f"Benchmarking the CPU rungs only ({reason}){where}; the CUDA rungs need a GPU.")
     failed = False
     for preset in presets:
         machine, read_gbps, rows = bench.run(preset, batches, args.rungs, args.group_size, device, args.seed, not args.quiet)
@@ -68,7 +106,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.plot:
             from .report import plot_speedup
 
-            plot_speedup([r.__dict__ | {"gpu": machine.name} for r in rows], Path(args.plot))
+            plot_speedup([json.loads(line) for line in bench.json_lines(rows, machine)], Path(args.plot))
     if failed:
         print("Some rung failed its correctness check on the benchmarked data; its time is not reported.")
     return 1 if failed else 0
@@ -114,38 +152,40 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="marlin-ladder", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    show_defaults = functools.partial(argparse.ArgumentParser, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = show_defaults(prog="marlin-ladder", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=show_defaults)
     sub.add_parser("list", help="the rungs, and whether this machine can run each")
     check = sub.add_parser("check", help="check every available rung against the reference")
-    check.add_argument("--seed", type=int, default=0)
+    check.add_argument("--seed", type=int, default=0, help="seed of the random problems")
     b = sub.add_parser("bench", help="benchmark the rungs side by side with the FP16 baseline")
     b.add_argument("--shapes", action="append", help="ideal, llama-7b, llama-70b, cpu-small or K,N[;K,N]; repeatable")
-    b.add_argument("--batch", type=int, nargs="+", help="batch sizes M (default 1 2 4 ... 128 on a GPU, 1 16 on a CPU)")
-    b.add_argument("--rungs", nargs="+", help="rung names (default: all this machine runs)")
-    b.add_argument("--group-size", type=int, default=128, choices=(-1, 32, 64, 128))
+    b.add_argument("--batch", type=positive_int, nargs="+", action="extend",
+                   help="batch sizes M, repeatable (default 1 2 4 ... 128 on a GPU, 1 16 on a CPU)")
+    b.add_argument("--rungs", nargs="+", action="extend", help="rung names, repeatable; each must run here (default: all this machine runs)")
+    b.add_argument("--group-size", type=int, default=128, choices=(-1, 32, 64, 128), help="rows of K per scale (-1: one per column)")
     b.add_argument("--json", help="append JSON lines (with GPU, versions, date) to this file")
-    b.add_argument("--plot", help="save a speedup-vs-batch plot (PNG) here")
+    b.add_argument("--plot", help="save a speedup-vs-batch plot here, in the format its suffix names (.png, .svg, .pdf, ...)")
     b.add_argument("--cpu", action="store_true", help="benchmark the CPU rungs even where a GPU is present")
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--seed", type=int, default=0, help="seed of the random weights and activations")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     e = sub.add_parser("e2e", help="decode tokens/s of a Llama-architecture model with MarlinLinear layers vs FP16")
     e.add_argument("--dims", choices=("7b", "70b", "tiny"), help="model dimensions (default 7b on a GPU, tiny on a CPU)")
     e.add_argument("--layers", type=int, help="number of decoder layers (default: the model's own)")
-    e.add_argument("--batch", type=int, nargs="+", help="batch sizes (default 1 2 4 ... 128 on a GPU, 1 2 on a CPU)")
+    e.add_argument("--batch", type=positive_int, nargs="+", help="batch sizes (default 1 2 4 ... 128 on a GPU, 1 2 on a CPU)")
     e.add_argument("--tokens", type=int, default=32, help="new tokens decoded per sequence")
-    e.add_argument("--prompt-len", type=int, default=32)
-    e.add_argument("--group-size", type=int, default=128, choices=(-1, 32, 64, 128))
+    e.add_argument("--prompt-len", type=positive_int, default=32, help="prompt tokens per sequence")
+    e.add_argument("--group-size", type=int, default=128, choices=(-1, 32, 64, 128), help="rows of K per scale (-1: one per column)")
     e.add_argument("--rung", help="force this rung for the MarlinLinear layers (default: the fastest that runs)")
     e.add_argument("--sparse", action="store_true", help="prune the weights 2:4 (both models) and use sparse layers")
     e.add_argument("--compile", action="store_true", help="run both models' decode step under torch.compile(fullgraph=True)")
     e.add_argument("--fuse", action="store_true",
                    help="one q|k|v and one gate|up layer, grouped decode attention (both models), as serving engines run them")
     e.add_argument("--json", help="append JSON lines (with GPU, versions, date) to this file")
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--seed", type=int, default=0, help="seed of the random model and prompts")
     r = sub.add_parser("report", help="regenerate the results tables and plots from docs/results/*.jsonl")
-    r.add_argument("--results", default="docs/results")
-    r.add_argument("--readme", default="README.md")
+    r.add_argument("--results", default="docs/results", help="folder of the benchmark JSON lines")
+    r.add_argument("--readme", default="README.md", help="README whose results section is rewritten")
     args = parser.parse_args(argv)
     handler = {"list": cmd_list, "check": cmd_check, "bench": cmd_bench, "e2e": cmd_e2e, "report": cmd_report}[args.command]
     try:

@@ -352,8 +352,9 @@ def _tables(rows: list[dict], heading: str) -> Md:
     parts = [heading]
     for (gpu, preset, shape, g), rs in report.headline_groups(rows).items():
         date = max(r["date"] for r in rs)[:10]
+        baseline = next((bench.BASELINE_TITLES[r["rung"]] for r in rs if r["rung"] in bench.BASELINE_TITLES), "FP16 cuBLAS")
         parts += ["", f"*{gpu}, preset `{preset}` ({shape}), group {g}, measured {date}.* "
-                  "Each cell: median time · speedup over FP16 · share of the measured read bandwidth.",
+                  f"Each cell: median time · speedup over {baseline} · share of the measured read bandwidth.",
                   "", report.markdown_table(rs)]  # fmt: skip
     return Md("\n".join(parts))
 
@@ -371,7 +372,7 @@ def benchmark(name: str, below: str | None = None, preset: str = "ideal", batche
     if live_cpu or live_gpu:
         device = "cpu" if live_cpu else "cuda"
         preset, batches = ("cpu-small", bench.CPU_BATCHES) if live_cpu else (preset, batches)
-        runnable = [n for n in names if rung(n).device == device]
+        runnable = [n for n in names if rung(n).device == device and rung(n).available()]
         machine, _, rows = bench.run(preset, batches, runnable, device=device, progress=False)
         dicts = [asdict(r) | {"gpu": machine.name, "date": "now"} for r in rows]
         return _tables(dicts, f"Measured live on this machine ({machine.name}, {device}):")

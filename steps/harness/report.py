@@ -11,11 +11,17 @@ colour in every plot (`RUNG_COLOURS`).
 from __future__ import annotations
 
 import csv
+import gzip
+import io
 import json
+import os
 import re
+import tempfile
 import zlib
 from collections import defaultdict
 from pathlib import Path
+
+from .bench import BASELINE_TITLES
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
@@ -81,7 +87,7 @@ def gpu_slug(gpu: str) -> str:
 def _rung_order(rows: list[dict]) -> list[str]:
     from ..registry import STEPS
 
-    names = ["fp16"] + [s.name for s in STEPS]
+    names = [*BASELINE_TITLES] + [s.name for s in STEPS]
     present = {r["rung"] for r in rows}
     return [n for n in names if n in present] + sorted(present - set(names))
 
@@ -106,7 +112,7 @@ def headline_groups(rows: list[dict]) -> dict[tuple, list[dict]]:
 def floor_us(rows: list[dict], M: int, sparse: bool) -> float | None:
     """The memory floor at batch M of one shape's rows: the weight bytes of a dense (or
     2:4-sparse) rung over the read bandwidth measured in the same run; None if no such row."""
-    row = next((r for r in rows if r["M"] == M and r["rung"] != "fp16" and is_sparse(r["rung"]) == sparse), None)
+    row = next((r for r in rows if r["M"] == M and r["rung"] not in BASELINE_TITLES and is_sparse(r["rung"]) == sparse), None)
     return None if row is None else row["weight_bytes"] / (row["read_bw_gbps"] * 1e3)
 
 
@@ -163,10 +169,54 @@ def _speedup_axes(
         ax.legend(fontsize=7)
 
 
+# Metadata naming the tool's version, per format that has any; dates are pinned through
+# SOURCE_DATE_EPOCH, which matplotlib honours for every format (PostScript has no other way).
+# Without both, regenerating a plot would not reproduce the same bytes.
+_NO_STAMP = {"png": {"Software": None}, "svg": {"Date": None, "Creator": None},
+             "pdf": {"CreationDate": None, "Producer": None, "Creator": None},
+             "ps": {"Creator": "matplotlib"}, "eps": {"Creator": "matplotlib"}}  # fmt: skip
+
+
+def plot_format(path: Path) -> str:
+    """The matplotlib format that `path`'s suffix names; ValueError listing the formats when none."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    formats = FigureCanvasAgg.get_supported_filetypes()
+    fmt = path.suffix.lower().lstrip(".")
+    if fmt not in formats:
+        raise ValueError(f"cannot write a plot to {path}: the file name must end in one of .{', .'.join(sorted(formats))}")
+    return fmt
+
+
 def _save(fig, path: Path) -> None:
-    """Write a figure without a timestamp, so regenerating it reproduces the same bytes."""
+    """Write a figure without a timestamp, in the format its suffix names, all or nothing: it
+    is written under its own name in a temporary folder beside `path` and moved into place,
+    so a failure leaves no broken file."""
+    import matplotlib
+
+    fmt = plot_format(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, metadata={"Software": None})
+    pinned = os.environ.get("SOURCE_DATE_EPOCH")
+    os.environ["SOURCE_DATE_EPOCH"] = "0"
+    try:
+        with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as scratch:
+            whole = Path(scratch) / path.name
+            with matplotlib.rc_context({"svg.hashsalt": "marlin-ladder"}):  # SVG ids are random hashes otherwise
+                if fmt == "svgz":  # matplotlib's gzip header carries the time: compress here, without it
+                    svg = io.BytesIO()
+                    fig.savefig(svg, format="svg", dpi=110, metadata=_NO_STAMP["svg"])
+                    whole.write_bytes(gzip.compress(svg.getvalue(), mtime=0))
+                else:
+                    fig.savefig(whole, format=fmt, dpi=110, metadata=_NO_STAMP.get(fmt))
+            whole.replace(path)
+    finally:
+        if pinned is None:
+            del os.environ["SOURCE_DATE_EPOCH"]
+        else:
+            os.environ["SOURCE_DATE_EPOCH"] = pinned
 
 
 def _panel_title(key: tuple) -> str:
@@ -180,7 +230,8 @@ def speedup_figure(rows: list[dict]):
     fig, axes = _figure(len(groups), 5.5, 4.2)
     for ax, (key, rs) in zip(axes, groups.items()):
         curves = {rung: [(r["M"], r["speedup_vs_fp16"]) for r in rs if r["rung"] == rung] for rung in _rung_order(rs)}
-        _speedup_axes(ax, curves, "batch size M", "speedup over FP16 cuBLAS", _panel_title(key),
+        baseline = next((BASELINE_TITLES[r["rung"]] for r in rs if r["rung"] in BASELINE_TITLES), "FP16 cuBLAS")
+        _speedup_axes(ax, curves, "batch size M", f"speedup over {baseline}", _panel_title(key),
                       colours={rung: rung_colour(rung) for rung in curves})  # fmt: skip
         ax.set_yscale("log", base=2)
     return fig
@@ -196,7 +247,7 @@ def waterfall_batch(rows: list[dict]) -> int:
     the batch size with the most rungs measured (the smallest of those)."""
     counts = defaultdict(int)
     for r in rows:
-        counts[r["M"]] += r["rung"] != "fp16"
+        counts[r["M"]] += r["rung"] not in BASELINE_TITLES
     return WATERFALL_M if counts.get(WATERFALL_M) else min(counts, key=lambda m: (-counts[m], m))
 
 
@@ -204,7 +255,7 @@ def waterfall_steps(rows: list[dict], M: int) -> list[tuple[str, float, float]]:
     """(rung, time before its idea, time after) at batch M, in ladder order, from rung 1 (or,
     where rung 1 was not measured, the slowest rung) to the last rung measured. A rung builds on
     the dense rung before it: a 2:4-sparse rung is a branch off it, not the base of the next."""
-    times = {r["rung"]: r["us"] for r in rows if r["M"] == M and r["rung"] != "fp16"}
+    times = {r["rung"]: r["us"] for r in rows if r["M"] == M and r["rung"] not in BASELINE_TITLES}
     chain = [rung for rung in _rung_order(rows) if rung in times]
     if not chain:
         return []

@@ -29,6 +29,7 @@ installed; `import steps` never imports it.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any
@@ -42,6 +43,7 @@ from reference.formats import check_permutation, import_awq, import_gptq
 from reference.sparse_marlin import prune_quantized_2_4
 
 from .._arrays import as_cupy, caller_stream, dtype_name, raw_bits, to_host, torch_from_host
+from .._first_run import VariantRefused
 from ..registry import STEPS, get
 from ..step import Packed, Step
 
@@ -76,17 +78,44 @@ def _why_not(step: Step, device: torch.device, qw: QuantizedWeight, sparse: bool
     return ""
 
 
+def _first_run_refusal(step: Step, device: torch.device, qw: QuantizedWeight) -> str:
+    """Why `step`'s kernel for this weight is refused on `device` by its first-run check ("" if not)."""
+    if device.type != "cuda":
+        return ""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    try:
+        step.check_first_run(qw.K, qw.N, qw.group_size, qw.zeros is not None, qw.dtype.name, index)
+    except VariantRefused as e:
+        return str(e)
+    return ""
+
+
+_FALLBACKS_SAID: set[str] = set()  # each fallback is announced once per process
+
+
+def _say_fallback(chosen: Step, refused: list[str]) -> None:
+    message = f"MarlinLinear runs on {chosen.name} instead: {'; '.join(refused)}"
+    if message not in _FALLBACKS_SAID:
+        _FALLBACKS_SAID.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
 def select_step(qw: QuantizedWeight, device: torch.device, name: str | None = None, sparse: bool = False) -> Step:
     """The highest rung of the ladder that runs `qw` on `device`, or the rung called `name`.
 
     For a `sparse` (2:4-pruned) weight the sparse rung is a candidate too; a dense rung
     computes the same product, only without the saving."""
     candidates = [get(name)] if name is not None else list(reversed(STEPS))
-    reasons = []
+    reasons, refused = [], []
     for step in candidates:
         why = _why_not(step, device, qw, sparse)
         if not why:
-            return step
+            why = _first_run_refusal(step, device, qw)
+            if not why:
+                if refused:  # a rung that would have run failed its first-run check: say so, once
+                    _say_fallback(step, refused)
+                return step
+            refused.append(f"{step.name}: {why}")
         reasons.append(f"{step.name}: {why}")
     kind = "asymmetric" if qw.zeros is not None else "symmetric"
     raise ValueError(

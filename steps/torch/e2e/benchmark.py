@@ -113,6 +113,7 @@ def format_table(rows: list[Row], machine: Machine) -> str:
     head = (
         f"{machine.name} ({machine.device}); Llama {first.dims} dims, {first.layers} layers, prompt {first.prompt_len}, "
         f"{first.new_tokens} new tokens, static cache {first.max_cache_len}, group size {first.group_size}"
+        + (f", tensor-parallel over {first.tp} ranks (rank 0's times)" if first.tp > 1 else "")
     )
     cols = (
         f"{'batch':>5}  {'model':<16} {'step ms':>9} {'IQR%':>5} {'tok/s':>10} {'x FP16':>7} "

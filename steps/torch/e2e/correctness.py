@@ -92,7 +92,8 @@ def check_logits(models: Models, prompt_len: int, seed: int = 0) -> Check:
     calls: list[tuple[str, torch.Tensor, torch.Tensor]] = []
     hooks = [
         models.quant.get_submodule(name).register_forward_hook(
-            lambda m, args, y, name=name: calls.append((name, args[0].detach(), y.detach()))
+            # A copy of y: a row-parallel layer all-reduces its local GEMM's output in place.
+            lambda m, args, y, name=name: calls.append((name, args[0].detach(), y.detach().clone()))
         )
         for name in models.replaced
     ]

@@ -115,6 +115,27 @@ def _local_act_order(rank: int, device: str) -> dict:
     return {"gathered": layer.gather, "ratio": error_excess(y.cpu().numpy(), A, dequantize_checkpoint_order(qw, perm), c)}
 
 
+def _from_linear(rank: int, device: str) -> dict:
+    """Shards of a whole nn.Linear, quantized as MarlinLinear.from_linear quantizes it."""
+    from steps.registry import get
+    from steps.torch import tp
+    from steps.torch.layer import MarlinLinear
+
+    torch.manual_seed(9)
+    linear = torch.nn.Linear(K, N, dtype=torch.float16, device=device)
+    x = torch.randn((M, K), generator=torch.Generator().manual_seed(10)).half().to(device)
+    whole = MarlinLinear.from_linear(linear, 32, zero_point=True)
+    column = tp.from_linear(linear, "column", 32, zero_point=True)
+    row = tp.from_linear(linear, "row", 32, zero_point=True)
+    k = K // WORLD
+    error = (row(x[:, rank * k : (rank + 1) * k].contiguous()) - whole(x)).abs()  # both carry the same bias
+    scale = (x.abs().double() @ linear.weight.abs().double().T).max()  # a loose size of |A| @ |W|
+    return {
+        "column_identical": torch.equal(_gather_columns(column(x)), whole(x)),
+        "row_close": bool(error.max() <= (2 * get(row.local.step).error_c + WORLD) * 2**-11 * scale),
+    }
+
+
 def _refusals() -> dict:
     from steps.torch import tp
 
@@ -176,6 +197,7 @@ def _worker(rank: int, port: int, out: str, device: str) -> None:
         results = {
             "layers": {_case_id(case): _layer_case(case, rank, device) for case in LAYER_CASES},
             "local_act_order": _local_act_order(rank, device),
+            "from_linear": _from_linear(rank, device),
             "refusals": _refusals(),
             "model": _model_cases(rank, group, device),
         }
@@ -220,6 +242,10 @@ def test_act_order_within_each_shard_needs_no_gather(results):
     assert not r["gathered"] and r["ratio"] <= 1
 
 
+def test_shards_of_a_whole_linear_layer_hold_its_quantized_weight(results):
+    assert results["from_linear"]["column_identical"] and results["from_linear"]["row_close"]
+
+
 def test_shards_that_cannot_hold_whole_groups_or_columns_are_refused(results):
     r = results["refusals"]
     assert "not a multiple of group_size 128" in r["row_partial_group"] and "whole groups" in r["row_partial_group"]
@@ -253,7 +279,7 @@ def test_on_two_gpus_with_nccl_every_shard_is_within_its_bound_and_repeats_bit_i
     for case, layer in r["layers"].items():
         assert layer["ratio"] <= 1 and layer["unsharded_ratio"] <= 1, case
         assert layer["repeat_identical"] and layer["same_on_every_rank"] and layer["checkpoint_identical"], case
-    assert r["local_act_order"]["ratio"] <= 1
+    assert r["local_act_order"]["ratio"] <= 1 and r["from_linear"]["row_close"]
     for g in MODEL_GROUPS:
         model = r["model"][str(g)]
         assert model["check_passed"] and model["repeat_identical"] and model["tokens_same_on_every_rank"], model

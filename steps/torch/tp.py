@@ -101,7 +101,11 @@ class RowParallel(nn.Module):
         index = None if shard.input_index is None else torch.from_numpy(shard.input_index)
         device = next(itertools.chain(local.parameters(), local.buffers())).device
         self.register_buffer("input_index", None if index is None else index.to(device))
-        self.register_buffer("bias", None if bias is None else torch.as_tensor(bias).detach().to(device))
+        if bias is not None:
+            bias = torch.as_tensor(bias).detach().to(device)
+            if bias.shape != (local.out_features,):
+                raise ValueError(f"bias must have shape ({local.out_features},), got {tuple(bias.shape)}")
+        self.register_buffer("bias", bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gather:
@@ -117,7 +121,7 @@ class RowParallel(nn.Module):
 
 def _rank_world(group: dist.ProcessGroup | None) -> tuple[int, int]:
     if not dist.is_initialized():
-        raise ValueError("tensor-parallel layers need torch.distributed initialised (torchrun, or init_process_group)")
+        raise ValueError("tensor-parallel layers need torch.distributed initialized (torchrun, or init_process_group)")
     return dist.get_rank(group), dist.get_world_size(group)
 
 

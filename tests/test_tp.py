@@ -23,6 +23,8 @@ import socket
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -30,7 +32,7 @@ pytest.importorskip("transformers")
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from reference import error_excess, random_quantized_weight  # noqa: E402
+from reference import dequantize, error_excess, random_quantized_weight  # noqa: E402
 from reference.formats import (  # noqa: E402
     act_order_permutation, dequantize_checkpoint_order, export_gptq, group_index, import_gptq,
 )
@@ -284,3 +286,27 @@ def test_on_two_gpus_with_nccl_every_shard_is_within_its_bound_and_repeats_bit_i
         model = r["model"][str(g)]
         assert model["check_passed"] and model["repeat_identical"] and model["tokens_same_on_every_rank"], model
     assert r["model"]["benchmark"]["passed"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(world=st.sampled_from([1, 2, 4]), g=st.sampled_from(GROUPS), act_order=st.booleans(),
+       symmetric=st.booleans(), seed=st.integers(0, 2**32 - 1))  # fmt: skip
+def test_shards_put_back_together_are_the_whole_weight_bit_for_bit(world, g, act_order, symmetric, seed):
+    """Exact, without a process group: the column shards side by side and the row shards put
+    back at the checkpoint rows they multiply (their input_index) give the whole layer's
+    dequantized weight, in the layer's input order."""
+    from steps.torch import tp
+
+    rng = np.random.default_rng(seed)
+    K_, N_ = 128 * world, 32 * world
+    qw = random_quantized_weight(rng, K_, N_, g, symmetric=symmetric)
+    perm = act_order_permutation(rng.permutation(group_index(K_, g)), K_, g) if act_order else None
+    W = dequantize_checkpoint_order(qw, perm)
+    columns = np.hstack([dequantize(tp.shard_columns(qw, r, world)) for r in range(world)])
+    rows = np.empty_like(W)
+    k = K_ // world
+    for r in range(world):
+        shard = tp.shard_rows(qw, perm, r, world)
+        index = np.arange(k) if shard.input_index is None else shard.input_index
+        rows[index + (0 if shard.gather else r * k)] = dequantize(shard.qw)
+    assert np.array_equal(columns, dequantize(qw)) and np.array_equal(rows, W)

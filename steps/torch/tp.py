@@ -21,6 +21,7 @@ torch.distributed's collectives run the reduction: gloo on the CPU (the tests), 
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import os
 from dataclasses import dataclass, replace
@@ -176,4 +177,6 @@ def init(tp: int, device_type: str) -> dist.ProcessGroup:
         raise ValueError(f"--tp {tp} needs {tp} processes (torchrun --nproc-per-node {tp} -m steps e2e --tp {tp}); this job has {world}")
     if device_type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    return init_device_mesh(device_type, (tp,), mesh_dim_names=("tp",)).get_group("tp")
+    group = init_device_mesh(device_type, (tp,), mesh_dim_names=("tp",)).get_group("tp")
+    atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())  # NCCL warns of groups left open
+    return group

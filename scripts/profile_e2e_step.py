@@ -13,11 +13,11 @@ from steps.torch import e2e
 STEPS = 5
 
 dims, layers, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-config = e2e.llama_config(dims, layers)
-models = e2e.build_models(config, "cuda", fused=True)
+config = e2e.E2EConfig(dims=dims, layers=layers, fused=True)
+models = e2e.build_models(config, "cuda")
 for label, model in (("fp16", models.twin), ("quant", models.quant)):
     decoder = e2e.Decoder(model, batch, 64, compiled=True)
-    decoder.generate(torch.randint(0, config.vocab_size, (batch, 32), device="cuda"), 32)
+    decoder.generate(torch.randint(0, models.twin.config.vocab_size, (batch, 32), device="cuda"), 32)
     launch = decoder.last_position_step()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for i in range(STEPS):

@@ -1,4 +1,4 @@
-"""The end-to-end decoding benchmark (steps/torch/e2e.py) on a tiny Llama, on the CPU.
+"""The end-to-end decoding benchmark (steps/torch/e2e/) on a tiny Llama, on the CPU.
 
 The model builds with every block linear layer replaced, the FP16 twin holds exactly the
 weights the MarlinLinear layers multiply by, the logits check passes, greedy decoding with
@@ -20,6 +20,8 @@ pytest.importorskip("transformers")
 import torch.nn.functional as F  # noqa: E402
 
 from steps.torch import e2e  # noqa: E402
+from steps.torch.e2e import fusion  # noqa: E402
+from steps.torch.e2e.correctness import _fp32_one_block_at_a_time  # noqa: E402
 from steps.harness.bench import describe_machine  # noqa: E402
 from steps.torch.layer import MarlinLinear  # noqa: E402
 
@@ -30,7 +32,7 @@ NEW = 4
 
 @pytest.fixture(scope="module")
 def models():
-    return e2e.build_models(e2e.llama_config("tiny", LAYERS), "cpu")
+    return e2e.build_models(e2e.E2EConfig(layers=LAYERS), "cpu")
 
 
 def test_every_block_linear_is_replaced_and_the_twin_holds_its_dequantized_weight(models):
@@ -63,10 +65,10 @@ def test_the_fp32_evaluation_one_block_at_a_time_equals_the_whole_model_in_fp32(
     of the whole model converted to FP32, and the twin is back in FP16 afterwards."""
     prompt = torch.randint(0, models.twin.config.vocab_size, (2, PROMPT), generator=torch.Generator().manual_seed(5))
     whole = copy.deepcopy(models.twin)
-    e2e._set_parameter_dtype(whole, torch.float32)
+    e2e.set_parameter_dtype(whole, torch.float32)
     with torch.no_grad():
         expected = whole(prompt, use_cache=False).logits
-        with e2e._fp32_one_block_at_a_time(models.twin):
+        with _fp32_one_block_at_a_time(models.twin):
             logits = models.twin(prompt, use_cache=False).logits
     assert logits.dtype == torch.float32 and torch.equal(logits, expected)
     assert all(p.dtype == torch.float16 for p in models.twin.parameters())
@@ -75,7 +77,7 @@ def test_the_fp32_evaluation_one_block_at_a_time_equals_the_whole_model_in_fp32(
 def test_the_fp32_evaluation_holds_one_block_in_fp32_at_a_time(models):
     blocks = list(models.twin.model.layers)
     seen = []
-    with e2e._fp32_one_block_at_a_time(models.twin):
+    with _fp32_one_block_at_a_time(models.twin):
         hooks = [b.register_forward_pre_hook(
             lambda m, args: seen.append([next(b.parameters()).dtype for b in blocks]))
             for b in blocks]  # fmt: skip
@@ -108,7 +110,7 @@ def test_a_layer_with_the_wrong_weights_fails_the_check(models):
 
 def test_static_cache_decoding_gives_the_tokens_of_a_full_recomputation(models):
     model = copy.deepcopy(models.twin)
-    e2e._set_parameter_dtype(model, torch.float32)  # fp32: no near-ties between the two orders of rounding
+    e2e.set_parameter_dtype(model, torch.float32)  # fp32: no near-ties between the two orders of rounding
     prompt = torch.randint(0, model.config.vocab_size, (2, PROMPT), generator=torch.Generator().manual_seed(0))
     tokens = e2e.Decoder(model, 2, PROMPT + NEW).generate(prompt, NEW)
     assert tokens.shape == (2, NEW)
@@ -143,7 +145,7 @@ def test_timing_a_step_leaves_the_cache_at_its_position(models):
 
 def test_big_dimensions_are_refused_on_a_cpu():
     with pytest.raises(ValueError, match="needs a GPU"):
-        e2e.run(describe_machine("cpu"), "7b", None, (1,), NEW, PROMPT)
+        e2e.run(describe_machine("cpu"), e2e.E2EConfig(dims="7b", new_tokens=NEW, prompt_len=PROMPT))
 
 
 def test_cli_prints_a_table_and_writes_json(tmp_path):
@@ -158,7 +160,7 @@ def test_cli_prints_a_table_and_writes_json(tmp_path):
 
 
 def test_sparse_models_prune_both_twins_and_pass_the_check(tmp_path):
-    sparse = e2e.build_models(e2e.llama_config("tiny", 1), "cpu", sparse=True)
+    sparse = e2e.build_models(e2e.E2EConfig(layers=1, sparse=True), "cpu")
     for name in sparse.replaced:
         layer = sparse.quant.get_submodule(name)
         assert isinstance(layer, MarlinLinear) and layer.sparse
@@ -179,7 +181,7 @@ def test_fusing_the_projections_computes_the_same_function_with_and_without_the_
     decoding through the static cache gives the same tokens. fp32, so that no near-tie
     between two GEMM blockings can flip a token."""
     model = copy.deepcopy(models.twin)
-    e2e._set_parameter_dtype(model, torch.float32)
+    e2e.set_parameter_dtype(model, torch.float32)
     fused = copy.deepcopy(model)
     e2e.fuse_projections(fused)
     assert len(e2e.block_linears(fused)) == 4 * LAYERS  # q|k|v, o, gate|up, down per block
@@ -199,15 +201,15 @@ def test_the_fused_models_decode_with_grouped_attention(models, monkeypatch):
     e2e.fuse_projections(fused)
     assert not any(m.training for m in fused.modules())
     calls = []
-    grouped = e2e.grouped_decode_attention
-    monkeypatch.setattr(e2e, "grouped_decode_attention", lambda *args: calls.append(1) or grouped(*args))
+    grouped = fusion.grouped_decode_attention
+    monkeypatch.setattr(fusion, "grouped_decode_attention", lambda *args: calls.append(1) or grouped(*args))
     prompt = torch.randint(0, fused.config.vocab_size, (2, PROMPT), generator=torch.Generator().manual_seed(4))
     e2e.Decoder(fused, 2, PROMPT + NEW).generate(prompt, NEW)
     assert len(calls) == (NEW - 1) * LAYERS
 
 
 def test_fused_models_pass_the_check_and_compile_without_graph_breaks():
-    fused = e2e.build_models(e2e.llama_config("tiny", 1), "cpu", fused=True)
+    fused = e2e.build_models(e2e.E2EConfig(layers=1, fused=True), "cpu")
     assert {name.rsplit(".", 1)[1] for name in fused.replaced} == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
     assert all(isinstance(fused.quant.get_submodule(name), MarlinLinear) for name in fused.replaced)
     check = e2e.check_logits(fused, PROMPT)
@@ -223,7 +225,7 @@ def test_building_copies_no_weight_it_replaces(monkeypatch):
     copied = []
     deepcopy = torch.nn.Parameter.__deepcopy__
     monkeypatch.setattr(torch.nn.Parameter, "__deepcopy__", lambda p, memo: copied.append(id(p)) or deepcopy(p, memo))
-    models = e2e.build_models(e2e.llama_config("tiny", 1), "cpu")
+    models = e2e.build_models(e2e.E2EConfig(layers=1), "cpu")
     replaced = {id(models.twin.get_submodule(name).weight) for name in models.replaced}
     assert copied and not replaced & set(copied)
 
@@ -251,6 +253,7 @@ def test_grouped_decode_attention_equals_attention_over_copied_kv_heads(kv_heads
 def test_each_batch_is_handed_over_as_soon_as_it_is_measured():
     """The CLI writes each batch's rows when they arrive, so a run cut short keeps them."""
     handed = []
-    _, rows = e2e.run(describe_machine("cpu"), "tiny", 1, (2, 1), 2, 4, on_batch=handed.append)
+    _, rows = e2e.run(describe_machine("cpu"), e2e.E2EConfig(layers=1, batches=(2, 1), new_tokens=2, prompt_len=4),
+                      on_batch=handed.append)
     assert [[r.batch for r in batch_rows] for batch_rows in handed] == [[2, 2], [1, 1]]
     assert [r for batch_rows in handed for r in batch_rows] == rows

@@ -115,32 +115,38 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_e2e(args: argparse.Namespace) -> int:
     import transformers
 
-    from ..torch import e2e  # needs torch and transformers
+    from ..torch import e2e, tp  # needs torch and transformers
 
     device = "cuda" if bench.gpu_present() else "cpu"
-    dims = args.dims or ("7b" if device == "cuda" else "tiny")
-    batches = tuple(args.batch or (bench.GPU_BATCHES if device == "cuda" else (1, 2)))
+    config = e2e.E2EConfig(
+        dims=args.dims or ("7b" if device == "cuda" else "tiny"), layers=args.layers,
+        batches=tuple(args.batch or (bench.GPU_BATCHES if device == "cuda" else (1, 2))), new_tokens=args.tokens,
+        prompt_len=args.prompt_len, group_size=args.group_size, rung=args.rung, seed=args.seed, sparse=args.sparse,
+        compiled=args.compile, fused=args.fuse, tp=args.tp,
+    )  # fmt: skip
+    group = tp.init(args.tp, device) if args.tp > 1 else None
+    lead = group is None or group.rank() == 0  # under tensor parallelism rank 0 speaks for all
+    say = print if lead else (lambda *a, **k: None)
     if device == "cpu":
-        print("No CUDA GPU here: the CPU rung on tiny dimensions checks the pipeline; real numbers need a GPU.")
+        say("No CUDA GPU here: the CPU rung on tiny dimensions checks the pipeline; real numbers need a GPU.")
     machine = bench.describe_machine(device)
     machine = dataclasses.replace(machine, versions={**machine.versions, "transformers": transformers.__version__})
 
     def save_batch(rows: list[e2e.Row]) -> None:
         # Written as each batch finishes: a run cut short by a time limit keeps what it measured.
-        print(f"batch {rows[0].batch}: " + ", ".join(f"{r.model} {r.speedup_vs_fp16:.2f}x" for r in rows), flush=True)
-        if args.json:
+        say(f"batch {rows[0].batch}: " + ", ".join(f"{r.model} {r.speedup_vs_fp16:.2f}x" for r in rows), flush=True)
+        if args.json and lead:
             with open(args.json, "a") as f:
                 f.writelines(line + "\n" for line in bench.json_lines(rows, machine))
 
-    check, rows = e2e.run(machine, dims, args.layers, batches, args.tokens, args.prompt_len, args.group_size, args.rung, args.seed,
-                          args.sparse, args.compile, args.fuse, save_batch)  # fmt: skip
-    print(e2e.format_check(check))
+    check, rows = e2e.run(machine, config, group, save_batch)
+    say(e2e.format_check(check))
     if not check.passed:
-        print("The MarlinLinear model failed its correctness check; nothing was timed.")
+        say("The MarlinLinear model failed its correctness check; nothing was timed.")
         return 1
-    print(e2e.format_table(rows, machine))
+    say(e2e.format_table(rows, machine))
     if any(r.method != "cuda-graph" for r in rows) and device == "cuda":
-        print("Warning: some decode steps could not be captured in a CUDA graph and were timed eagerly (see method).")
+        say("Warning: some decode steps could not be captured in a CUDA graph and were timed eagerly (see method).")
     return 0
 
 
@@ -181,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--compile", action="store_true", help="run both models' decode step under torch.compile(fullgraph=True)")
     e.add_argument("--fuse", action="store_true",
                    help="one q|k|v and one gate|up layer, grouped decode attention (both models), as serving engines run them")
+    e.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel ranks: run under torchrun --nproc-per-node N (q|k|v, gate|up column-, o, down row-parallel)")
     e.add_argument("--json", help="append JSON lines (with GPU, versions, date) to this file")
     e.add_argument("--seed", type=int, default=0, help="seed of the random model and prompts")
     r = sub.add_parser("report", help="regenerate the results tables and plots from docs/results/*.jsonl")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -56,13 +57,27 @@ def measure(launch: Callable[[int], object], variants: int = 1, device: str = "c
     return _measure_cuda(launch, variants, samples)
 
 
+def _agreed(calls: int) -> int:
+    """The largest of every rank's call count under torch.distributed (tensor-parallel
+    decoding), else `calls`: launches that hold collectives must run equally often on every
+    rank, and each rank's first timing differs."""
+    dist = sys.modules.get("torch.distributed")  # never imports torch for a NumPy-only measure
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return calls
+    import torch
+
+    count = torch.tensor([calls], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    return int(count.item())
+
+
 def _measure_host(launch: Callable[[int], object], variants: int, samples: int) -> Timing:
     for i in range(WARMUP_CALLS):
         launch(i % variants)
     t0 = time.perf_counter()
     launch(0)
     once = time.perf_counter() - t0
-    calls = max(1, math.ceil(TARGET_SAMPLE_SECONDS / max(once, 1e-9)))
+    calls = _agreed(max(1, math.ceil(TARGET_SAMPLE_SECONDS / max(once, 1e-9))))
     per_call = []
     for _ in range(samples):
         t0 = time.perf_counter()
@@ -96,7 +111,7 @@ def _measure_cuda(launch: Callable[[int], object], variants: int, samples: int) 
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
     calls = max(variants, math.ceil(TARGET_SAMPLE_SECONDS * 1e6 / max(once_us, 1e-3)))
-    calls = variants * math.ceil(calls / variants)  # every copy equally often
+    calls = variants * math.ceil(_agreed(calls) / variants)  # every copy equally often
     graph = torch.cuda.CUDAGraph()
     try:
         with torch.cuda.graph(graph):

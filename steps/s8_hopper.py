@@ -33,7 +33,7 @@ from reference.marlin_layout import stripe_length
 
 from ._cuda import get_kernel, gpu_support, has_wgmma, sm_count
 from .s4_marlin_layout import group_rows, i32, m_blocks_for
-from .s5_async_pipeline import max_dynamic_smem, zeros_or_scales
+from .s5_async_pipeline import _PROBED_VARIANT, max_dynamic_smem, zeros_or_scales
 from .s6_marlin import MAX_SLABS, Marlin
 from .step import SUPPORTED, Packed, Support
 
@@ -54,6 +54,8 @@ class HopperConfig:
     zero_points: bool
     bf16: bool
     producer_fences: bool = False  # the kernel's PRODUCER_FENCES (a measured alternative)
+    tile_k = TILE_K
+    tile_n = TILE_N
 
     @staticmethod
     def stage_bytes(m_blocks: int, group_rows: int, zero_points: bool) -> int:
@@ -114,7 +116,11 @@ class Hopper(Marlin):
     def config(
         self, M: int, K: int, N: int, group_size: int, device: int, zero_points: bool = False, bf16: bool = False
     ) -> HopperConfig:
-        """The variant for an M-row launch: slabs of up to 64 rows, the deepest ring that fits."""
+        """The variant for an M-row launch: slabs of up to 64 rows, the deepest ring that fits
+        (or the variant a first-run check is probing)."""
+        probed = _PROBED_VARIANT.get()
+        if probed is not None:
+            return probed
         m_blocks, rows = m_blocks_for(M), group_rows(group_size)
         stage = HopperConfig.stage_bytes(m_blocks, rows, zero_points)
         limit = max_dynamic_smem(device)
@@ -137,6 +143,9 @@ class Hopper(Marlin):
         return cfg, iters, -(-(slabs * k_tiles * n_tiles) // iters)
 
     def kernel(self, cfg: HopperConfig, device: int) -> Any:
+        """The compiled variant `cfg`, checked against the reference the first time it runs on
+        this kind of GPU, as s5-s7's are."""
+        self.first_run_check(cfg, device, functools.partial(self._probe_variant, cfg))
         return _load(self.name, cfg, device)
 
     def _launch(self, A: Any, packed: Packed, out: Any) -> None:

@@ -344,8 +344,10 @@ def test_bad_checkpoint_tensors_are_refused():
     t = torch_gptq(qw)
     with pytest.raises(TypeError, match="scales is bfloat16"):
         MarlinLinear.from_gptq(**{**t, "scales": t["scales"].bfloat16()})
-    with pytest.raises(ValueError, match="length K=128"):
+    with pytest.raises(ValueError, match="qweight has 16 rows, expected K/8 = 8 for K = 64"):
         MarlinLinear.from_gptq(**{**t, "g_idx": t["g_idx"][:64]})
+    with pytest.raises(ValueError, match="qweight has 10 rows, expected K/8 = 16 for K = 128"):
+        MarlinLinear.from_gptq(**{**t, "qweight": t["qweight"][:10]}, shape=(128, 16))
 
 
 # -- on a GPU ---------------------------------------------------------------------------------------

@@ -303,11 +303,13 @@ class MarlinLinear(nn.Module):
         group_size: int | None = None,
         checkpoint_format: str = "gptq",
         bits: int = 4,
+        shape: tuple[int, int] | None = None,
         dtype: torch.dtype = torch.float16,
         step: str | None = None,
         device=None,
     ) -> MarlinLinear:
-        """From a GPTQ layer's tensors (torch or NumPy); see reference.formats.import_gptq.
+        """From a GPTQ layer's tensors (torch or NumPy); see reference.formats.import_gptq
+        (`shape` is the layer's (in_features, out_features), which every tensor is checked against).
         `dtype=torch.bfloat16` makes a bf16 layer for a bf16 model: the checkpoint's fp16
         scales are then rounded to bf16 (a slightly different weight)."""
         qw, perm = import_gptq(
@@ -318,6 +320,7 @@ class MarlinLinear(nn.Module):
             group_size=group_size,
             checkpoint_format=checkpoint_format,
             bits=bits,
+            shape=shape,
         )
         return cls(_in_dtype(qw, dtype), perm, bias, step=step, device=device or _default_device(qweight))
 
@@ -331,18 +334,20 @@ class MarlinLinear(nn.Module):
         *,
         group_size: int | None = None,
         bits: int = 4,
+        shape: tuple[int, int] | None = None,
         dtype: torch.dtype = torch.float16,
         step: str | None = None,
         device=None,
     ) -> MarlinLinear:
         """From an AWQ (GEMM layout) layer's tensors (torch or NumPy); see reference.formats.import_awq.
-        `dtype` as for from_gptq."""
+        `shape` and `dtype` as for from_gptq."""
         qw = import_awq(
             _as_numpy("qweight", qweight),
             _as_numpy("qzeros", qzeros),
             _as_numpy("scales", scales),
             group_size=group_size,
             bits=bits,
+            shape=shape,
         )
         return cls(_in_dtype(qw, dtype), None, bias, step=step, device=device or _default_device(qweight))
 

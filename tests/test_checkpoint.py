@@ -191,3 +191,27 @@ def test_truncated_file_and_missing_files_are_clear(tmp_path):
         load_quantized(directory)
     with pytest.raises(ValueError, match="has no config.json"):
         load_quantized(tmp_path / "nowhere")
+
+
+def test_generate_command_decodes_from_a_checkpoint_without_tokenizer(tmp_path, capsys):
+    from steps.harness.cli import main
+
+    directory, _ = write_checkpoint(tmp_path / "ckpt", "qwen2", QuantizationConfig("awq", group_size=GROUP_SIZE, sym=False, checkpoint_format="gemm"))
+    results = tmp_path / "out" / "generate.jsonl"
+    assert main(["generate", "--checkpoint", str(directory), "--prompt", "1 2 3", "--max-new-tokens", "4", "--json", str(results), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "No tokenizer in the checkpoint" in out and "tokens/s" in out
+    row = json.loads(results.read_text())
+    assert row["new_tokens"] == 4 and row["rungs"] == ["s0_numpy"] and row["quantization"]["quant_method"] == "awq"
+    assert main(["generate", "--checkpoint", str(directory), "--prompt", "hello"]) == 2
+    assert "--prompt must be token ids" in capsys.readouterr().err
+
+
+def test_greedy_decode_continues_the_reference_models_tokens(tmp_path):
+    from steps.torch.generate import greedy_decode
+
+    directory, fp32 = write_checkpoint(tmp_path, "llama", GPTQ)
+    got = greedy_decode(load_quantized(directory), [1, 2, 3], 5, progress=False)
+    with torch.no_grad():
+        want = fp32.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=5, do_sample=False)[0, 3:].tolist()
+    assert got.new_tokens == want and got.prompt_tokens == 3

@@ -78,10 +78,10 @@ def write_checkpoint(tmp_path, arch, qc, seed=0, shard_bytes=None):
     return tmp_path, model
 
 
-def max_logit_error(loaded, reference_fp32, seed=0):
+def max_logit_error(loaded, reference_fp32, device="cpu", seed=0):
     ids = torch.from_numpy(np.random.default_rng(seed).integers(0, TINY["vocab_size"], (2, 7)))
     with torch.no_grad():
-        got = loaded(ids).logits.float()
+        got = loaded(ids.to(device)).logits.float().cpu()
         want = reference_fp32(ids).logits
     return float((got - want).abs().max() / want.abs().max())
 
@@ -215,3 +215,22 @@ def test_greedy_decode_continues_the_reference_models_tokens(tmp_path):
     with torch.no_grad():
         want = fp32.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=5, do_sample=False)[0, 3:].tolist()
     assert got.new_tokens == want and got.prompt_tokens == 3
+
+
+def test_synthetic_checkpoint_writer_makes_a_loadable_sharded_checkpoint(tmp_path):
+    from steps.torch.generate import greedy_decode, write_synthetic_checkpoint
+
+    qc = write_synthetic_checkpoint(tmp_path, "tiny", layers=2, group_size=GROUP_SIZE)
+    model = load_quantized(tmp_path)
+    assert qc.method == "gptq" and model.config.num_hidden_layers == 2
+    assert len(greedy_decode(model, [1, 2], 3, progress=False).new_tokens) == 3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch, qc", CASES, ids=lambda c: getattr(c, "method", c) if not isinstance(c, str) else c)
+def test_loaded_checkpoint_on_the_gpu_matches_the_dequantized_fp32_model(tmp_path, arch, qc):
+    directory, fp32 = write_checkpoint(tmp_path, arch, qc)
+    model = load_quantized(directory, "cuda")
+    steps_used = {m.step for m in model.modules() if isinstance(m, MarlinLinear)}
+    assert steps_used and all(name not in ("s0_numpy", "s1_numba_naive") for name in steps_used)
+    assert max_logit_error(model, fp32, "cuda") <= LOGIT_TOLERANCE

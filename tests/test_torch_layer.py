@@ -449,3 +449,17 @@ def test_moving_a_packed_layer_across_device_types_is_refused():
     layer = MarlinLinear.from_linear(random_linear(np.random.default_rng(15), 128, 16)).to("cuda")
     with pytest.raises(ValueError, match="packed for rung s0_numpy on cpu but its buffers were moved to cuda"):
         layer(torch.zeros(2, 128, dtype=torch.float16, device="cuda"))
+
+
+def test_a_cpu_layer_says_once_that_it_is_the_slow_reference_path():
+    from steps.torch import layer as layer_module
+
+    layer_module._warn_reference_path.cache_clear()
+    qw = ref.random_quantized_weight(np.random.default_rng(12), 128, 16)
+    with pytest.warns(UserWarning, match="the reference path: it dequantizes the whole weight"):
+        MarlinLinear(qw)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MarlinLinear(qw)  # said once only

@@ -285,7 +285,7 @@ class QuantizedLayer:
 
 
 def layer_tensors(name: str, layer: QuantizedLayer, qc: QuantizationConfig) -> dict[str, torch.Tensor]:
-    """The checkpoint tensors of one quantized layer, packed by reference.formats."""
+    """The checkpoint tensors of one quantized layer, by their suffix (qweight, ...), packed by reference.formats."""
     if qc.method == "gptq":
         if not qc.desc_act and layer.perm is not None:
             raise ValueError(f"layer {name} has an act-order permutation but the config says desc_act=false")
@@ -294,9 +294,9 @@ def layer_tensors(name: str, layer: QuantizedLayer, qc: QuantizationConfig) -> d
         if layer.perm is not None:
             raise ValueError(f"layer {name}: AWQ has no act-order; perm must be None")
         packed = vars(export_awq(layer.weight))
-    out = {f"{name}.{t}": torch.from_numpy(np.ascontiguousarray(a)) for t, a in packed.items()}
+    out = {t: torch.from_numpy(np.ascontiguousarray(a)) for t, a in packed.items()}
     if layer.bias is not None:
-        out[f"{name}.bias"] = layer.bias.detach().to("cpu", torch.float16).contiguous()
+        out["bias"] = layer.bias.detach().to("cpu", torch.float16).contiguous()
     return out
 
 
@@ -310,7 +310,8 @@ def save_quantized(
     shard_bytes: int | None = None,
 ) -> None:
     """Write a checkpoint directory: config.json (the transformers `config` plus `qc`) and
-    safetensors files, one or, with `shard_bytes`, shards of about that size and an index."""
+    safetensors files, one or, with `shard_bytes`, shards of about that size and an index.
+    `layers` maps a linear layer's dotted name to its weight; `others` holds every other tensor."""
     from safetensors.torch import save_file
 
     directory = Path(path)
@@ -319,8 +320,13 @@ def save_quantized(
     config_dict["quantization_config"] = qc.to_json()
     (directory / "config.json").write_text(json.dumps(config_dict, indent=2))
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in others.items()}
+    packed: dict[int, dict[str, torch.Tensor]] = {}  # a QuantizedLayer used several times is packed once
     for name, layer in layers.items():
-        tensors.update(layer_tensors(name, layer, qc))
+        first = id(layer) not in packed
+        if first:
+            packed[id(layer)] = layer_tensors(name, layer, qc)
+        # safetensors stores no two names over one memory: later uses get copies
+        tensors.update({f"{name}.{t}": v if first else v.clone() for t, v in packed[id(layer)].items()})
     if shard_bytes is None:
         save_file(tensors, str(directory / SINGLE_FILE), metadata={"format": "pt"})
         return

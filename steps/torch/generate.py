@@ -134,8 +134,8 @@ def write_synthetic_checkpoint(directory: Path, dims: str = "7b", layers: int = 
             shape = (module.in_features, module.out_features)
             choices = pool.setdefault(shape, [])
             if len(choices) < WEIGHT_POOL:
-                choices.append(random_quantized_weight(rng, *shape, group_size, centered=True))
-            quantized[name] = QuantizedLayer(choices[len(quantized) % len(choices)])
+                choices.append(QuantizedLayer(random_quantized_weight(rng, *shape, group_size, centered=True)))
+            quantized[name] = choices[len(quantized) % len(choices)]
     generator = torch.Generator().manual_seed(seed)
     others = {}
     for key, value in meta.state_dict().items():
@@ -144,7 +144,7 @@ def write_synthetic_checkpoint(directory: Path, dims: str = "7b", layers: int = 
         if key.endswith("norm.weight"):
             others[key] = torch.ones(value.shape, dtype=torch.float16)
         else:  # embedding and output head
-            others[key] = (torch.randn(value.shape, generator=generator) / value.shape[-1] ** 0.5).half()
+            others[key] = torch.randn(value.shape, generator=generator, dtype=torch.float16) / value.shape[-1] ** 0.5
     qc = QuantizationConfig("gptq", group_size=group_size)
     save_quantized(directory, config, quantized, others, qc, shard_bytes=2 << 30)
     return qc

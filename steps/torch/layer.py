@@ -29,6 +29,8 @@ installed; `import steps` never imports it.
 
 from __future__ import annotations
 
+import functools
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any
@@ -91,6 +93,17 @@ def select_step(qw: QuantizedWeight, device: torch.device, name: str | None = No
     kind = "asymmetric" if qw.zeros is not None else "symmetric"
     raise ValueError(
         f"no rung runs this {kind} K={qw.K} x N={qw.N} weight with group_size {qw.group_size} on {device} ({'; '.join(reasons)})"
+    )
+
+
+@functools.cache
+def _warn_reference_path(rung: str) -> None:
+    """Said once per process: a CPU layer is correct but slow, and why."""
+    warnings.warn(
+        f"MarlinLinear runs on the CPU through {rung}, the reference path: it dequantizes the whole weight "
+        "and multiplies with NumPy on every call, to define the function rather than to be fast; "
+        "build the layer on a CUDA device for speed",
+        stacklevel=3,
     )
 
 
@@ -249,6 +262,8 @@ class MarlinLinear(nn.Module):
                 "prune it with reference.sparse_marlin.prune_quantized_2_4 (from_linear(..., sparse=True) does)"
             )
         rung = select_step(qw, device, step, sparse)
+        if rung.host_arrays:
+            _warn_reference_path(rung.name)
         self.sparse = sparse
         self.in_features, self.out_features, self.group_size = qw.K, qw.N, qw.group_size
         self.step = rung.name

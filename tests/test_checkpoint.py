@@ -234,3 +234,15 @@ def test_loaded_checkpoint_on_the_gpu_matches_the_dequantized_fp32_model(tmp_pat
     steps_used = {m.step for m in model.modules() if isinstance(m, MarlinLinear)}
     assert steps_used and all(name not in ("s0_numpy", "s1_numba_naive") for name in steps_used)
     assert max_logit_error(model, fp32, "cuda") <= LOGIT_TOLERANCE
+
+
+@pytest.mark.parametrize("command", ["e2e", "generate"])
+def test_commands_without_transformers_say_what_to_install(monkeypatch, capsys, command):
+    import importlib.util
+
+    from steps.harness.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "transformers" else real(name, *a))
+    assert main([command, "--synthetic-7b"] if command == "generate" else [command]) == 2
+    assert f"`python -m steps {command}` needs transformers: pip install transformers" in capsys.readouterr().err

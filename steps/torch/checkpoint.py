@@ -205,7 +205,7 @@ def _quantized_layer(
 
 
 def _check_symmetric(name: str, layer: MarlinLinear, qc: QuantizationConfig) -> None:
-    if qc.sym and "packed_zeros" in layer.array_buffers:
+    if qc.sym and layer.zero_points:
         hint = " (a gptq_v2 checkpoint read as checkpoint_format 'gptq'?)" if qc.method == "gptq" else ""
         raise ValueError(f"the config says sym=true but layer {name}'s qzeros hold zero points other than 8{hint}")
 

@@ -265,6 +265,7 @@ class MarlinLinear(nn.Module):
         if rung.host_arrays:
             _warn_reference_path(rung.name)
         self.sparse = sparse
+        self.zero_points = qw.zeros is not None  # False: symmetric, every zero point the implicit 8
         self.in_features, self.out_features, self.group_size = qw.K, qw.N, qw.group_size
         self.step = rung.name
         self.dtype_name = qw.dtype.name  # of the scales, the activations and the output

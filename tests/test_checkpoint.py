@@ -246,3 +246,19 @@ def test_commands_without_transformers_say_what_to_install(monkeypatch, capsys, 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "transformers" else real(name, *a))
     assert main([command, "--synthetic-7b"] if command == "generate" else [command]) == 2
     assert f"`python -m steps {command}` needs transformers: pip install transformers" in capsys.readouterr().err
+
+
+def test_generate_command_uses_the_checkpoints_tokenizer(tmp_path, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from steps.harness.cli import main
+
+    directory, _ = write_checkpoint(tmp_path, "llama", GPTQ)
+    vocab = {f"w{i}": i for i in range(TINY["vocab_size"])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(directory)
+    assert main(["generate", "--checkpoint", str(directory), "--prompt", "w1 w2 w3", "--max-new-tokens", "3", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "No tokenizer" not in out and "prefill of 3 tokens" in out
+    assert len(out.splitlines()[0].split()) == 3  # three decoded words

@@ -34,7 +34,7 @@ import numpy as np
 
 from .gemm import reference_gemm
 from .packing import pack_int4_along_k, unpack_int4_along_k
-from .quant import SYMMETRIC_ZERO, QuantizedWeight, check_group_size, dequantize
+from .quant import GROUP_SIZES, SYMMETRIC_ZERO, QuantizedWeight, check_group_size, dequantize
 
 GPTQ_NIBBLE_ORDER = (0, 1, 2, 3, 4, 5, 6, 7)
 AWQ_NIBBLE_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -154,24 +154,59 @@ def act_order_gemm(A: np.ndarray, qw: QuantizedWeight, perm: np.ndarray | None) 
 # -- shared checks ---------------------------------------------------------------------------
 
 
-def _check_int32(name: str, x: np.ndarray, shape: tuple[int, int]) -> None:
+def _check_int32(name: str, x: np.ndarray) -> None:
     if x.dtype != np.int32:
         raise TypeError(f"{name} must be int32 (the packed checkpoint words), got {x.dtype}")
-    if x.shape != shape:
-        raise ValueError(f"{name} has shape {x.shape}; expected {shape}")
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D matrix, got shape {x.shape}")
 
 
-def _infer_group_size(K: int, groups: int, group_size: int | None) -> int:
-    """The checkpoint's group size: given, or K / number of groups (-1 for a single group)."""
-    if group_size is None:
-        if groups <= 0 or K % groups:
-            raise ValueError(f"scales has {groups} groups, which does not divide K={K}")
-        group_size = -1 if groups == 1 else K // groups
-    check_group_size(group_size, K)
-    expected = 1 if group_size == -1 else K // group_size
-    if groups != expected:
-        raise ValueError(f"scales has {groups} groups but K={K} with group_size {group_size} needs {expected}")
-    return group_size
+def _check_rows(name: str, x: np.ndarray, rows: int, expected: str) -> None:
+    """`expected` says where `rows` comes from, e.g. "K/8 = 32 for K = 256"."""
+    if x.shape[0] != rows:
+        raise ValueError(f"{name} has {x.shape[0]} rows, expected {expected}")
+
+
+def _check_columns(name: str, x: np.ndarray, columns: int, expected: str) -> None:
+    if x.shape[1] != columns:
+        raise ValueError(f"{name} has {x.shape[1]} columns, expected {expected}")
+
+
+def _groups(K: int, group_size: int) -> int:
+    """Scale rows for K rows of weights, after checking that the group size fits K.
+
+    GPTQ's g_idx = k // group_size would make the last group short when group_size does not
+    divide K; QuantizedWeight's groups are all full, so such checkpoints are refused here."""
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"group_size {group_size} is not supported; use one of {GROUP_SIZES}")
+    if group_size != -1 and K % group_size:
+        raise ValueError(
+            f"K = {K} is not a multiple of group_size {group_size}: the checkpoint's last group would be short "
+            f"({K % group_size} rows), which is not supported"
+        )
+    return 1 if group_size == -1 else K // group_size
+
+
+def _infer_group_size(K: int, groups: int, K_confirmed: bool) -> int:
+    """The group size that gives `groups` scale rows for K rows, when only one does.
+
+    Only when K is known independently of qweight (the layer's shape, or GPTQ's g_idx):
+    a truncated qweight with whole scales otherwise passes for a smaller layer with
+    another group size."""
+    if not K_confirmed:
+        raise ValueError(
+            "group_size is required here: nothing but qweight states K, so the group size cannot be inferred; "
+            "pass group_size from the checkpoint's quantization config (or shape=(K, N) from the model)"
+        )
+    candidates = [g for g in GROUP_SIZES if g != -1 and K % g == 0 and K // g == groups]
+    if groups == 1:  # one group of all K rows: group_size -1 (K itself, if listed, is the same weight)
+        candidates = [-1]
+    if len(candidates) != 1:
+        raise ValueError(
+            f"scales has {groups} rows, which no supported group size {GROUP_SIZES} gives for K = {K}; "
+            "pass group_size from the checkpoint's quantization config"
+        )
+    return candidates[0]
 
 
 def _check_bits(bits: int) -> None:
@@ -183,14 +218,37 @@ def _check_scales(scales: np.ndarray, N: int) -> np.ndarray:
     scales = np.asarray(scales)
     if scales.dtype != np.float16:
         raise TypeError(f"scales must be float16, got {scales.dtype}")
-    if scales.ndim != 2 or scales.shape[1] != N:
-        raise ValueError(f"scales has shape {scales.shape}; expected (groups, N={N})")
+    if scales.ndim != 2:
+        raise ValueError(f"scales must be a 2-D (groups, N) matrix, got shape {scales.shape}")
+    _check_columns("scales", scales, N, f"N = {N}")
+    bad = int(np.count_nonzero(~np.isfinite(scales)))
+    if bad:
+        raise ValueError(f"scales holds {bad} non-finite values (NaN or inf); a checkpoint's scales must all be finite")
     return scales
+
+
+def _layer_group_size(K: int, scales: np.ndarray, group_size: int | None, K_confirmed: bool) -> int:
+    """The layer's group size (given or inferred), with scales checked against it."""
+    if group_size is None:
+        group_size = _infer_group_size(K, scales.shape[0], K_confirmed)
+    groups = _groups(K, group_size)
+    per_group = f"K/group_size = {groups} for K = {K}, group_size {group_size}" if group_size != -1 else "1 for group_size -1"
+    _check_rows("scales", scales, groups, per_group)
+    return group_size
 
 
 def _zeros_or_symmetric(zeros: np.ndarray) -> np.ndarray | None:
     """None (symmetric) when every zero point is the implicit 8, else the zeros themselves."""
     return None if np.all(zeros == SYMMETRIC_ZERO) else zeros
+
+
+def _layer_shape(shape: tuple[int, int] | None) -> tuple[int | None, int | None]:
+    if shape is None:
+        return None, None
+    K, N = (int(d) for d in shape)
+    if K < 1 or N < 1:
+        raise ValueError(f"shape must be (K, N) with K, N >= 1, got {shape}")
+    return K, N
 
 
 # -- GPTQ ----------------------------------------------------------------------------------
@@ -211,28 +269,45 @@ def import_gptq(
     group_size: int | None = None,
     checkpoint_format: str = "gptq",
     bits: int = 4,
+    shape: tuple[int, int] | None = None,
 ) -> tuple[QuantizedWeight, np.ndarray | None]:
     """A GPTQ layer as (QuantizedWeight with contiguous groups, act-order perm or None).
 
-    checkpoint_format "gptq" (the default: what AutoGPTQ writes and what GPTQModel saves
-    unless asked otherwise) stores zero - 1; "gptq_v2" stores the zero itself. group_size
-    defaults to K / number of scale rows. A weight whose zeros are all 8 comes back
-    symmetric (zeros None), so symmetric-only kernels accept it. Pass bits and group_size
-    from the checkpoint's quantization config: an 8-bit layer's shapes can look like a
-    4-bit layer's with twice the K, and only the config tells them apart.
+    checkpoint_format "gptq" (v1: what AutoGPTQ writes and what GPTQModel saves unless
+    asked otherwise) stores zero - 1; "gptq_v2" stores the zero itself. `shape` is the
+    layer's (K, N) = (in_features, out_features) where the caller knows it (from the
+    model); every tensor is checked against it. group_size is inferred from the scales
+    only when K is known apart from qweight (shape, or the length of g_idx); otherwise
+    it is required. A weight whose zeros are all 8 comes back symmetric (zeros None), so
+    symmetric-only kernels accept it. Pass bits and group_size from the checkpoint's
+    quantization config: an 8-bit layer's shapes can look like a 4-bit layer's with twice
+    the K, and only the config tells them apart.
     """
     _check_bits(bits)
     offset = _check_checkpoint_format(checkpoint_format)
     qweight, qzeros = np.asarray(qweight), np.asarray(qzeros)
-    if qweight.ndim != 2:
-        raise ValueError(f"qweight must be 2-D [K/8, N], got shape {qweight.shape}")
-    K, N = 8 * qweight.shape[0], qweight.shape[1]
+    _check_int32("qweight", qweight)
+    K, N = _layer_shape(shape)
+    if g_idx is not None:
+        g_idx = np.asarray(g_idx)
+        if g_idx.ndim != 1:
+            raise ValueError(f"g_idx must be a vector of length K, got shape {g_idx.shape}")
+        if K is not None and g_idx.shape[0] != K:
+            raise ValueError(f"g_idx has length {g_idx.shape[0]}, expected K = {K}")
+    K_confirmed = K is not None or g_idx is not None
+    K = K if K is not None else (g_idx.shape[0] if g_idx is not None else 8 * qweight.shape[0])
+    N = N if N is not None else qweight.shape[1]
+    if K % 8:
+        raise ValueError(f"K = {K} is not a multiple of 8; GPTQ packs eight codes per int32 along K")
     if N % 8:
-        raise ValueError(f"N={N} must be divisible by 8 for GPTQ qzeros")
+        raise ValueError(f"N = {N} is not a multiple of 8; GPTQ packs eight zero points per int32 along N")
+    _check_rows("qweight", qweight, K // 8, f"K/8 = {K // 8} for K = {K}")
+    _check_columns("qweight", qweight, N, f"N = {N}")
     scales = _check_scales(scales, N)
-    group_size = _infer_group_size(K, scales.shape[0], group_size)
-    _check_int32("qweight", qweight, (K // 8, N))
-    _check_int32("qzeros", qzeros, (scales.shape[0], N // 8))
+    group_size = _layer_group_size(K, scales, group_size, K_confirmed)
+    _check_int32("qzeros", qzeros)
+    _check_rows("qzeros", qzeros, scales.shape[0], f"{scales.shape[0]}, one per group as in scales")
+    _check_columns("qzeros", qzeros, N // 8, f"N/8 = {N // 8} for N = {N}")
     codes = unpack_int4_along_k(qweight)
     zeros = unpack_int4_along_n(qzeros) + np.uint8(offset)
     if np.any(zeros > 15):
@@ -272,21 +347,35 @@ def export_gptq(qw: QuantizedWeight, perm: np.ndarray | None = None, *, checkpoi
 
 
 def import_awq(
-    qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, *, group_size: int | None = None, bits: int = 4
+    qweight: np.ndarray,
+    qzeros: np.ndarray,
+    scales: np.ndarray,
+    *,
+    group_size: int | None = None,
+    bits: int = 4,
+    shape: tuple[int, int] | None = None,
 ) -> QuantizedWeight:
-    """An AWQ (GEMM layout) layer as a QuantizedWeight; group_size defaults to K / scale rows.
+    """An AWQ (GEMM layout) layer as a QuantizedWeight.
 
-    As for GPTQ, pass bits and group_size from the checkpoint's quantization config.
+    `shape` and `group_size` as for import_gptq: with shape=(K, N) from the model the
+    group size may be inferred from the scales; without it, pass the config's group_size.
     """
     _check_bits(bits)
     qweight, qzeros = np.asarray(qweight), np.asarray(qzeros)
-    if qweight.ndim != 2:
-        raise ValueError(f"qweight must be 2-D [K, N/8], got shape {qweight.shape}")
-    K, N = qweight.shape[0], 8 * qweight.shape[1]
+    _check_int32("qweight", qweight)
+    K, N = _layer_shape(shape)
+    K_confirmed = K is not None
+    K = K if K is not None else qweight.shape[0]
+    N = N if N is not None else 8 * qweight.shape[1]
+    if N % 8:
+        raise ValueError(f"N = {N} is not a multiple of 8; AWQ packs eight codes per int32 along N")
+    _check_rows("qweight", qweight, K, f"K = {K}")
+    _check_columns("qweight", qweight, N // 8, f"N/8 = {N // 8} for N = {N}")
     scales = _check_scales(scales, N)
-    group_size = _infer_group_size(K, scales.shape[0], group_size)
-    _check_int32("qweight", qweight, (K, N // 8))
-    _check_int32("qzeros", qzeros, (scales.shape[0], N // 8))
+    group_size = _layer_group_size(K, scales, group_size, K_confirmed)
+    _check_int32("qzeros", qzeros)
+    _check_rows("qzeros", qzeros, scales.shape[0], f"{scales.shape[0]}, one per group as in scales")
+    _check_columns("qzeros", qzeros, N // 8, f"N/8 = {N // 8} for N = {N}")
     codes = unpack_int4_along_n(qweight, AWQ_NIBBLE_ORDER)
     zeros = unpack_int4_along_n(qzeros, AWQ_NIBBLE_ORDER)
     return QuantizedWeight(codes, scales.copy(), group_size, _zeros_or_symmetric(zeros))

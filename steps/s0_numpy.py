@@ -29,9 +29,14 @@ def plain_int4_layout(qw: QuantizedWeight) -> dict[str, np.ndarray]:
     return arrays
 
 
+PLAIN_K_MULTIPLE = 8  # the plain layout packs eight codes per int32 along K
+
+
 def plain_layout_support(K: int) -> Support:
     """The plain layout packs eight codes per int32 along K."""
-    return SUPPORTED if K % 8 == 0 else Support(False, f"K={K} must be divisible by 8 (eight 4-bit codes per int32 word)")
+    if K % PLAIN_K_MULTIPLE == 0:
+        return SUPPORTED
+    return Support(False, f"K={K} must be divisible by {PLAIN_K_MULTIPLE} (eight 4-bit codes per int32 word)")
 
 
 def quantized_weight_from_plain(packed: Packed) -> QuantizedWeight:
@@ -48,6 +53,7 @@ class NumpyDequantMatmul(Step):
     error_c = 4.0
     supports_zero_points = True
     activation_dtypes = ("float16", "bfloat16")
+    shape_multiples = ((PLAIN_K_MULTIPLE, 1),)
 
     def _supports(self, M: int, K: int, N: int, group_size: int) -> Support:
         return plain_layout_support(K)

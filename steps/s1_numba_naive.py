@@ -24,7 +24,7 @@ from typing import Any
 from reference import QuantizedWeight
 
 from ._arrays import array_kind, caller_stream
-from .s0_numpy import plain_int4_layout, plain_layout_support
+from .s0_numpy import PLAIN_K_MULTIPLE, plain_int4_layout, plain_layout_support
 from .step import SUPPORTED, Packed, Step, Support
 
 THREADS_PER_BLOCK = 128
@@ -71,6 +71,7 @@ class NumbaNaive(Step):
     idea = "Move to the GPU: one thread per output element dequantizes its column of weights on the fly."
     device = "cuda"
     error_c = 4.0
+    shape_multiples = ((PLAIN_K_MULTIPLE, 1),)
 
     @property
     def host_arrays(self) -> bool:

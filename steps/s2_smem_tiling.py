@@ -53,12 +53,16 @@ def block_m(M: int) -> int:
     return 16 if M <= 16 else 64
 
 
+VECTOR_LOAD_MULTIPLES = (8, 4)  # (K, N): the 16-byte loads of the plain layout
+
+
 def vector_load_support(K: int, N: int) -> Support:
     """The shapes the 16-byte loads of the plain layout allow (shared with rung 3)."""
-    if K % 8:
-        return Support(False, f"K={K} must be divisible by 8 (eight 4-bit codes per int32 word; rows of A load as 16-byte vectors)")
-    if N % 4:
-        return Support(False, f"N={N} must be divisible by 4 (weights and scales load as 16- and 8-byte vectors of 4 columns)")
+    k_multiple, n_multiple = VECTOR_LOAD_MULTIPLES
+    if K % k_multiple:
+        return Support(False, f"K={K} must be divisible by {k_multiple} (eight 4-bit codes per int32 word; rows of A load as 16-byte vectors)")
+    if N % n_multiple:
+        return Support(False, f"N={N} must be divisible by {n_multiple} (weights and scales load as 16- and 8-byte vectors of 4 columns)")
     return SUPPORTED
 
 
@@ -72,6 +76,7 @@ class SmemTiling(CudaStep):
     title = "CUDA C++: shared-memory tiling, FP32 FMA"
     idea = "Blocks stage tiles of A and the int4 weights in shared memory with coalesced 16-byte loads, dequantize each weight once, and reuse it from registers across many FP32 FMAs."
     error_c = 4.0
+    shape_multiples = (VECTOR_LOAD_MULTIPLES,)
 
     def _supports(self, M: int, K: int, N: int, group_size: int) -> Support:
         vectors = vector_load_support(K, N)

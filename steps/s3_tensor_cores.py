@@ -24,7 +24,7 @@ from reference import QuantizedWeight
 
 from ._cuda import CudaStep, get_kernel, sm_count
 from .s0_numpy import plain_int4_layout
-from .s2_smem_tiling import MAX_GRID_Y, check_alignment, group_shift, vector_load_support
+from .s2_smem_tiling import MAX_GRID_Y, VECTOR_LOAD_MULTIPLES, check_alignment, group_shift, vector_load_support
 from .step import SUPPORTED, Packed, Support
 
 THREADS = 128
@@ -69,6 +69,7 @@ class TensorCores(CudaStep):
     title = "CUDA C++: mma.sync tensor cores with ldmatrix"
     idea = "Replace the FP32 FMAs with fp16 tensor-core mma.sync m16n8k16 instructions fed by ldmatrix from shared memory, so the kernel becomes a weight stream."
     error_c = 4.0
+    shape_multiples = (VECTOR_LOAD_MULTIPLES,)
 
     def _supports(self, M: int, K: int, N: int, group_size: int) -> Support:
         vectors = vector_load_support(K, N)

@@ -68,10 +68,12 @@ class MarlinLayout(CudaStep):
     )
     error_c = 10.0
     K_WARPS = 4  # warps per block, splitting K on one strip: must match s4_marlin_layout.cu
+    shape_multiples = ((16, 64),)  # one mma k-step of 16 rows; one warp per 64 columns
 
     def _supports(self, M: int, K: int, N: int, group_size: int) -> Support:
-        if K % 16 or N % 64:
-            return Support(False, f"{self.name} needs K divisible by 16 and N by 64 (one warp per 64 columns), got K={K}, N={N}")
+        (k_multiple, n_multiple), = self.shape_multiples
+        if K % k_multiple or N % n_multiple:
+            return Support(False, f"{self.name} needs K divisible by {k_multiple} and N by {n_multiple} (one warp per 64 columns), got K={K}, N={N}")
         return SUPPORTED
 
     def pack_host(self, qw: QuantizedWeight) -> dict[str, np.ndarray]:

@@ -113,6 +113,11 @@ SMALL_BATCH_PLAN = TilePlan(((256, 128), (128, 128), (64, 256)), 200 * 1024, 4)
 LARGE_BATCH_PLAN = TilePlan(((128, 128), (64, 256)), 96 * 1024, 8)
 
 
+def common_tiles(*plans: TilePlan) -> tuple[tuple[int, int], ...]:
+    """The (TILE_K, TILE_N) every one of `plans` offers: shapes a rung runs at any batch size."""
+    return tuple(tile for tile in plans[0].tiles if all(tile in plan.tiles for plan in plans))
+
+
 def dividing_tiles(K: int, N: int, tiles) -> list[tuple[int, int]]:
     """The (TILE_K, TILE_N) of `tiles` that divide K and N, in their order."""
     return [(tk, tn) for tk, tn in tiles if K % tk == 0 and N % tn == 0]
@@ -147,6 +152,7 @@ class PipelinedStep(CudaStep):
     smem_budget: int | None = None
     max_stages: int | None = None
     tile_override: tuple[int, int] | None = None  # (TILE_K, TILE_N)
+    shape_multiples = common_tiles(SMALL_BATCH_PLAN, LARGE_BATCH_PLAN)  # the plans of tile_plan
 
     def tile_plan(self, M: int, N: int, sms: int | None) -> TilePlan:
         """The plan for an M x N output on a GPU with `sms` SMs; sms=None stands for any GPU

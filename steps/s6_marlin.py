@@ -46,6 +46,7 @@ from .s5_async_pipeline import (
     PipelinedStep,
     TileConfig,
     TilePlan,
+    common_tiles,
     zeros_or_scales,
 )
 from .step import Packed
@@ -76,6 +77,7 @@ class Marlin(PipelinedStep):
     )
     error_c = 10.0
     own_reduce_buffer = True
+    shape_multiples = common_tiles(SMALL_BATCH_PLAN, TWO_BLOCK_WIDE_PLAN, LARGE_BATCH_WIDE_PLAN, LARGE_BATCH_NARROW_PLAN)
     sms: int | None = None  # blocks per launch; None = the device's SM count
     # What sharing a column slice costs a block, in weight tiles (reference.marlin_layout.
     # stripe_length): storing its partials and counting itself, or reading everyone's.

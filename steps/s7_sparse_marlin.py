@@ -24,14 +24,15 @@ kept bytes as s6's 128 x 128 and 64 x 256 tiles while covering twice the K.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from reference import QuantizedWeight
 from reference.sparse_marlin import pack_sparse_marlin, prune_quantized_2_4
 
+from ._padding import pad_weight, round_up
 from .s4_marlin_layout import i32, m_blocks_for
-from .s5_async_pipeline import THREADS, TileConfig, TilePlan
+from .s5_async_pipeline import THREADS, TileConfig, TilePlan, common_tiles
 from .s6_marlin import MAX_SLABS, Marlin
 from .step import Packed
 
@@ -70,6 +71,7 @@ class SparseMarlin(Marlin):
     supports_zero_points = False
     activation_dtypes = ("float16",)
     config_type = SparseTileConfig
+    shape_multiples = common_tiles(SPARSE_SMALL_BATCH_PLAN, SPARSE_LARGE_BATCH_PLAN)
     even_stages = False
     use_wgmma = False  # its kernel issues mma.sp; a wgmma.sp form is not written
 
@@ -77,7 +79,11 @@ class SparseMarlin(Marlin):
         return SPARSE_SMALL_BATCH_PLAN if M <= 16 else SPARSE_LARGE_BATCH_PLAN
 
     def reference_weight(self, qw: QuantizedWeight) -> QuantizedWeight:
-        return prune_quantized_2_4(qw)
+        if qw.K % 4 == 0:
+            return prune_quantized_2_4(qw)
+        # K not a multiple of 4 (group size -1 only): the rows pack pads with count as zeros.
+        pruned = prune_quantized_2_4(pad_weight(qw, round_up(qw.K, 4), qw.N))
+        return replace(pruned, codes=pruned.codes[: qw.K])
 
     def pack_host(self, qw: QuantizedWeight) -> dict[str, Any]:
         return pack_sparse_marlin(qw)

@@ -20,6 +20,7 @@ import numpy as np
 from reference import QuantizedWeight, check_group_size
 
 from ._arrays import array_kind, check_matrix, device_index, dtype_name, empty_like_kind, is_cuda_array, raw_bits
+from ._padding import pad_weight, padded_shape, run_padded
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,9 @@ class Step:
     error_c: float = 2.0
     activation_dtypes: tuple[str, ...] = ("float16",)
     supports_zero_points: bool = False
+    # (K, N) multiples the rung's layout runs at every batch size (from its _supports rules);
+    # pack pads other weights up to one of them (steps/_padding.py).
+    shape_multiples: tuple[tuple[int, int], ...] = ((1, 1),)
 
     # -- what the rung accepts -------------------------------------------------------
     def supports(self, M: int, K: int, N: int, group_size: int) -> Support:
@@ -80,7 +84,11 @@ class Step:
             return Support(False, str(e))
         if K <= 0 or N <= 0 or M < 0:
             return Support(False, f"K and N must be positive and M non-negative, got M={M}, K={K}, N={N}")
-        return self._supports(M, K, N, group_size)
+        return self._supports(M, *self.padded_shape(K, N, group_size), group_size)
+
+    def padded_shape(self, K: int, N: int, group_size: int) -> tuple[int, int]:
+        """The (K, N) this rung packs and computes a K x N weight as (itself when aligned)."""
+        return padded_shape(self.shape_multiples, K, N, group_size)
 
     def _supports(self, M: int, K: int, N: int, group_size: int) -> Support:
         return SUPPORTED
@@ -125,7 +133,7 @@ class Step:
         available = self.available()
         if not available:
             raise RuntimeError(f"{self.name} cannot run on this machine: {available.reason}; pack_host() gives its layout anyway")
-        arrays = self.pack_host(qw)
+        arrays = self.pack_host(pad_weight(qw, *self.padded_shape(qw.K, qw.N, qw.group_size)))
         if not self.host_arrays:
             import cupy
 
@@ -158,7 +166,11 @@ class Step:
         ok = self.supports(M, packed.K, packed.N, packed.group_size)
         if not ok:
             raise ValueError(f"{self.name}: {ok.reason}")
-        self._run(A, packed, out)
+        K, N = self.padded_shape(packed.K, packed.N, packed.group_size)
+        if (K, N) == (packed.K, packed.N):
+            self._run(A, packed, out)
+        else:
+            run_padded(self, A, packed, out, K, N)
         return out
 
     def _check_device(self, name: str, x: Any, packed: Packed) -> None:

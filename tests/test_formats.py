@@ -254,6 +254,7 @@ def test_v1_stored_fifteen_is_zero_sixteen_and_rejected():
         qweight=np.zeros((16, 8), np.int32),
         qzeros=np.full((1, 1), -1, np.int32),
         scales=np.ones((1, 8), np.float16),
+        group_size=-1,
     )
     with pytest.raises(ValueError, match="zero point 16"):
         import_gptq(**t)
@@ -265,17 +266,63 @@ def test_v1_stored_fifteen_is_zero_sixteen_and_rejected():
     [
         (dict(qweight=np.zeros((16, 8), np.int64)), "qweight must be int32"),
         (dict(scales=np.ones((1, 8), np.float32)), "scales must be float16"),
-        (dict(scales=np.ones((3, 8), np.float16)), "does not divide K=128"),
-        (dict(qzeros=np.zeros((1, 2), np.int32)), r"qzeros has shape \(1, 2\); expected \(1, 1\)"),
-        (dict(scales=np.ones((8, 8), np.float16)), "group_size 16 is not supported"),
-        (dict(g_idx=np.arange(64)), "length K=128"),
+        (dict(scales=np.ones((3, 8), np.float16)), r"scales has 3 rows, which no supported group size .* gives for K = 128"),
+        (dict(scales=np.ones((3, 8), np.float16), group_size=64), "scales has 3 rows, expected K/group_size = 2"),
+        (dict(qzeros=np.zeros((1, 2), np.int32)), "qzeros has 2 columns, expected N/8 = 1 for N = 8"),
+        (dict(qzeros=np.zeros((2, 1), np.int32)), "qzeros has 2 rows, expected 1, one per group"),
+        (dict(scales=np.ones((8, 8), np.float16)), "scales has 8 rows, which no supported group size"),
+        (dict(scales=np.ones((1, 8), np.float16) * np.float16(np.nan)), "scales holds 8 non-finite values"),
+        (dict(g_idx=np.arange(64)), "qweight has 16 rows, expected K/8 = 8 for K = 64"),
+        (dict(qweight=np.zeros((10, 8), np.int32)), "qweight has 10 rows, expected K/8 = 16 for K = 128"),
+        (dict(shape=(256, 8)), "g_idx has length 128, expected K = 256"),
+        (dict(shape=(128, 16)), "qweight has 8 columns, expected N = 16"),
+        (dict(group_size=48), "group_size 48 is not supported"),
+        (dict(g_idx=None), "group_size is required here"),
         (dict(bits=8), "only 4-bit checkpoints are supported, this one has bits=8"),
     ],
 )
 def test_gptq_import_errors_are_one_sentence(change, message):
-    t = dict(qweight=np.zeros((16, 8), np.int32), qzeros=np.zeros((1, 1), np.int32), scales=np.ones((1, 8), np.float16))
+    t = dict(
+        qweight=np.zeros((16, 8), np.int32),
+        qzeros=np.zeros((1, 1), np.int32),
+        scales=np.ones((1, 8), np.float16),
+        g_idx=np.zeros(128, np.int32),
+    )
     with pytest.raises((TypeError, ValueError), match=message):
         import_gptq(**{**t, **change})
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(qweight=np.zeros((100, 2), np.int32)), "qweight has 100 rows, expected K = 128"),
+        (dict(qweight=np.zeros((128, 1), np.int32)), "qweight has 1 columns, expected N/8 = 2 for N = 16"),
+        (dict(scales=np.ones((2, 8), np.float16)), "scales has 8 columns, expected N = 16"),
+        (dict(scales=np.full((2, 16), np.inf, np.float16)), "scales holds 32 non-finite values"),
+        (dict(shape=None), "group_size is required here"),
+        (dict(group_size=128), "scales has 2 rows, expected K/group_size = 1 for K = 128, group_size 128"),
+    ],
+)
+def test_awq_import_errors_name_the_tensor_and_expected_shape(change, message):
+    t = dict(
+        qweight=np.zeros((128, 2), np.int32),
+        qzeros=np.zeros((2, 2), np.int32),
+        scales=np.ones((2, 16), np.float16),
+        shape=(128, 16),
+    )
+    with pytest.raises((TypeError, ValueError), match=message):
+        import_awq(**{**t, **change})
+
+
+@pytest.mark.parametrize("groups, expected", [(1, -1), (2, 64), (4, 32)])
+def test_group_size_is_inferred_when_the_shape_confirms_k(groups, expected):
+    t = dict(qweight=np.zeros((128, 2), np.int32), qzeros=np.zeros((groups, 2), np.int32), scales=np.ones((groups, 16), np.float16))
+    assert import_awq(**t, shape=(128, 16)).group_size == expected
+
+
+def test_a_short_last_group_is_refused_clearly():
+    with pytest.raises(ValueError, match="K = 160 is not a multiple of group_size 128: the checkpoint's last group would be short"):
+        import_gptq(np.zeros((20, 8), np.int32), np.zeros((2, 1), np.int32), np.ones((2, 8), np.float16), group_size=128)
 
 
 def test_unknown_checkpoint_format_is_rejected():

@@ -228,7 +228,8 @@ def test_step_multiplies_by_the_pruned_weight_and_packs_the_model_layout():
     for name, array in sm.pack_sparse_marlin(qw).items():
         np.testing.assert_array_equal(arrays[name], array)
     assert step.supports(1, 4096, 12288, 128) and step.supports(1000, 28672, 8192, -1)
-    assert not step.supports(1, 4096 + 64, 4096, -1)
+    # Off its tiles, the weight is padded to the next (256, 128) or (128, 256) multiple, not refused.
+    assert step.supports(1, 4096 + 64, 4096, -1) and step.padded_shape(4096 + 64, 4096, -1) == (4224, 4096)
 
 
 def test_llama_and_ideal_shapes_are_supported_with_both_tiles():

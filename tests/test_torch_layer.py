@@ -344,8 +344,10 @@ def test_bad_checkpoint_tensors_are_refused():
     t = torch_gptq(qw)
     with pytest.raises(TypeError, match="scales is bfloat16"):
         MarlinLinear.from_gptq(**{**t, "scales": t["scales"].bfloat16()})
-    with pytest.raises(ValueError, match="length K=128"):
+    with pytest.raises(ValueError, match="qweight has 16 rows, expected K/8 = 8 for K = 64"):
         MarlinLinear.from_gptq(**{**t, "g_idx": t["g_idx"][:64]})
+    with pytest.raises(ValueError, match="qweight has 10 rows, expected K/8 = 16 for K = 128"):
+        MarlinLinear.from_gptq(**{**t, "qweight": t["qweight"][:10]}, shape=(128, 16))
 
 
 # -- on a GPU ---------------------------------------------------------------------------------------
@@ -447,3 +449,17 @@ def test_moving_a_packed_layer_across_device_types_is_refused():
     layer = MarlinLinear.from_linear(random_linear(np.random.default_rng(15), 128, 16)).to("cuda")
     with pytest.raises(ValueError, match="packed for rung s0_numpy on cpu but its buffers were moved to cuda"):
         layer(torch.zeros(2, 128, dtype=torch.float16, device="cuda"))
+
+
+def test_a_cpu_layer_says_once_that_it_is_the_slow_reference_path():
+    from steps.torch import layer as layer_module
+
+    layer_module._warn_reference_path.cache_clear()
+    qw = ref.random_quantized_weight(np.random.default_rng(12), 128, 16)
+    with pytest.warns(UserWarning, match="the reference path: it dequantizes the whole weight"):
+        MarlinLinear(qw)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MarlinLinear(qw)  # said once only

@@ -1,4 +1,4 @@
-"""Command line: `python -m steps {list,check,bench,e2e,report}` (also `marlin-ladder ...`)."""
+"""Command line: `python -m steps {list,check,bench,e2e,generate,report}` (also `marlin-ladder ...`)."""
 
 from __future__ import annotations
 
@@ -112,7 +112,32 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _require(command: str, modules: tuple[str, ...]) -> None:
+    """A clear error, not a traceback, when an optional dependency of `command` is missing."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ValueError(
+            f"`python -m steps {command}` needs {' and '.join(missing)}: pip install {' '.join(missing)} "
+            "(torch: the CPU build with pip install torch --index-url https://download.pytorch.org/whl/cpu, see README)"
+        )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    _require("generate", ("torch", "transformers", "safetensors", "tqdm"))
+    if (args.checkpoint is None) == (not args.synthetic_7b):
+        raise ValueError("give either --checkpoint DIR or --synthetic-7b")
+    from ..torch import generate
+
+    try:
+        return generate.run(args)
+    except TypeError as e:  # a checkpoint tensor of the wrong dtype: one line, like the ValueErrors
+        raise ValueError(str(e)) from e
+
+
 def cmd_e2e(args: argparse.Namespace) -> int:
+    _require("e2e", ("torch", "transformers"))
     import transformers
 
     from ..torch import e2e, tp  # needs torch and transformers
@@ -191,11 +216,24 @@ def main(argv: list[str] | None = None) -> int:
                    help="tensor-parallel ranks: run under torchrun --nproc-per-node N (q|k|v, gate|up column-, o, down row-parallel)")
     e.add_argument("--json", help="append JSON lines (with GPU, versions, date) to this file")
     e.add_argument("--seed", type=int, default=0, help="seed of the random model and prompts")
+    gen = sub.add_parser("generate", help="greedy decoding from a GPTQ/AWQ checkpoint directory, with tokens/s")
+    gen.add_argument("--checkpoint", help="checkpoint directory: config.json with quantization_config, safetensors")
+    gen.add_argument("--synthetic-7b", action="store_true",
+                     help="write a random GPTQ checkpoint with Llama-2-7B dimensions to a temporary directory and decode it")
+    gen.add_argument("--layers", type=int, help="decoder layers of the --synthetic-7b checkpoint (default 8 of 32)")
+    gen.add_argument("--prompt", help="text, or token ids separated by spaces when the checkpoint has no tokenizer")
+    gen.add_argument("--max-new-tokens", type=positive_int, default=32, help="tokens to decode")
+    gen.add_argument("--device", help="cpu or cuda[:i] (default: cuda where present)")
+    gen.add_argument("--rung", help="force this rung for the quantized layers (default: the fastest that runs)")
+    gen.add_argument("--json", help="append a JSON line (GPU, versions, date, tokens/s) to this file")
+    gen.add_argument("--seed", type=int, default=0, help="of the --synthetic-7b weights")
+    gen.add_argument("--quiet", action="store_true", help="no progress bar")
     r = sub.add_parser("report", help="regenerate the results tables and plots from docs/results/*.jsonl")
     r.add_argument("--results", default="docs/results", help="folder of the benchmark JSON lines")
     r.add_argument("--readme", default="README.md", help="README whose results section is rewritten")
     args = parser.parse_args(argv)
-    handler = {"list": cmd_list, "check": cmd_check, "bench": cmd_bench, "e2e": cmd_e2e, "report": cmd_report}[args.command]
+    handler = {"list": cmd_list, "check": cmd_check, "bench": cmd_bench, "e2e": cmd_e2e, "generate": cmd_generate,
+               "report": cmd_report}[args.command]
     try:
         return handler(args)
     except (ValueError, KeyError) as e:

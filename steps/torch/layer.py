@@ -29,6 +29,7 @@ installed; `import steps` never imports it.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import replace
@@ -120,6 +121,17 @@ def select_step(qw: QuantizedWeight, device: torch.device, name: str | None = No
     kind = "asymmetric" if qw.zeros is not None else "symmetric"
     raise ValueError(
         f"no rung runs this {kind} K={qw.K} x N={qw.N} weight with group_size {qw.group_size} on {device} ({'; '.join(reasons)})"
+    )
+
+
+@functools.cache
+def _warn_reference_path(rung: str) -> None:
+    """Said once per process: a CPU layer is correct but slow, and why."""
+    warnings.warn(
+        f"MarlinLinear runs on the CPU through {rung}, the reference path: it dequantizes the whole weight "
+        "and multiplies with NumPy on every call, to define the function rather than to be fast; "
+        "build the layer on a CUDA device for speed",
+        stacklevel=3,
     )
 
 
@@ -278,7 +290,10 @@ class MarlinLinear(nn.Module):
                 "prune it with reference.sparse_marlin.prune_quantized_2_4 (from_linear(..., sparse=True) does)"
             )
         rung = select_step(qw, device, step, sparse)
+        if rung.host_arrays:
+            _warn_reference_path(rung.name)
         self.sparse = sparse
+        self.zero_points = qw.zeros is not None  # False: symmetric, every zero point the implicit 8
         self.in_features, self.out_features, self.group_size = qw.K, qw.N, qw.group_size
         self.step = rung.name
         self.dtype_name = qw.dtype.name  # of the scales, the activations and the output
@@ -332,11 +347,13 @@ class MarlinLinear(nn.Module):
         group_size: int | None = None,
         checkpoint_format: str = "gptq",
         bits: int = 4,
+        shape: tuple[int, int] | None = None,
         dtype: torch.dtype = torch.float16,
         step: str | None = None,
         device=None,
     ) -> MarlinLinear:
-        """From a GPTQ layer's tensors (torch or NumPy); see reference.formats.import_gptq.
+        """From a GPTQ layer's tensors (torch or NumPy); see reference.formats.import_gptq
+        (`shape` is the layer's (in_features, out_features), which every tensor is checked against).
         `dtype=torch.bfloat16` makes a bf16 layer for a bf16 model: the checkpoint's fp16
         scales are then rounded to bf16 (a slightly different weight)."""
         qw, perm = import_gptq(
@@ -347,6 +364,7 @@ class MarlinLinear(nn.Module):
             group_size=group_size,
             checkpoint_format=checkpoint_format,
             bits=bits,
+            shape=shape,
         )
         return cls(_in_dtype(qw, dtype), perm, bias, step=step, device=device or _default_device(qweight))
 
@@ -360,18 +378,20 @@ class MarlinLinear(nn.Module):
         *,
         group_size: int | None = None,
         bits: int = 4,
+        shape: tuple[int, int] | None = None,
         dtype: torch.dtype = torch.float16,
         step: str | None = None,
         device=None,
     ) -> MarlinLinear:
         """From an AWQ (GEMM layout) layer's tensors (torch or NumPy); see reference.formats.import_awq.
-        `dtype` as for from_gptq."""
+        `shape` and `dtype` as for from_gptq."""
         qw = import_awq(
             _as_numpy("qweight", qweight),
             _as_numpy("qzeros", qzeros),
             _as_numpy("scales", scales),
             group_size=group_size,
             bits=bits,
+            shape=shape,
         )
         return cls(_in_dtype(qw, dtype), None, bias, step=step, device=device or _default_device(qweight))
 

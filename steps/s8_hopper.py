@@ -95,6 +95,7 @@ class Hopper(Marlin):
         "Stop issuing copies and start specializing warps: one producer warp streams weight tiles "
         "with the bulk copy engine into a deep mbarrier ring, two warpgroups dequantize and multiply with wgmma."
     )
+    shape_multiples = ((TILE_K, TILE_N),)  # other shapes are padded once, in pack (steps/_padding.py)
     max_stages: int | None = MAX_STAGES  # tuning override of the ring depth
     producer_fences: bool = False  # tuning switch: publish the activations the PRODUCER_FENCES way
 

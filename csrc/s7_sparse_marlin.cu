@@ -35,7 +35,7 @@
 //
 // reference/sparse_marlin.py emulates this kernel lane by lane (emulate_kernel); the
 // copy and read indices below are the ones modelled there.
-#include "marlin_core.cuh"
+#include "s6_stripes.cuh"
 
 #ifndef M_BLOCKS
 #define M_BLOCKS 1  // 16-row blocks of A per slab: 1..4
@@ -49,8 +49,8 @@
 #ifndef STAGES
 #define STAGES 4  // tiles in flight + 1
 #endif
-#ifndef GROUP_ROWS
-#define GROUP_ROWS 128  // rows of K per scale; 0 means one scale per column (group size -1)
+#ifndef GROUP_SIZE
+#define GROUP_SIZE 128  // rows of K per scale, as reference.QuantizedWeight: -1 is one group of all K rows
 #endif
 #ifndef EVICT_FIRST
 #define EVICT_FIRST 1  // L2 evict-first hint on the weight and metadata copies
@@ -148,9 +148,9 @@ __device__ __forceinline__ void fold_into_output(const FragC (&acc)[kMBlocks][4]
 // strips side by side along N times K_WARPS warps splitting each stage's k32 steps.
 // Stage layout (16-byte units): A tile | kept codes | metadata | scales.
 // ---------------------------------------------------------------------------------
-template <int kMBlocks, int kTileN, int kTileK, int kStages, int kGroupRows, bool kEvictFirst>
+template <int kMBlocks, int kTileN, int kTileK, int kStages, int kGroupSize, bool kEvictFirst>
 struct Pipeline {
-  static constexpr int THREADS = 256;
+  static constexpr int THREADS = marlin::PIPELINE_THREADS;
   static constexpr int TILE_N_COLS = kTileN, TILE_K_ROWS = kTileK, SLAB_ROWS = 16 * kMBlocks;
   static constexpr int N_STRIPS = kTileN / 64;
   static constexpr int K_WARPS = 8 / N_STRIPS;
@@ -160,8 +160,8 @@ struct Pipeline {
   static_assert(K32_STEPS % K_WARPS == 0, "every warp gets the same number of k32 steps");
   static_assert(SUBSTEPS >= 2 && SUBSTEPS % 2 == 0, "fragment double buffering needs an even number of substeps");
   static_assert(kStages >= 3, "the pipeline keeps kStages - 1 tiles in flight while one is consumed");
-  static_assert(kGroupRows == 0 || kGroupRows % 32 == 0, "groups are whole k32 steps");
-  static_assert(kGroupRows == 0 || kGroupRows >= kTileK ? kGroupRows % kTileK == 0 : kTileK % kGroupRows == 0,
+  static_assert(kGroupSize == -1 || kGroupSize % 32 == 0, "groups are whole k32 steps");
+  static_assert(kGroupSize == -1 || (kGroupSize >= kTileK ? kGroupSize % kTileK == 0 : kTileK % kGroupSize == 0),
                 "a group must hold whole tiles or a tile whole groups");
 
   using ATile = marlin::ATileCopy<kMBlocks, kTileK, THREADS>;
@@ -176,7 +176,7 @@ struct Pipeline {
   static constexpr int M_CHUNKS = K32_STEPS * M_ROW_CHUNKS;
   static constexpr int M_COPIES = (M_CHUNKS + THREADS - 1) / THREADS;
   static_assert(THREADS % W_ROW_CHUNKS == 0 && THREADS % M_ROW_CHUNKS == 0, "a copy round covers whole k32 rows");
-  static constexpr int S_ROWS = (kGroupRows == 0 || kGroupRows >= kTileK) ? 1 : kTileK / kGroupRows;
+  static constexpr int S_ROWS = (kGroupSize == -1 || kGroupSize >= kTileK) ? 1 : kTileK / kGroupSize;
   static constexpr int S_ROW_CHUNKS = kTileN / 8;
   static constexpr int S_CHUNKS = S_ROWS * S_ROW_CHUNKS;
   static_assert(S_CHUNKS <= THREADS, "one scale chunk per thread at most");
@@ -258,7 +258,7 @@ struct Pipeline {
         m_src += size_t(THREADS / M_ROW_CHUNKS) * m_stride;
       }
       if (t < S_CHUNKS) {
-        const int group_row = kGroupRows == 0 ? 0 : (next.k_tile * kTileK) / kGroupRows;
+        const int group_row = kGroupSize == -1 ? 0 : (next.k_tile * kTileK) / kGroupSize;
         const unsigned s_dst = fill.here + 16 * (A_CHUNKS + W_CHUNKS + M_CHUNKS);
         marlin::cp_async16(s_dst, s_base + size_t(group_row) * s_stride);
       }
@@ -309,7 +309,7 @@ struct Pipeline {
     const int step = k_warp + K_WARPS * substep;
     w = stage_w(slot)[THREADS * substep + threadIdx.x];
     meta = reinterpret_cast<const uint2*>(stage_m(slot))[step * (kTileN / 2) + 32 * strip + lane];
-    const int s_row = S_ROWS == 1 ? 0 : (32 * step) / kGroupRows;
+    const int s_row = S_ROWS == 1 ? 0 : (32 * step) / kGroupSize;
     s = stage_s(slot)[s_row * S_ROW_CHUNKS + 8 * strip + lane / 4];
     if constexpr (A_AHEAD) {
 #pragma unroll
@@ -356,7 +356,7 @@ struct Pipeline {
       for (int sub = 0; sub < SUBSTEPS; ++sub) {
         const int next = (sub + 1) % 2;
         if (sub + 1 < SUBSTEPS) load_fragments(slot, sub + 1, w[next], meta[next], s[next], a[next]);
-        if (sub == SUBSTEPS - 2) marlin::refill_and_publish<kStages, A_AHEAD, false>([&] { fetch(); });
+        if (sub == SUBSTEPS - 2) marlin::refill_and_publish<kStages, A_AHEAD>([&] { fetch(); });
         if (sub == SUBSTEPS - 1) load_fragments(read_slot, 0, w[0], meta[0], s[0], a[0]);
         multiply(slot, sub, w[sub % 2], meta[sub % 2], s[sub % 2], a[sub % 2], acc);
       }
@@ -371,9 +371,10 @@ struct Pipeline {
 
 }  // namespace sparse
 
-using Pipe = sparse::Pipeline<M_BLOCKS, TILE_N, TILE_K, STAGES, GROUP_ROWS, EVICT_FIRST != 0>;
+using Pipe = sparse::Pipeline<M_BLOCKS, TILE_N, TILE_K, STAGES, GROUP_SIZE, EVICT_FIRST != 0>;
+MARLIN_CHECK_LAUNCH(Pipe);
 
-// The striped partition and the no-wait global reduction of s6 (marlin_core.cuh).
+// The striped partition and the no-wait global reduction of s6 (s6_stripes.cuh).
 extern "C" __global__ void __launch_bounds__(Pipe::THREADS, 1)
     s7_sparse_marlin(const int4* __restrict__ A, const int4* __restrict__ W, const int4* __restrict__ Meta,
                      const int4* __restrict__ S, half* __restrict__ C, int M, int K, int N,

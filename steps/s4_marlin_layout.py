@@ -45,11 +45,6 @@ def pack_marlin(qw: QuantizedWeight) -> dict[str, np.ndarray]:
     return arrays
 
 
-def group_rows(group_size: int) -> int:
-    """The kernels' GROUP_ROWS define: rows of K per scale, 0 for one scale per column."""
-    return 0 if group_size == -1 else group_size
-
-
 def m_blocks_for(M: int) -> int:
     """16-row blocks per slab: just enough for M <= 64, else full 64-row slabs."""
     return min(MAX_M_BLOCKS, -(-M // 16))
@@ -67,7 +62,7 @@ class MarlinLayout(CudaStep):
         "dequantize with lop3 and the 0x6400 trick: no shared memory or shuffles for the weights."
     )
     error_c = 10.0
-    K_WARPS = 4  # warps per block, splitting K on one strip: must match s4_marlin_layout.cu
+    THREADS = 128  # per block: 4 warps on one strip, splitting K (the kernel's THREADS define)
 
     def _supports(self, M: int, K: int, N: int, group_size: int) -> Support:
         if K % 16 or N % 64:
@@ -80,9 +75,11 @@ class MarlinLayout(CudaStep):
     def _launch(self, A: Any, packed: Packed, out: Any) -> None:
         M, K, N = A.shape[0], packed.K, packed.N
         mb = m_blocks_for(M)
-        kernel = get_kernel(
-            self.name, self.name, (("M_BLOCKS", mb), ("GROUP_ROWS", group_rows(packed.group_size))), device=packed.device
-        )
+        kernel = get_kernel(self.name, self.name, self.defines(mb, packed.group_size), device=packed.device)
         grid = (N // 64, -(-M // (16 * mb)))
         args = (A, packed.arrays["qweight"], packed.arrays["scales"], out, i32(M), i32(K), i32(N))
-        kernel(grid, (32 * self.K_WARPS,), args)
+        kernel(grid, (self.THREADS,), args)
+
+    def defines(self, m_blocks: int, group_size: int) -> tuple[tuple[str, int], ...]:
+        """The kernel's compile-time configuration; the group size as the reference has it."""
+        return (("M_BLOCKS", m_blocks), ("GROUP_SIZE", group_size), ("THREADS", self.THREADS))

@@ -31,8 +31,8 @@ from reference import QuantizedWeight
 from reference.sparse_marlin import pack_sparse_marlin, prune_quantized_2_4
 
 from .s4_marlin_layout import i32, m_blocks_for
-from .s5_async_pipeline import THREADS, TileConfig, TilePlan
-from .s6_marlin import MAX_SLABS, Marlin
+from .s5_async_pipeline import THREADS, TilePlan
+from .s6_marlin import MAX_SLABS, Marlin, StripedTileConfig
 from .step import Packed
 
 SMALL_BATCH_TILE = (256, 128)  # (TILE_K, TILE_N): more column slices, finer balance across SMs
@@ -46,7 +46,7 @@ SMALL_TILE_MAX_M_BLOCKS = 3
 
 
 @dataclass(frozen=True)
-class SparseTileConfig(TileConfig):
+class SparseTileConfig(StripedTileConfig):
     """One compiled variant of the s7 kernel; a stage adds the metadata to s6's streams."""
 
     @property
@@ -55,8 +55,7 @@ class SparseTileConfig(TileConfig):
         a = 16 * self.m_blocks * self.tile_k // 8
         codes = steps * self.tile_n // 2
         meta = steps * self.tile_n // 4
-        s_rows = 1 if self.group_rows == 0 or self.group_rows >= self.tile_k else self.tile_k // self.group_rows
-        return 16 * (a + codes + meta + s_rows * self.tile_n // 8)
+        return 16 * (a + codes + meta + self.scale_rows * self.tile_n // 8)
 
 
 class SparseMarlin(Marlin):
@@ -71,7 +70,6 @@ class SparseMarlin(Marlin):
     activation_dtypes = ("float16",)
     config_type = SparseTileConfig
     even_stages = False
-    use_wgmma = False  # its kernel issues mma.sp; a wgmma.sp form is not written
 
     def tile_plan(self, M: int, N: int, sms: int | None) -> TilePlan:
         return SPARSE_SMALL_BATCH_PLAN if M <= 16 else SPARSE_LARGE_BATCH_PLAN

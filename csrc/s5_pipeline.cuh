@@ -211,10 +211,24 @@ struct SliceCursor {
   __device__ __forceinline__ bool entering_slice() const { return t == begin; }
 
   __device__ __forceinline__ int enter_slice(int t_) {
-    const int slice = t_ / k_tiles, slab = slice / n_tiles, col = slice - slab * n_tiles;
-    k_tile = t_ - slice * k_tiles;
-    a_tile.begin(A + size_t(slab) * SLAB_ROWS * a_tile.stride, min(SLAB_ROWS, M - slab * SLAB_ROWS), k_tile);
+    int slab;
+    const int col = locate(t_, slab);
+    move_a(slab);
     return col;
+  }
+
+  // The column of tile t_ (returned), its slab, and its k-tile within the slice.
+  __device__ __forceinline__ int locate(int t_, int& slab) {
+    const int slice = t_ / k_tiles;
+    slab = slice / n_tiles;
+    const int col = slice - slab * n_tiles;
+    k_tile = t_ - slice * k_tiles;
+    return col;
+  }
+
+  // Point the A copies at the slab's rows, from k_tile on.
+  __device__ __forceinline__ void move_a(int slab) {
+    a_tile.begin(A + size_t(slab) * SLAB_ROWS * a_tile.stride, min(SLAB_ROWS, M - slab * SLAB_ROWS), k_tile);
   }
 
   // Count the tile just fetched; its streams (a_tile included) advance themselves.
@@ -223,6 +237,66 @@ struct SliceCursor {
     ++t;
   }
 };
+
+// ---------------------------------------------------------------------------------
+// The ring's skeleton, for the dense pipeline below and the sparse one of rung 7 alike. A
+// pipeline `P` holds the ring state (next: its cursor, fill: its FillCursor, smem, read_slot,
+// SLOTS: kStages, SUBSTEPS) and supplies what differs: point_at(t) and copy_streams(dst) /
+// advance_streams() for the weight-side streams of a tile, and a substep's registers
+// (Fragments, load_fragments(slot, substep, f), multiply(slot, substep, f, acc)).
+// ---------------------------------------------------------------------------------
+
+// Issue the copies of the next tile of the run into the next slot of the ring (nothing past
+// the run's end), and always commit a group, so "wait until at most SLOTS - 2 groups are
+// pending" keeps meaning "the tile consumed next has landed". Destinations are offsets from
+// the fill cursor, sources pointers stepped along: this runs once per tile, inside the loop.
+template <class P>
+__device__ __forceinline__ void ring_fetch(P& p) {
+  if (p.next.t < p.next.end) {
+    if (p.next.entering_slice()) p.point_at(p.next.t);
+    p.next.a_tile.copy(p.fill.here);
+    p.copy_streams(p.fill.here);
+    p.next.a_tile.advance();
+    p.advance_streams();
+    p.next.advance();
+  }
+  cp_async_commit();
+  p.fill.advance();
+}
+
+// Prime the ring with the first SLOTS - 1 tiles of the run [t_begin, t_end).
+template <class P>
+__device__ __forceinline__ void ring_start(P& p, int t_begin, int t_end) {
+  p.next.start(t_begin, t_end);
+  p.fill.start(p.smem);
+#pragma unroll 1
+  for (int i = 0; i < P::SLOTS - 1; ++i) p.fetch();
+  cp_async_wait<P::SLOTS - 2>();
+  __syncthreads();
+  p.read_slot = 0;
+}
+
+// Multiply the next `tiles` tiles of the run into acc (zeroed here). Double-buffered
+// fragments: substep sub + 1's registers load while sub multiplies, and the first substep of
+// the next tile's while the last of this one does. The fetches go on past the tiles
+// consumed: nothing is drained. P::SLOT_FREE: see refill_and_publish.
+template <class P, int kMBlocks>
+__device__ __forceinline__ void ring_consume(P& p, FragC (&acc)[kMBlocks][4][2], int tiles) {
+  typename P::Fragments f[2];
+  zero_accumulators<kMBlocks>(acc);
+  p.load_fragments(p.read_slot, 0, f[0]);
+  for (int tile = 0; tile < tiles; ++tile) {
+    const int slot = p.read_slot;
+    p.read_slot = slot + 1 == P::SLOTS ? 0 : slot + 1;
+#pragma unroll
+    for (int sub = 0; sub < P::SUBSTEPS; ++sub) {
+      if (sub + 1 < P::SUBSTEPS) p.load_fragments(slot, sub + 1, f[(sub + 1) % 2]);
+      if (sub == P::SUBSTEPS - 2) refill_and_publish<P::SLOTS, P::SLOT_FREE>([&] { p.fetch(); });
+      if (sub == P::SUBSTEPS - 1) p.load_fragments(p.read_slot, 0, f[0]);
+      p.multiply(slot, sub, f[sub % 2], acc);
+    }
+  }
+}
 
 constexpr int PIPELINE_THREADS = 256;  // 8 warps: TILE_N / 64 strips x K_WARPS
 
@@ -260,7 +334,7 @@ constexpr int PIPELINE_THREADS = 256;  // 8 warps: TILE_N / 64 strips x K_WARPS
 template <int kMBlocks, int kTileN, int kTileK, int kStages, int kGroupSize, bool kEvictFirst, bool kZeroPoints,
           class E = Fp16, class Cursor = SliceCursor<kMBlocks, kTileK, kTileN, PIPELINE_THREADS>>
 struct Pipeline {
-  static constexpr int THREADS = PIPELINE_THREADS;
+  static constexpr int THREADS = PIPELINE_THREADS, SLOTS = kStages;
   static constexpr int TILE_N_COLS = kTileN, TILE_K_ROWS = kTileK, SLAB_ROWS = 16 * kMBlocks;
   static constexpr int N_STRIPS = kTileN / 64;
   static constexpr int K_WARPS = 8 / N_STRIPS;
@@ -346,92 +420,62 @@ struct Pipeline {
     if (kZeroPoints) z_base = Z + (s_base - S);
   }
 
-  // Issue the copies of the next tile of the run into the next slot of the ring (nothing
-  // past the run's end), and always commit a group, so "wait until at most kStages-2
-  // groups are pending" keeps meaning "the tile consumed next has landed". Destinations
-  // are offsets from the fill cursor, sources pointers stepped along: this runs once per
-  // tile, inside the loop.
-  __device__ __forceinline__ void fetch() {
-    if (next.t < next.end) {
-      if (next.entering_slice()) point_at(next.t);
-      const int t = threadIdx.x;
-      next.a_tile.copy(fill.here);
-      const int4* src = b_next;
+  // The weight-side streams of the next tile, into the slot at `dst`: thread t copies
+  // weight chunks t, t + 256, ... (evict-first), and the first S_CHUNKS threads a chunk of
+  // scales (and of zero points).
+  __device__ __forceinline__ void copy_streams(unsigned dst) const {
+    const int t = threadIdx.x;
+    const int4* src = b_next;
 #pragma unroll
-      for (int i = 0; i < B_COPIES; ++i) {
-        const unsigned b = fill.here + 16 * (A_CHUNKS + THREADS * i);
-        if (kEvictFirst)
-          cp_async16_evict_first(b, src, policy);
-        else
-          cp_async16(b, src);
-        src += size_t(THREADS / (kTileN / 2)) * b_stride;  // k16 rows per copy round
-      }
-      if (t < S_CHUNKS) {
-        // Scales are small and re-read by the next tiles of the same group: no hint.
-        const size_t group_offset = size_t(kGroupSize == -1 ? 0 : (next.k_tile * kTileK) / kGroupSize) * s_stride;
-        const unsigned s_dst = fill.here + 16 * (A_CHUNKS + B_CHUNKS);
-        cp_async16(s_dst, s_base + group_offset);
-        if (kZeroPoints) cp_async16(s_dst + 16 * S_CHUNKS, z_base + group_offset);
-      }
-      next.a_tile.advance();
-      b_next += size_t(K16_STEPS) * b_stride;
-      next.advance();
+    for (int i = 0; i < B_COPIES; ++i) {
+      const unsigned b = dst + 16 * (A_CHUNKS + THREADS * i);
+      if (kEvictFirst)
+        cp_async16_evict_first(b, src, policy);
+      else
+        cp_async16(b, src);
+      src += size_t(THREADS / (kTileN / 2)) * b_stride;  // k16 rows per copy round
     }
-    cp_async_commit();
-    fill.advance();
+    if (t < S_CHUNKS) {
+      // Scales are small and re-read by the next tiles of the same group: no hint.
+      const size_t group_offset = size_t(kGroupSize == -1 ? 0 : (next.k_tile * kTileK) / kGroupSize) * s_stride;
+      const unsigned s_dst = dst + 16 * (A_CHUNKS + B_CHUNKS);
+      cp_async16(s_dst, s_base + group_offset);
+      if (kZeroPoints) cp_async16(s_dst + 16 * S_CHUNKS, z_base + group_offset);
+    }
   }
 
-  // Prime the pipeline with the first kStages - 1 tiles of the run [t_begin, t_end).
-  __device__ __forceinline__ void start(int t_begin, int t_end) {
-    next.start(t_begin, t_end);
-    fill.start(smem);
-#pragma unroll 1
-    for (int i = 0; i < kStages - 1; ++i) fetch();
-    cp_async_wait<kStages - 2>();
-    __syncthreads();
-    read_slot = 0;
-  }
+  __device__ __forceinline__ void advance_streams() { b_next += size_t(K16_STEPS) * b_stride; }
 
-  __device__ __forceinline__ unsigned stage_offset(int slot) const { return 16u * slot * STAGE_CHUNKS; }
+  __device__ __forceinline__ void fetch() { ring_fetch(*this); }
+  __device__ __forceinline__ void start(int t_begin, int t_end) { ring_start(*this, t_begin, t_end); }
 
-  // Registers for one substep: the warp's k16 step of the stage at byte offset `stage`,
-  // its A blocks, its 128-bit weight word and the 128-bit words of scales (and zero
-  // points) of that step's group. Loaded a substep ahead, so every read of a slot precedes
-  // the barrier after which the slot is refilled.
-  __device__ __forceinline__ void load_fragments(unsigned stage, int substep, FragA (&a)[kMBlocks], int4& w, int4& s,
-                                                 int4& z) const {
+  // Registers for one substep: the warp's k16 step of stage `slot`, its A blocks, its 128-bit
+  // weight word and the 128-bit words of scales (and zero points) of that step's group.
+  // Loaded a substep ahead, so every read of a slot precedes the barrier after which the
+  // slot is refilled (SLOT_FREE).
+  struct Fragments {
+    FragA a[kMBlocks];
+    int4 w, s, z;
+  };
+  static constexpr bool SLOT_FREE = true;
+
+  __device__ __forceinline__ void load_fragments(int slot, int substep, Fragments& f) const {
+    const unsigned stage = 16u * slot * STAGE_CHUNKS;
     const unsigned a_row = a_read[substep % A_PHASES] + stage + 16 * ((A_STEP * substep) & ~7);
 #pragma unroll
-    for (int m = 0; m < kMBlocks; ++m) ldmatrix_x4(a[m], a_row + 16 * 16 * m * A_ROW_CHUNKS);
-    w = load_shared16(w_read + stage + 16 * THREADS * substep);
+    for (int m = 0; m < kMBlocks; ++m) ldmatrix_x4(f.a[m], a_row + 16 * 16 * m * A_ROW_CHUNKS);
+    f.w = load_shared16(w_read + stage + 16 * THREADS * substep);
     const int s_row = S_ROWS == 1 ? 0 : (16 * (k_warp + K_WARPS * substep)) / kGroupSize;
     const unsigned s_addr = s_read + stage + 16 * S_ROW_CHUNKS * s_row;
-    s = load_shared16(s_addr);
-    if (kZeroPoints) z = load_shared16(s_addr + 16 * S_CHUNKS);
+    f.s = load_shared16(s_addr);
+    if (kZeroPoints) f.z = load_shared16(s_addr + 16 * S_CHUNKS);
   }
 
-  // Multiply the next `tiles` tiles of the run into acc (zeroed here). The fetches go on
-  // past them: nothing is drained.
-  __device__ __forceinline__ void consume(FragC (&acc)[kMBlocks][4][2], int tiles) {
-    FragA a[2][kMBlocks];
-    int4 w[2], s[2], z[2];
-    zero_accumulators<kMBlocks>(acc);
-    load_fragments(stage_offset(read_slot), 0, a[0], w[0], s[0], z[0]);
-    for (int tile = 0; tile < tiles; ++tile) {
-      const int slot = read_slot;
-      const unsigned stage = stage_offset(slot);
-      read_slot = slot + 1 == kStages ? 0 : slot + 1;
-#pragma unroll
-      for (int sub = 0; sub < SUBSTEPS; ++sub) {
-        // Double-buffered fragments: load substep sub+1 while sub multiplies.
-        const int next = (sub + 1) % 2;
-        if (sub + 1 < SUBSTEPS) load_fragments(stage, sub + 1, a[next], w[next], s[next], z[next]);
-        if (sub == SUBSTEPS - 2) refill_and_publish<kStages, true>([&] { fetch(); });
-        if (sub == SUBSTEPS - 1) load_fragments(stage_offset(read_slot), 0, a[0], w[0], s[0], z[0]);
-        multiply_k16<kMBlocks, kZeroPoints, E>(a[sub % 2], w[sub % 2], s[sub % 2], acc, z[sub % 2]);
-      }
-    }
+  __device__ __forceinline__ void multiply(int, int, const Fragments& f, FragC (&acc)[kMBlocks][4][2]) const {
+    multiply_k16<kMBlocks, kZeroPoints, E>(f.a, f.w, f.s, acc, f.z);
   }
+
+  __device__ __forceinline__ void consume(FragC (&acc)[kMBlocks][4][2], int tiles) { ring_consume(*this, acc, tiles); }
 
   // Add the K_WARPS warps' partial sums of a strip into its k_warp 0 warp, through the
   // stages: every warp must be done reading them first.

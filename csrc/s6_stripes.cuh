@@ -48,8 +48,10 @@ struct RunCursor : SliceCursor<kMBlocks, kTileK, kTileN, kThreads> {
   __device__ __forceinline__ bool entering_slice() const { return left == 0; }
 
   __device__ __forceinline__ int enter_slice(int t_) {
-    const int col = Slice::enter_slice(t_);
+    int slab;
+    const int col = this->locate(t_, slab);
     left = min(this->k_tiles - this->k_tile, this->end - t_);
+    this->move_a(slab);
     return col;
   }
 

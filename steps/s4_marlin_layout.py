@@ -16,8 +16,10 @@ Error bound constant c = 10: one fp16 rounding of the result and one of the refe
 adder may truncate rather than round: at most 2 K 2**-24 <= 8 u. The dequantized weight
 fp16((q - 8) * s) is bit-identical to the reference's, so it adds nothing.
 
-This module also holds what s4, s5 and s6 share on the host: the packing (the same
-layout for all three), the slab split of M, and the compile-time defines.
+The kernel is csrc/s4_marlin_layout.cu on top of csrc/s4_fragments.cuh (the fragment
+layout, the lop3 dequantization and the mma, which s5-s7 reuse unchanged). This module also
+holds what s4, s5 and s6 share on the host: the packing (the same layout for all three) and
+the slab split of M.
 """
 
 from __future__ import annotations

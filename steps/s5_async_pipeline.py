@@ -16,6 +16,9 @@ runs the same pipeline on bf16 activations and output (the BF16 define: bf16 mma
 bf16 magic number for the dequantization, explained in s4_fragments.cuh); the bound is
 then relative to bf16's unit roundoff.
 
+The kernel is csrc/s5_async_pipeline.cu, a plain grid around the ring of
+csrc/s5_pipeline.cuh (`marlin::Pipeline`), which multiplies with rung 4's fragments.
+
 Tile configurations (the kernel's defines) are chosen by `tile_plan` from H100
 measurements: 256 x 128 (TILE_K x TILE_N) with 4 stages up to 32 rows, 128 x 128 with the
 stages that fit in 96 KB above.

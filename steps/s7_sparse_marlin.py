@@ -14,7 +14,9 @@ returns, so the check is reference_gemm(A, step.reference_weight(qw)). A weight 
 already 2:4 sparse is unchanged by the pruning.
 
 Everything else is s6: the SM-striped schedule, the no-wait fp32 global reduction with its
-workspace, slabs of 64 rows for M > 64. Error bound constant c = 10 as for s6: the
+workspace, slabs of 64 rows for M > 64. The kernel runs rung 5's ring skeleton
+(csrc/s5_pipeline.cuh: ring_start, ring_fetch, ring_consume) with its own streams and
+fragments, and rung 6's cursor, walk and reduction (csrc/s6_stripes.cuh). Error bound constant c = 10 as for s6: the
 accumulation runs over the K/2 kept products only, so the fp32 term 2 (K/2) 2**-24 stays
 below 8u up to K = 65536.
 

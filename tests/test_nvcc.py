@@ -82,12 +82,14 @@ def shipped_configs(smem: int = H100_SMEM, sms: int = 132) -> list[tuple[str, ob
 
 
 def shipped_variants() -> list[tuple[str, tuple[tuple[str, int], ...]]]:
-    """(source, defines) of every s4-s7 kernel variant shipped (see shipped_configs): the
+    """(source, defines) of every s3-s7 kernel variant shipped (see shipped_configs): the
     defaults in the sources are only one of them. The defines carry the host's launch figures,
     which each kernel checks against its own at compile time."""
+    from steps.s3_tensor_cores import defines as s3_defines
     from steps.s4_marlin_layout import MarlinLayout
 
-    found = {("s4_marlin_layout", MarlinLayout().defines(mb, g)) for mb in range(1, 5) for g in GROUPS}
+    found = {("s3_tensor_cores", s3_defines(tiles, bn)) for tiles in (1, 2, 4) for bn in (64, 128)}
+    found |= {("s4_marlin_layout", MarlinLayout().defines(mb, g)) for mb in range(1, 5) for g in GROUPS}
     found |= {(name, cfg.defines()) for name, cfg in shipped_configs()}
     return sorted(found)
 
@@ -124,7 +126,7 @@ def test_the_faulting_copy_form_is_recognised(line, faults):
 @needs_nvcc
 def test_every_shipped_variant_compiles_for_sm90_without_warnings_or_spills(tmp_path):
     variants = shipped_variants()
-    assert len({source for source, _ in variants}) == 4
+    assert len({source for source, _ in variants}) == 5
 
     def compile_variant(i: int) -> str | None:
         source, defines = variants[i]

@@ -267,8 +267,8 @@ __device__ __forceinline__ void fold_into_output(const FragC (&acc)[kMBlocks][4]
 }
 
 // The K_WARPS warps of a strip hold partial sums over different k-steps; add them in a
-// fixed order into the warp with k_warp == 0, one m-block at a time through the (idle by
-// then) stage buffers `red`, which must hold (K_WARPS - 1) * N_STRIPS * 32 * 32 floats.
+// fixed order into the warp with k_warp == 0, one m-block at a time through shared memory
+// `red` (idle by then), which must hold (K_WARPS - 1) * N_STRIPS * 32 * 32 floats.
 // Stores are [warp][value][lane]: conflict-free.
 template <int kMBlocks, int kNStrips, int kKWarps>
 __device__ __forceinline__ void reduce_k_warp_partials(FragC (&acc)[kMBlocks][4][2], float* red, int k_warp,

@@ -7,14 +7,15 @@
 // costs nothing while it waits. A block keeps kStages - 1 tiles of A, weights and scales
 // in flight in a ring of shared-memory stages while it multiplies the oldest one:
 //
-//     ring of kStages slots               each slot (one tile, 16-byte units):
-//     +------+------+------+------+       +--------+-----------------+--------+-------+
-//     | read | fill | in   | in   |       | A tile | weights         | scales | zeros |
-//     | slot | next | flight      |       | (swz.) | (copied & read  |        | (opt.)|
-//     +------+------+------+------+       |        |  by one thread) |        |       |
-//        ^ consumer       producer ^      +--------+-----------------+--------+-------+
-//        one barrier per tile: wait for the oldest copy group, publish it to every warp,
-//        refill the slot that was consumed before it
+//     ring of kStages slots (4 here)      each slot (one tile, 16-byte units):
+//     +-------+--------+--------+-------+  +--------+-----------------+--------+-------+
+//     | read  | landed | copies | fill  |  | A tile | weights         | scales | zeros |
+//     | (mma) | or in  | in     | (just |  | (swz.) | (copied & read  |        | (opt.)|
+//     |       | flight | flight | read) |  |        |  by one thread) |        |       |
+//     +-------+--------+--------+-------+  +--------+-----------------+--------+-------+
+//     once per tile, one barrier: the slot read before this one is refilled (copies go out),
+//     the next slot's copy group is waited for and published to every warp; both cursors
+//     then move one slot on, round the ring
 //
 // The weight copies carry an L2 evict-first hint (read once; they should not push A, the
 // scales or the outputs out of L2), the register fragments of substep k+1 are loaded from

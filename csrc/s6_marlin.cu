@@ -2,25 +2,15 @@
 // partial sums of a shared column slice added by whichever block finishes it last.
 //
 // s5 gave each block one column slice of TILE_N columns and all of K, so the grid was
-// N / TILE_N blocks whatever the GPU: a 4096-wide layer on 132 SMs left 100 SMs idle,
-// and even a good fit ends in a ragged last wave. Here the grid is (at most) one block
-// per SM and the work is cut evenly in tiles instead: number the TILE_K x TILE_N weight
-// tiles column slice by column slice, K innermost, and give block b the contiguous run
-// of `iters` tiles starting at b * iters. Every block streams the same number of bytes;
-// a run walks down a column slice and may continue at the top of the next. Several
-// 64-row slabs of A (M > 64) are just more column slices in the same numbering, so one
-// launch serves any batch up to 16 slabs.
-//
-// A column slice shared by several blocks needs their partial sums added. The original
-// MARLIN adds them in the fp16 output one block after another, each waiting for the
-// previous: on a small layer (a 4096 x 4096 one has four blocks per slice) that chain of
-// global-memory round trips costs as much as streaming the weights. Here no block waits:
-// each stores its fp32 partials in a workspace and bumps the slice's counter, and the
-// last to arrive adds them all in block order and writes the result
-// (marlin::add_partial_sums). The order is fixed, so results are bit-identical run to
-// run; the sum stays fp32 until the one final rounding. The walk over a block's run is
-// marlin::run_stripes (s7 reuses it); the partition is modelled in
-// reference/marlin_layout.py (striped_schedule), which supplies `iters`.
+// N / TILE_N blocks whatever the GPU: a 4096-wide layer on 132 SMs left 100 SMs idle.
+// Here the grid is (at most) one block per SM and block b takes the contiguous run of
+// `iters` weight tiles starting at b * iters, numbered column slice by column slice, K
+// innermost (s6_stripes.cuh draws it); several 64-row slabs of A are just more column
+// slices, so one launch serves any batch up to 16 slabs. Blocks sharing a column slice
+// store fp32 partials and the last to arrive adds them in block order: no block waits, as
+// the original MARLIN's serial fp16 reduction makes them, and results are bit-identical
+// run to run. reference/marlin_layout.py (striped_schedule) models the partition and
+// supplies `iters`.
 //
 // The mechanism is s6_stripes.cuh: rung 5's pipeline with a cursor that runs across
 // column slices (marlin::StripedPipeline), the walk (marlin::run_stripes) and the

@@ -184,6 +184,9 @@ struct Pipeline {
   static constexpr int REDUCE_CHUNKS = (K_WARPS - 1) * N_STRIPS * 32 * 32 / 4;
   static constexpr int SMEM_BYTES = 16 * (kStages * STAGE_CHUNKS + REDUCE_CHUNKS);
 
+  // The ring state that marlin::ring_start / ring_fetch / ring_consume use (smem, next, fill,
+  // read_slot), the warp's place and the copy policy are declared and set up as in
+  // marlin::Pipeline (s5_pipeline.cuh), on purpose: the two differ in their streams.
   int4* smem;
   int warp, lane, k_warp, strip;
   const int4 *W, *Meta, *S;

@@ -31,7 +31,7 @@ def _weight(seed: int, K: int, N: int, group: int = -1) -> ref.QuantizedWeight:
 def _exact_problem(rng, M: int, K: int, N: int, group: int):
     """Integer-valued A and scales 1/8: every product and partial sum is exact, so any
     correct summation order gives the reference bit for bit."""
-    groups = 1 if group == -1 else K // group
+    groups = K // ref.group_rows(group, K)
     qw = ref.QuantizedWeight(rng.integers(0, 16, (K, N), dtype=np.uint8), np.full((groups, N), 0.125, np.float16), group)
     A = rng.integers(-1, 2, (M, K)).astype(np.float16)
     return A, qw

@@ -105,7 +105,7 @@ def test_bit_exact_on_integer_valued_data(step, dtype):
         M, K, N = min(M, 64), min(K, 2048), min(N, 512)  # the exactness check below is O(M K N)
         assume(step.supports(M, K, N, g))
         rng = np.random.default_rng(seed)
-        groups = 1 if g == -1 else K // g
+        groups = K // ref.group_rows(g, K)
         zeros = rng.integers(0, 16, (groups, N), dtype=np.uint8) if with_zero_points(step, seed) else None
         element = ref.element_dtype(dtype)
         qw = ref.QuantizedWeight(rng.integers(0, 16, (K, N), dtype=np.uint8), np.full((groups, N), 0.125, element), g, zeros)

@@ -41,9 +41,13 @@ static_assert(BN == 64 || BN == 128, "S3_BN must be 64 or 128");
 // reads then start in eight different bank groups instead of all in the same one.
 constexpr int A_STRIDE = BK + 8;
 constexpr int W_STRIDE = BN + 8;
-// The host computes the same figure (steps/s3_tensor_cores.py) to size dynamic shared memory.
 constexpr int SMEM_HALVES = BM * A_STRIDE + BK * W_STRIDE;
 static_assert(SMEM_HALVES * 2 <= 227 * 1024, "the tiles must fit in one SM's shared memory");
+// The host sizes the launch itself (steps/s3_tensor_cores.py, shared_bytes) and passes its
+// figures in; they must be this kernel's.
+#if defined(LAUNCH_THREADS) && defined(LAUNCH_SMEM_BYTES)
+static_assert(LAUNCH_THREADS == THREADS && LAUNCH_SMEM_BYTES == 2 * SMEM_HALVES, "the host's launch figures are not the kernel's");
+#endif
 
 constexpr int A_VECS = BM * (BK / 8) / THREADS;
 constexpr int W_VECS = (BK / 8) * (BN / 4) / THREADS;

@@ -19,16 +19,18 @@
 // with ldmatrix. The warps' partial sums are added in shared memory at the end, in a
 // fixed order. What it lacks is overlap between batches: every batch starts with a full
 // memory round trip that nothing hides (the next rung's cp.async pipeline does).
-#include "marlin_core.cuh"
+#include "s4_fragments.cuh"
 
 #ifndef M_BLOCKS
 #define M_BLOCKS 1  // 16-row blocks of A per slab: 1..4
 #endif
-#ifndef GROUP_ROWS
-#define GROUP_ROWS 128  // rows of K per scale; 0 means one scale per column (group size -1)
+#ifndef GROUP_SIZE
+#define GROUP_SIZE 128  // rows of K per scale, as reference.QuantizedWeight: -1 is one group of all K rows
+#endif
+#ifndef THREADS
+#define THREADS 128  // the host's launch figure (steps/s4_marlin_layout.py), passed in
 #endif
 
-constexpr int THREADS = 128;
 constexpr int K_WARPS = THREADS / 32;  // warps of a block, all on the same 64-column strip, splitting K
 constexpr int SLAB_ROWS = 16 * M_BLOCKS;
 // 128-bit weight loads in flight per lane; fewer for big slabs, whose accumulators need
@@ -38,9 +40,10 @@ constexpr int BATCH_K16 = K_WARPS * LOADS_AHEAD;  // k16 steps of one batch, all
 constexpr int A_ROW_CHUNKS = BATCH_K16 * 2;       // 16-byte chunks per row of the batch's A
 constexpr int A_CHUNKS = SLAB_ROWS * A_ROW_CHUNKS;
 constexpr int BATCH_K = 16 * BATCH_K16;
-constexpr int GROUP_K = GROUP_ROWS == 0 ? BATCH_K : GROUP_ROWS;  // one scale row for the whole batch if 0
+constexpr int GROUP_K = GROUP_SIZE == -1 ? BATCH_K : GROUP_SIZE;  // one scale row for the whole batch if -1
 constexpr int S_ROWS = GROUP_K >= BATCH_K ? 1 : BATCH_K / GROUP_K;
 constexpr int S_CHUNKS = S_ROWS * 8;  // a 64-column strip of a scale row is 8 chunks
+static_assert(THREADS % 32 == 0 && THREADS >= 64, "whole warps, at least two to split K");
 static_assert(A_CHUNKS % THREADS == 0 && (S_CHUNKS % THREADS == 0 || S_CHUNKS < THREADS), "whole copies per thread");
 static_assert(BATCH_K % GROUP_K == 0 || GROUP_K % BATCH_K == 0, "a batch holds whole groups or lies in one");
 static_assert(A_CHUNKS * 16 >= (K_WARPS - 1) * 32 * 32 * 4, "the A buffer doubles as the reduction buffer");
@@ -60,8 +63,8 @@ __device__ __forceinline__ void stage_batch(int4* __restrict__ sa, int4* __restr
                ? __ldg(reinterpret_cast<const int4*>(A + size_t(row) * K + 16 * k16_0) + col)
                : make_int4(0, 0, 0, 0);
   }
-  const int group0 = GROUP_ROWS == 0 ? 0 : 16 * k16_0 / GROUP_ROWS;
-  const int groups = GROUP_ROWS == 0 ? 1 : K / GROUP_ROWS;
+  const int group0 = GROUP_SIZE == -1 ? 0 : 16 * k16_0 / GROUP_SIZE;
+  const int groups = GROUP_SIZE == -1 ? 1 : K / GROUP_SIZE;
   int4 s[S_COPIES];
 #pragma unroll
   for (int i = 0; i < S_COPIES; ++i) {
@@ -108,7 +111,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
     __syncthreads();  // every warp is done reading the previous batch from shared memory
     stage_batch(sa, ss, A_slab, S_strip, rows_valid, K, N, k16_0);
     __syncthreads();
-    const int group0 = GROUP_ROWS == 0 ? 0 : 16 * k16_0 / GROUP_ROWS;
+    const int group0 = GROUP_SIZE == -1 ? 0 : 16 * k16_0 / GROUP_SIZE;
 #pragma unroll
     for (int i = 0; i < LOADS_AHEAD; ++i) {
       const int step = k_warp + K_WARPS * i;  // k16 step within the batch
@@ -119,7 +122,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
         const int chunk = marlin::a_swizzle<A_ROW_CHUNKS>(16 * m + lane % 16, 2 * step + lane / 16);
         marlin::ldmatrix_x4(a[m], marlin::smem_address(&sa[chunk]));
       }
-      const int s_row = GROUP_ROWS == 0 ? 0 : 16 * (k16_0 + step) / GROUP_ROWS - group0;
+      const int s_row = GROUP_SIZE == -1 ? 0 : 16 * (k16_0 + step) / GROUP_SIZE - group0;
       marlin::multiply_k16<M_BLOCKS>(a, w[i], ss[8 * s_row + lane / 4], acc);
     }
   }

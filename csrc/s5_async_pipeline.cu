@@ -10,12 +10,12 @@
 // 8 warps on every block: TILE_N / 64 side by side along N, the rest splitting each
 // tile's K and adding their partial sums in shared memory at the end.
 //
-// The pipeline itself lives in marlin_core.cuh (struct marlin::Pipeline) because s6
-// runs it too, over runs of tiles that cross column slices; this file is the plain grid
-// around it: one block per (column slice of TILE_N columns, 64-row slab of A), each
-// walking all of K. That grid is its weakness: N / TILE_N blocks rarely match the SM
-// count (a 4096-wide layer gives 32 blocks for 132 SMs). s6 fixes the partition.
-#include "marlin_core.cuh"
+// The pipeline is s5_pipeline.cuh (struct marlin::Pipeline), which opens with a picture of
+// the ring; this file is the plain grid around it: one block per (column slice of TILE_N
+// columns, slab of A), each walking all of K. That grid is its weakness: N / TILE_N blocks
+// rarely match the SM count (a 4096-wide layer gives 32 blocks for 132 SMs). s6 fixes the
+// partition.
+#include "s5_pipeline.cuh"
 
 #ifndef M_BLOCKS
 #define M_BLOCKS 1  // 16-row blocks of A per slab: 1..4
@@ -29,8 +29,8 @@
 #ifndef STAGES
 #define STAGES 4  // tiles in flight + 1
 #endif
-#ifndef GROUP_ROWS
-#define GROUP_ROWS 128  // rows of K per scale; 0 means one scale per column (group size -1)
+#ifndef GROUP_SIZE
+#define GROUP_SIZE 128  // rows of K per scale, as reference.QuantizedWeight: -1 is one group of all K rows
 #endif
 #ifndef EVICT_FIRST
 #define EVICT_FIRST 1  // L2 evict-first hint on the weight copies
@@ -44,9 +44,9 @@
 
 using Element = marlin::ElementOf<BF16 != 0>::type;
 
-// One column per block: the k-warp reduction may reuse the stages once they are idle.
-using Pipe = marlin::Pipeline<M_BLOCKS, TILE_N, TILE_K, STAGES, GROUP_ROWS, EVICT_FIRST != 0, false, ZERO_POINTS != 0,
-                              Element>;
+// One column slice per block: the k-warp reduction reuses the stages once they are idle.
+using Pipe = marlin::Pipeline<M_BLOCKS, TILE_N, TILE_K, STAGES, GROUP_SIZE, EVICT_FIRST != 0, ZERO_POINTS != 0, Element>;
+MARLIN_CHECK_LAUNCH(Pipe);
 
 extern "C" __global__ void __launch_bounds__(Pipe::THREADS, 1)
     s5_async_pipeline(const int4* __restrict__ A, const int4* __restrict__ B, const int4* __restrict__ S,

@@ -2,33 +2,20 @@
 // partial sums of a shared column slice added by whichever block finishes it last.
 //
 // s5 gave each block one column slice of TILE_N columns and all of K, so the grid was
-// N / TILE_N blocks whatever the GPU: a 4096-wide layer on 132 SMs left 100 SMs idle,
-// and even a good fit ends in a ragged last wave. Here the grid is (at most) one block
-// per SM and the work is cut evenly in tiles instead: number the TILE_K x TILE_N weight
-// tiles column slice by column slice, K innermost, and give block b the contiguous run
-// of `iters` tiles starting at b * iters. Every block streams the same number of bytes;
-// a run walks down a column slice and may continue at the top of the next. Several
-// 64-row slabs of A (M > 64) are just more column slices in the same numbering, so one
-// launch serves any batch up to 16 slabs.
+// N / TILE_N blocks whatever the GPU: a 4096-wide layer on 132 SMs left 100 SMs idle.
+// Here the grid is (at most) one block per SM and block b takes the contiguous run of
+// `iters` weight tiles starting at b * iters, numbered column slice by column slice, K
+// innermost (s6_stripes.cuh draws it); several 64-row slabs of A are just more column
+// slices, so one launch serves any batch up to 16 slabs. Blocks sharing a column slice
+// store fp32 partials and the last to arrive adds them in block order: no block waits, as
+// the original MARLIN's serial fp16 reduction makes them, and results are bit-identical
+// run to run. reference/marlin_layout.py (striped_schedule) models the partition and
+// supplies `iters`.
 //
-// A column slice shared by several blocks needs their partial sums added. The original
-// MARLIN adds them in the fp16 output one block after another, each waiting for the
-// previous: on a small layer (a 4096 x 4096 one has four blocks per slice) that chain of
-// global-memory round trips costs as much as streaming the weights. Here no block waits:
-// each stores its fp32 partials in a workspace and bumps the slice's counter, and the
-// last to arrive adds them all in block order and writes the result
-// (marlin::add_partial_sums). The order is fixed, so results are bit-identical run to
-// run; the sum stays fp32 until the one final rounding. The walk over a block's run is
-// marlin::run_stripes (s7 reuses it); the partition is modelled in
-// reference/marlin_layout.py (striped_schedule), which supplies `iters`.
-//
-// On Hopper (compiled for sm_90a) slabs of 2-4 m-blocks (17-64 rows) take the warpgroup
-// MMA instead of mma.sync (WGMMA, marlin_core.cuh): there the tensor cores, not the weight
-// stream, bound the kernel, and mma.sync leaves them idle much of the time. Same layout,
-// same pipeline and reductions; the weights become wgmma's register operand, the
-// activations its shared-memory operand, and the output comes back transposed.
-
-#include "marlin_core.cuh"
+// The mechanism is s6_stripes.cuh: rung 5's pipeline with a cursor that runs across
+// column slices (marlin::StripedPipeline), the walk (marlin::run_stripes) and the
+// reduction (marlin::add_partial_sums). This file only says where the output goes.
+#include "s6_stripes.cuh"
 
 #ifndef M_BLOCKS
 #define M_BLOCKS 1  // 16-row blocks of A per slab: 1..4
@@ -42,8 +29,8 @@
 #ifndef STAGES
 #define STAGES 4  // tiles in flight + 1
 #endif
-#ifndef GROUP_ROWS
-#define GROUP_ROWS 128  // rows of K per scale; 0 means one scale per column (group size -1)
+#ifndef GROUP_SIZE
+#define GROUP_SIZE 128  // rows of K per scale, as reference.QuantizedWeight: -1 is one group of all K rows
 #endif
 #ifndef EVICT_FIRST
 #define EVICT_FIRST 1  // L2 evict-first hint on the weight copies
@@ -54,16 +41,12 @@
 #ifndef BF16
 #define BF16 0  // 1: bf16 activations, scales, zero points and output; 0: fp16
 #endif
-#ifndef WGMMA
-#define WGMMA 0  // 1: the warpgroup MMA (sm_90a; TILE_N = 256, TILE_K >= 128, M_BLOCKS 2-4)
-#endif
 
 using Element = marlin::ElementOf<BF16 != 0>::type;
 
-// The fetches run on into a block's next column slice while it reduces the current one,
-// so the k-warp reduction gets shared memory of its own.
-using Pipe = marlin::Pipeline<M_BLOCKS, TILE_N, TILE_K, STAGES, GROUP_ROWS, EVICT_FIRST != 0, true, ZERO_POINTS != 0,
-                              Element, WGMMA != 0>;
+using Pipe = marlin::StripedPipeline<M_BLOCKS, TILE_N, TILE_K, STAGES, GROUP_SIZE, EVICT_FIRST != 0, ZERO_POINTS != 0,
+                                     Element>;
+MARLIN_CHECK_LAUNCH(Pipe);
 
 extern "C" __global__ void __launch_bounds__(Pipe::THREADS, 1)
     s6_marlin(const int4* __restrict__ A, const int4* __restrict__ B, const int4* __restrict__ S,
@@ -77,9 +60,6 @@ extern "C" __global__ void __launch_bounds__(Pipe::THREADS, 1)
                                 [&](const marlin::StripeSegment& seg, int rows_valid) {
                                   Element::scalar* slab = C + size_t(seg.slab) * Pipe::SLAB_ROWS * N;
                                   const int strip_col = seg.col * TILE_N + 64 * pipe.strip;
-                                  if constexpr (WGMMA)
-                                    marlin::fold_wgmma_into_output<M_BLOCKS, Element>(acc, slab, N, rows_valid, strip_col);
-                                  else
-                                    marlin::fold_into_output<M_BLOCKS, Element>(acc, slab, N, rows_valid, strip_col);
+                                  marlin::fold_into_output<M_BLOCKS, Element>(acc, slab, N, rows_valid, strip_col);
                                 });
 }

@@ -35,7 +35,7 @@
 //
 // reference/sparse_marlin.py emulates this kernel lane by lane (emulate_kernel); the
 // copy and read indices below are the ones modelled there.
-#include "marlin_core.cuh"
+#include "s6_stripes.cuh"
 
 #ifndef M_BLOCKS
 #define M_BLOCKS 1  // 16-row blocks of A per slab: 1..4
@@ -49,8 +49,8 @@
 #ifndef STAGES
 #define STAGES 4  // tiles in flight + 1
 #endif
-#ifndef GROUP_ROWS
-#define GROUP_ROWS 128  // rows of K per scale; 0 means one scale per column (group size -1)
+#ifndef GROUP_SIZE
+#define GROUP_SIZE 128  // rows of K per scale, as reference.QuantizedWeight: -1 is one group of all K rows
 #endif
 #ifndef EVICT_FIRST
 #define EVICT_FIRST 1  // L2 evict-first hint on the weight and metadata copies
@@ -148,9 +148,9 @@ __device__ __forceinline__ void fold_into_output(const FragC (&acc)[kMBlocks][4]
 // strips side by side along N times K_WARPS warps splitting each stage's k32 steps.
 // Stage layout (16-byte units): A tile | kept codes | metadata | scales.
 // ---------------------------------------------------------------------------------
-template <int kMBlocks, int kTileN, int kTileK, int kStages, int kGroupRows, bool kEvictFirst>
+template <int kMBlocks, int kTileN, int kTileK, int kStages, int kGroupSize, bool kEvictFirst>
 struct Pipeline {
-  static constexpr int THREADS = 256;
+  static constexpr int THREADS = marlin::PIPELINE_THREADS, SLOTS = kStages;
   static constexpr int TILE_N_COLS = kTileN, TILE_K_ROWS = kTileK, SLAB_ROWS = 16 * kMBlocks;
   static constexpr int N_STRIPS = kTileN / 64;
   static constexpr int K_WARPS = 8 / N_STRIPS;
@@ -160,8 +160,8 @@ struct Pipeline {
   static_assert(K32_STEPS % K_WARPS == 0, "every warp gets the same number of k32 steps");
   static_assert(SUBSTEPS >= 2 && SUBSTEPS % 2 == 0, "fragment double buffering needs an even number of substeps");
   static_assert(kStages >= 3, "the pipeline keeps kStages - 1 tiles in flight while one is consumed");
-  static_assert(kGroupRows == 0 || kGroupRows % 32 == 0, "groups are whole k32 steps");
-  static_assert(kGroupRows == 0 || kGroupRows >= kTileK ? kGroupRows % kTileK == 0 : kTileK % kGroupRows == 0,
+  static_assert(kGroupSize == -1 || kGroupSize % 32 == 0, "groups are whole k32 steps");
+  static_assert(kGroupSize == -1 || (kGroupSize >= kTileK ? kGroupSize % kTileK == 0 : kTileK % kGroupSize == 0),
                 "a group must hold whole tiles or a tile whole groups");
 
   using ATile = marlin::ATileCopy<kMBlocks, kTileK, THREADS>;
@@ -176,7 +176,7 @@ struct Pipeline {
   static constexpr int M_CHUNKS = K32_STEPS * M_ROW_CHUNKS;
   static constexpr int M_COPIES = (M_CHUNKS + THREADS - 1) / THREADS;
   static_assert(THREADS % W_ROW_CHUNKS == 0 && THREADS % M_ROW_CHUNKS == 0, "a copy round covers whole k32 rows");
-  static constexpr int S_ROWS = (kGroupRows == 0 || kGroupRows >= kTileK) ? 1 : kTileK / kGroupRows;
+  static constexpr int S_ROWS = (kGroupSize == -1 || kGroupSize >= kTileK) ? 1 : kTileK / kGroupSize;
   static constexpr int S_ROW_CHUNKS = kTileN / 8;
   static constexpr int S_CHUNKS = S_ROWS * S_ROW_CHUNKS;
   static_assert(S_CHUNKS <= THREADS, "one scale chunk per thread at most");
@@ -184,6 +184,9 @@ struct Pipeline {
   static constexpr int REDUCE_CHUNKS = (K_WARPS - 1) * N_STRIPS * 32 * 32 / 4;
   static constexpr int SMEM_BYTES = 16 * (kStages * STAGE_CHUNKS + REDUCE_CHUNKS);
 
+  // The ring state that marlin::ring_start / ring_fetch / ring_consume use (smem, next, fill,
+  // read_slot), the warp's place and the copy policy are declared and set up as in
+  // marlin::Pipeline (s5_pipeline.cuh), on purpose: the two differ in their streams.
   int4* smem;
   int warp, lane, k_warp, strip;
   const int4 *W, *Meta, *S;
@@ -236,50 +239,37 @@ struct Pipeline {
       marlin::cp_async16(dst, src);
   }
 
-  // Issue the copies of the next tile of the run into the next slot of the ring (nothing
-  // past the run's end), and always commit a group, so a count of pending groups names the
-  // tiles that have landed. Destinations are offsets from the fill cursor.
-  __device__ __forceinline__ void fetch() {
-    if (next.t < next.end) {
-      if (next.left == 0) point_at(next.t);
-      const int t = threadIdx.x;
-      next.a_tile.copy(fill.here);
-      const int4* w_src = w_next;
+  // The weight-side streams of the next tile, into the slot at `dst` (marlin::ring_fetch
+  // copies A and steps the cursor): kept codes and metadata evict-first, then the scales.
+  __device__ __forceinline__ void copy_streams(unsigned dst) const {
+    const int t = threadIdx.x;
+    const int4* w_src = w_next;
 #pragma unroll
-      for (int i = 0; i < W_COPIES; ++i) {
-        copy_streamed(fill.here + 16 * (A_CHUNKS + THREADS * i), w_src);
-        w_src += size_t(THREADS / W_ROW_CHUNKS) * w_stride;
-      }
-      const int4* m_src = m_next;
-#pragma unroll
-      for (int i = 0; i < M_COPIES; ++i) {
-        if (M_CHUNKS % THREADS == 0 || THREADS * i + t < M_CHUNKS)
-          copy_streamed(fill.here + 16 * (A_CHUNKS + W_CHUNKS + THREADS * i), m_src);
-        m_src += size_t(THREADS / M_ROW_CHUNKS) * m_stride;
-      }
-      if (t < S_CHUNKS) {
-        const int group_row = kGroupRows == 0 ? 0 : (next.k_tile * kTileK) / kGroupRows;
-        const unsigned s_dst = fill.here + 16 * (A_CHUNKS + W_CHUNKS + M_CHUNKS);
-        marlin::cp_async16(s_dst, s_base + size_t(group_row) * s_stride);
-      }
-      next.a_tile.advance();
-      w_next += size_t(K32_STEPS) * w_stride;
-      m_next += size_t(K32_STEPS) * m_stride;
-      next.advance();
+    for (int i = 0; i < W_COPIES; ++i) {
+      copy_streamed(dst + 16 * (A_CHUNKS + THREADS * i), w_src);
+      w_src += size_t(THREADS / W_ROW_CHUNKS) * w_stride;
     }
-    marlin::cp_async_commit();
-    fill.advance();
+    const int4* m_src = m_next;
+#pragma unroll
+    for (int i = 0; i < M_COPIES; ++i) {
+      if (M_CHUNKS % THREADS == 0 || THREADS * i + t < M_CHUNKS)
+        copy_streamed(dst + 16 * (A_CHUNKS + W_CHUNKS + THREADS * i), m_src);
+      m_src += size_t(THREADS / M_ROW_CHUNKS) * m_stride;
+    }
+    if (t < S_CHUNKS) {
+      const int group_row = kGroupSize == -1 ? 0 : (next.k_tile * kTileK) / kGroupSize;
+      const unsigned s_dst = dst + 16 * (A_CHUNKS + W_CHUNKS + M_CHUNKS);
+      marlin::cp_async16(s_dst, s_base + size_t(group_row) * s_stride);
+    }
   }
 
-  __device__ __forceinline__ void start(int t_begin, int t_end) {
-    next.start(t_begin, t_end);
-    fill.start(smem);
-#pragma unroll 1
-    for (int i = 0; i < kStages - 1; ++i) fetch();
-    marlin::cp_async_wait<kStages - 2>();
-    __syncthreads();
-    read_slot = 0;
+  __device__ __forceinline__ void advance_streams() {
+    w_next += size_t(K32_STEPS) * w_stride;
+    m_next += size_t(K32_STEPS) * m_stride;
   }
+
+  __device__ __forceinline__ void fetch() { marlin::ring_fetch(*this); }
+  __device__ __forceinline__ void start(int t_begin, int t_end) { marlin::ring_start(*this, t_begin, t_end); }
 
   // Up to two m-blocks (M <= 32) the A fragments of a substep fit in registers beside the
   // accumulators, and are loaded a substep ahead with everything else, as in s6: no
@@ -304,63 +294,54 @@ struct Pipeline {
   // Registers for one substep, loaded one substep ahead: the warp's 128 bits of kept
   // codes (the chunk this thread copied), 64 bits of metadata, the 128 bits of scales of
   // the step's group, and with A_AHEAD the m-blocks of A.
-  __device__ __forceinline__ void load_fragments(int slot, int substep, int4& w, uint2& meta, int4& s,
-                                                 FragA (&a)[A_AHEAD_BLOCKS][2]) const {
+  struct Fragments {
+    int4 w;
+    uint2 meta;
+    int4 s;
+    FragA a[A_AHEAD_BLOCKS][2];
+  };
+
+  __device__ __forceinline__ void load_fragments(int slot, int substep, Fragments& f) const {
     const int step = k_warp + K_WARPS * substep;
-    w = stage_w(slot)[THREADS * substep + threadIdx.x];
-    meta = reinterpret_cast<const uint2*>(stage_m(slot))[step * (kTileN / 2) + 32 * strip + lane];
-    const int s_row = S_ROWS == 1 ? 0 : (32 * step) / kGroupRows;
-    s = stage_s(slot)[s_row * S_ROW_CHUNKS + 8 * strip + lane / 4];
+    f.w = stage_w(slot)[THREADS * substep + threadIdx.x];
+    f.meta = reinterpret_cast<const uint2*>(stage_m(slot))[step * (kTileN / 2) + 32 * strip + lane];
+    const int s_row = S_ROWS == 1 ? 0 : (32 * step) / kGroupSize;
+    f.s = stage_s(slot)[s_row * S_ROW_CHUNKS + 8 * strip + lane / 4];
     if constexpr (A_AHEAD) {
 #pragma unroll
-      for (int m = 0; m < kMBlocks; ++m) load_a(slot, substep, m, a[m]);
+      for (int m = 0; m < kMBlocks; ++m) load_a(slot, substep, m, f.a[m]);
     }
   }
 
   // One substep's work: dequantize the weights, then one m-block of A after another.
-  __device__ __forceinline__ void multiply(int slot, int substep, const int4& w, const uint2& meta, const int4& s,
-                                          const FragA (&ahead)[A_AHEAD_BLOCKS][2], FragC (&acc)[kMBlocks][4][2]) const {
+  __device__ __forceinline__ void multiply(int slot, int substep, const Fragments& f,
+                                          FragC (&acc)[kMBlocks][4][2]) const {
     FragW frag[4];
     if constexpr (A_AHEAD) {
-      dequantize_tiles(w, s, frag);
+      dequantize_tiles(f.w, f.s, frag);
 #pragma unroll
-      for (int m = 0; m < kMBlocks; ++m) multiply_block(frag, ahead[m], meta, acc[m]);
+      for (int m = 0; m < kMBlocks; ++m) multiply_block(frag, f.a[m], f.meta, acc[m]);
     } else {
       FragA late[2][2];
       load_a(slot, substep, 0, late[0]);
-      dequantize_tiles(w, s, frag);
+      dequantize_tiles(f.w, f.s, frag);
 #pragma unroll
       for (int m = 0; m < kMBlocks; ++m) {
         if (m + 1 < kMBlocks) load_a(slot, substep, m + 1, late[(m + 1) % 2]);
-        multiply_block(frag, late[m % 2], meta, acc[m]);
+        multiply_block(frag, late[m % 2], f.meta, acc[m]);
       }
     }
   }
 
-  // Multiply the next `tiles` tiles of the run into acc (zeroed here), without draining.
-  // When every read of a slot happens a substep ahead (A_AHEAD), the slot
-  // consumed before this one is refilled before the barrier, as in s6. Otherwise the A
-  // fragments are read from shared memory during multiply(), so a slot may only be
-  // refilled after a barrier that follows every warp's last multiply on it: just after
-  // the barrier of the next slot, which makes the wait one group deeper.
+  // When every read of a slot happens a substep ahead (A_AHEAD), the slot consumed before
+  // this one is refilled before the barrier, as in s6. Otherwise the A fragments are read
+  // from shared memory during multiply(), so a slot may only be refilled after a barrier
+  // that follows every warp's last multiply on it: just after the barrier of the next slot,
+  // which makes the wait one group deeper (marlin::refill_and_publish).
+  static constexpr bool SLOT_FREE = A_AHEAD;
+
   __device__ __forceinline__ void consume(FragC (&acc)[kMBlocks][4][2], int tiles) {
-    int4 w[2], s[2];
-    uint2 meta[2];
-    FragA a[2][A_AHEAD_BLOCKS][2];
-    marlin::zero_accumulators<kMBlocks>(acc);
-    load_fragments(read_slot, 0, w[0], meta[0], s[0], a[0]);
-    for (int tile = 0; tile < tiles; ++tile) {
-      const int slot = read_slot;
-      read_slot = slot + 1 == kStages ? 0 : slot + 1;
-#pragma unroll
-      for (int sub = 0; sub < SUBSTEPS; ++sub) {
-        const int next = (sub + 1) % 2;
-        if (sub + 1 < SUBSTEPS) load_fragments(slot, sub + 1, w[next], meta[next], s[next], a[next]);
-        if (sub == SUBSTEPS - 2) marlin::refill_and_publish<kStages, A_AHEAD, false>([&] { fetch(); });
-        if (sub == SUBSTEPS - 1) load_fragments(read_slot, 0, w[0], meta[0], s[0], a[0]);
-        multiply(slot, sub, w[sub % 2], meta[sub % 2], s[sub % 2], a[sub % 2], acc);
-      }
-    }
+    marlin::ring_consume(*this, acc, tiles);
   }
 
   __device__ __forceinline__ void reduce_across_k_warps(FragC (&acc)[kMBlocks][4][2]) {
@@ -371,9 +352,10 @@ struct Pipeline {
 
 }  // namespace sparse
 
-using Pipe = sparse::Pipeline<M_BLOCKS, TILE_N, TILE_K, STAGES, GROUP_ROWS, EVICT_FIRST != 0>;
+using Pipe = sparse::Pipeline<M_BLOCKS, TILE_N, TILE_K, STAGES, GROUP_SIZE, EVICT_FIRST != 0>;
+MARLIN_CHECK_LAUNCH(Pipe);
 
-// The striped partition and the no-wait global reduction of s6 (marlin_core.cuh).
+// The striped partition and the no-wait global reduction of s6 (s6_stripes.cuh).
 extern "C" __global__ void __launch_bounds__(Pipe::THREADS, 1)
     s7_sparse_marlin(const int4* __restrict__ A, const int4* __restrict__ W, const int4* __restrict__ Meta,
                      const int4* __restrict__ S, half* __restrict__ C, int M, int K, int N,

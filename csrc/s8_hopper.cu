@@ -36,7 +36,7 @@
 // The activation tile rides cp.async rather than a tensor-map copy: building a tensor map
 // needs the driver API per call (A's address changes), and A is at most a few per cent of
 // the bytes. The weights, which are the bytes, take the copy engine.
-#include "marlin_core.cuh"
+#include "s6_stripes.cuh"  // rungs 4-6: fragments, dequantization, cp.async, the striped schedule
 #include "s8_hopper.cuh"
 
 #ifndef M_BLOCKS
@@ -45,8 +45,8 @@
 #ifndef STAGES
 #define STAGES 8  // slots in the shared-memory ring
 #endif
-#ifndef GROUP_ROWS
-#define GROUP_ROWS 128  // rows of K per scale; 0 means one scale per column (group size -1)
+#ifndef GROUP_SIZE
+#define GROUP_SIZE 128  // rows of K per scale, as reference.QuantizedWeight: -1 is one group of all K rows
 #endif
 #ifndef ZERO_POINTS
 #define ZERO_POINTS 0  // 1: w = (q - z) * s with a zero point z per group and column (Z)
@@ -60,9 +60,6 @@
 // (cp.async.mbarrier.arrive) and the consumers fence the async proxy after their wait;
 // 1 -- the producer waits for its own copies STAGES - 2 tiles later, fences and arrives.
 #define PRODUCER_FENCES 0
-#endif
-#ifndef DYNAMIC_SMEM
-#define DYNAMIC_SMEM 0  // the host's figure for the dynamic shared memory, checked below (0: unchecked)
 #endif
 
 using Element = marlin::ElementOf<BF16 != 0>::type;
@@ -78,18 +75,21 @@ constexpr int CONSUMER_THREADS = 256, THREADS = 384;  // warpgroups 0, 1 consume
 constexpr int A_BYTES = SLAB_ROWS * TILE_K * 2;
 constexpr int W_ROW_BYTES = TILE_N * 8;  // one k16 row of a tile: 256 columns x 16 codes x 4 bits
 constexpr int W_BYTES = K16_STEPS * W_ROW_BYTES;
-constexpr int S_ROWS = (GROUP_ROWS == 0 || GROUP_ROWS >= TILE_K) ? 1 : TILE_K / GROUP_ROWS;
+constexpr int S_ROWS = (GROUP_SIZE == -1 || GROUP_SIZE >= TILE_K) ? 1 : TILE_K / GROUP_SIZE;
 constexpr int S_ROW_BYTES = TILE_N * 2;
 constexpr int S_BYTES = S_ROWS * S_ROW_BYTES, Z_BYTES = ZERO_POINTS ? S_BYTES : 0;
 constexpr int STAGE_BYTES = (A_BYTES + W_BYTES + S_BYTES + Z_BYTES + 1023) / 1024 * 1024;
 constexpr int REDUCE_BYTES = 4 * 32 * 32 * 4;  // one m-block of one warpgroup's accumulators
-constexpr int BARRIER_BYTES = 16 * STAGES + 16;
-constexpr int ALIGN_SLACK = 1024;  // the ring starts 1024-byte aligned (wgmma's swizzle atoms)
-constexpr int TOTAL_SMEM = ALIGN_SLACK + STAGES * STAGE_BYTES + REDUCE_BYTES + BARRIER_BYTES;
-static_assert(DYNAMIC_SMEM == 0 || DYNAMIC_SMEM == TOTAL_SMEM, "the host's DYNAMIC_SMEM must match the kernel's layout");
+// Dynamic shared memory: 1024 bytes of slack to align the ring (wgmma's swizzle atoms), the
+// ring, the warpgroups' hand-over buffer, two mbarriers per slot and a flag word.
+[[maybe_unused]] constexpr int TOTAL_SMEM = 1024 + STAGES * STAGE_BYTES + REDUCE_BYTES + 16 * STAGES + 16;
+#ifdef LAUNCH_SMEM_BYTES  // the host's launch figures, checked against the kernel's own
+static_assert(LAUNCH_THREADS == THREADS, "the host launches a different number of threads");
+static_assert(LAUNCH_SMEM_BYTES == TOTAL_SMEM, "the host's shared-memory figure is not the kernel's");
+#endif
 static_assert(M_BLOCKS >= 1 && M_BLOCKS <= 4, "slabs of 16 to 64 rows");
-static_assert(GROUP_ROWS == 0 || GROUP_ROWS % 16 == 0, "groups are whole k16 steps");
-static_assert(GROUP_ROWS == 0 || GROUP_ROWS >= TILE_K ? GROUP_ROWS % TILE_K == 0 : TILE_K % GROUP_ROWS == 0,
+static_assert(GROUP_SIZE == -1 || GROUP_SIZE % 16 == 0, "groups are whole k16 steps");
+static_assert(GROUP_SIZE == -1 || (GROUP_SIZE >= TILE_K ? GROUP_SIZE % TILE_K == 0 : TILE_K % GROUP_SIZE == 0),
               "a group must hold whole tiles or a tile whole groups");
 constexpr int LAG = STAGES - 2;  // PRODUCER_FENCES: tiles between a copy and its arrival
 static_assert(LAG >= 1, "a ring of at least 3 slots");
@@ -99,7 +99,7 @@ constexpr int EMPTY_ARRIVALS = 8;      // one per consumer warp
 // ---------------------------------------------------------------------------------
 // wgmma m64 x n x k16, n = 16 * M_BLOCKS: A = the dequantized weights (registers), B = the
 // stage's activations (descriptor). The accumulator of wgmma j lies in acc[m][j][h] as in
-// s6's Hopper experiment: chunk 2m + h of 8 tokens; marlin::fold_wgmma_into_output writes it.
+// s7's transposed product: chunk 2m + h of 8 tokens; hopper::write_transposed writes it.
 // ---------------------------------------------------------------------------------
 #define S8_ACC(m)                                                                                         \
   "+f"(acc[m][j][0].v[0]), "+f"(acc[m][j][0].v[1]), "+f"(acc[m][j][0].v[2]), "+f"(acc[m][j][0].v[3]),    \
@@ -228,7 +228,7 @@ __device__ __forceinline__ void produce(const Ring& ring, const Problem& p, cons
         hopper::bulk_copy_evict_first(stage + A_BYTES + r * W_ROW_BYTES, w + size_t(r) * p.N * 8, W_ROW_BYTES, ring.full(s),
                                       policy);
       // Scales (and zero points): the tile's group rows, 512 bytes of each.
-      const int group_row = GROUP_ROWS == 0 ? 0 : k_tile * TILE_K / GROUP_ROWS;
+      const int group_row = GROUP_SIZE == -1 ? 0 : k_tile * TILE_K / GROUP_SIZE;
 #pragma unroll
       for (int r = 0; r < S_ROWS; ++r) {
         const size_t offset = size_t(group_row + r) * p.N * 2 + size_t(col) * S_ROW_BYTES;
@@ -347,7 +347,7 @@ __device__ __forceinline__ void consume(const Ring& ring, const Problem& p, Elem
   // 8 columns in that step's group row.
   auto load_step = [&](unsigned stage, int step, int4& w, int4& sc, int4& z) {
     w = marlin::load_shared16(stage + w_lane + step * W_ROW_BYTES);
-    const unsigned s_row = stage + s_lane + (S_ROWS == 1 ? 0 : 16 * step / GROUP_ROWS) * S_ROW_BYTES;
+    const unsigned s_row = stage + s_lane + (S_ROWS == 1 ? 0 : 16 * step / GROUP_SIZE) * S_ROW_BYTES;
     sc = marlin::load_shared16(s_row);
     z = ZERO_POINTS ? marlin::load_shared16(s_row + S_BYTES) : int4{};
   };
@@ -384,7 +384,7 @@ __device__ __forceinline__ void consume(const Ring& ring, const Problem& p, Elem
     add_warpgroups(acc, red, wg, strip);
     if (wg == 0 && add_partial_sums(acc, partials, &counters[seg.slice], flag, seg, p, strip)) {
       const int rows_valid = min(SLAB_ROWS, p.M - seg.slab * SLAB_ROWS);
-      marlin::fold_wgmma_into_output<M_BLOCKS, Element>(acc, C + size_t(seg.slab) * SLAB_ROWS * p.N, p.N, rows_valid,
+      hopper::write_transposed<M_BLOCKS, Element>(acc, C + size_t(seg.slab) * SLAB_ROWS * p.N, p.N, rows_valid,
                                                        seg.col * TILE_N + 64 * strip);
     }
     t += seg.rows;

@@ -21,6 +21,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "s4_fragments.cuh"  // FragC and the element types, for the write-out
+
 namespace hopper {
 
 // ---------------------------------------------------------------------------------
@@ -143,6 +145,37 @@ __device__ __forceinline__ unsigned long long swizzled_operand(unsigned smem) {
 template <int kRows>
 __device__ __forceinline__ unsigned swizzled_chunk(int row, int chunk) {
   return (chunk / 8) * (kRows * 128) + row * 128 + (((chunk % 8) ^ (row & 7)) * 16);
+}
+
+// The output of the transposed product (wgmma's D = W^T A^T): a lane (g, c) of warp w holds,
+// in acc[m][j][h], tokens 16m + 8h + 2c and + 1 of columns 16j + g (values 0, 1) and
+// 16j + g + 8 (values 2, 3) of the warp's 64-column strip -- the layout of s7's mma.sp
+// accumulator, in either element type. Lanes g and g ^ 1 swap one value each so that every
+// lane holds two adjacent columns of one token and writes them as one pair: even g the token
+// 2c, odd g the token 2c + 1.
+template <int kMBlocks, class E>
+__device__ __forceinline__ void write_transposed(const marlin::FragC (&acc)[kMBlocks][4][2],
+                                                 typename E::scalar* __restrict__ C, int ldc, int rows_valid,
+                                                 int strip_col) {
+  const int lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+  const bool odd = g & 1;
+#pragma unroll
+  for (int m = 0; m < kMBlocks; ++m)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = 16 * m + 8 * h + 2 * c + odd;
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const float first = acc[m][j][h].v[2 * r], second = acc[m][j][h].v[2 * r + 1];  // tokens 2c, 2c + 1
+          const float theirs = __shfl_xor_sync(0xffffffffu, odd ? first : second, 4);
+          const typename E::pair pair = odd ? E::round(theirs, second) : E::round(first, theirs);
+          if (row < rows_valid)
+            *reinterpret_cast<typename E::pair*>(C + size_t(row) * ldc + strip_col + 16 * j + 8 * r + (g & ~1)) =
+                pair;
+        }
+    }
 }
 
 }  // namespace hopper

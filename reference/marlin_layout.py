@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from .quant import BFLOAT16, FLOAT16, QuantizedWeight, element_dtype
+from .quant import BFLOAT16, FLOAT16, QuantizedWeight, element_dtype, group_rows
 
 # -- the fragment geometry ---------------------------------------------------------
 # mma.m16n8k16 (row.col, fp16): lane l = 4*g + c holds, of the 16 x 8 B operand,
@@ -125,6 +125,12 @@ def permute_scales(scales: np.ndarray) -> np.ndarray:
 def unpermute_scales(permuted: np.ndarray) -> np.ndarray:
     """Inverse of permute_scales (the 8 x 8 transpose undoes itself)."""
     return permute_scales(permuted)
+
+
+def scale_rows_per_tile(group_size: int, tile_k: int) -> int:
+    """Rows of scales (and zero points) a pipeline stage of tile_k rows of K holds: one unless
+    the tile spans several groups (group size -1 is one group of all K rows)."""
+    return 1 if group_size == -1 or group_size >= tile_k else tile_k // group_size
 
 
 # -- the lop3 / 0x6400 (bf16: 0x4300) dequantization, bit for bit ---------------------
@@ -228,7 +234,7 @@ def dequantize_marlin(
     dtype = element_dtype(np.asarray(permuted_scales).dtype)
     R, N = words.shape[0], words.shape[1] // 2
     K = R * TILE
-    g = K if group_size == -1 else group_size
+    g = group_rows(group_size, K)
     w = words.view(np.uint32).reshape(R, N // WARP_COLUMNS, LANES, TILES_PER_WARP)
     values = lop3_dequantize_word(w, permuted_zeros is not None, dtype)  # (R, chunks, 32, 4, 8) in fragment order
     lane_g = np.arange(LANES) // 4

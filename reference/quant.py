@@ -104,12 +104,20 @@ class QuantizedWeight:
     @property
     def group_rows(self) -> int:
         """Rows of K that share one scale (K itself for group_size -1)."""
-        return self.K if self.group_size == -1 else self.group_size
+        return group_rows(self.group_size, self.K)
 
     def zeros_or_default(self) -> np.ndarray:
         if self.zeros is not None:
             return self.zeros
         return np.full(self.scales.shape, SYMMETRIC_ZERO, dtype=np.uint8)
+
+
+def group_rows(group_size: int, K: int) -> int:
+    """Rows of K that share one scale: the group size, where -1 means one group of all K rows.
+
+    The one place -1 is given its meaning; everything else (rungs and CPU models) asks here
+    or passes -1 on unchanged (the CUDA kernels' GROUP_SIZE define)."""
+    return K if group_size == -1 else group_size
 
 
 def _field(name: str) -> str:
@@ -152,7 +160,7 @@ def _check_weight(codes: Any, scales: Any, group_size: Any, zeros: Any) -> tuple
         raise TypeError(f"{_field('scales')} must be a NumPy array of float16 or bfloat16, got {type(scales).__name__}")
     if scales.dtype not in ELEMENT_DTYPES:
         raise TypeError(f"{_field('scales')} must be float16 or bfloat16, got {scales.dtype}")
-    groups = 1 if group_size == -1 else K // group_size
+    groups = K // group_rows(group_size, K)
     if scales.shape != (groups, N):
         raise ValueError(
             f"{_field('scales')} must have shape (groups, N) = ({groups}, {N}) for K={K}, N={N} and group_size "
@@ -208,7 +216,7 @@ def quantize(
     if not finite.all():
         where = tuple(int(i) for i in np.argwhere(~finite)[0])
         raise ValueError(f"W must be finite to be quantized, got {W[where]} at (k, n) {where}")
-    g = K if group_size == -1 else group_size
+    g = group_rows(group_size, K)
     Wg = W.astype(np.float64).reshape(K // g, g, N)
     if symmetric:
         s = np.abs(Wg).max(axis=1) / 7.0
@@ -283,7 +291,7 @@ def random_quantized_weight(
     check_group_size(group_size, K)
     if centered and not symmetric:
         raise ValueError("centered codes are drawn about the symmetric zero point 8; pass symmetric=True with centered=True")
-    groups = 1 if group_size == -1 else K // group_size
+    groups = K // group_rows(group_size, K)
     if centered:
         spread = 2.5
         codes = np.clip(np.rint(8.0 + spread * rng.standard_normal((K, N), dtype=np.float32)), 1, 15).astype(np.uint8)

@@ -38,8 +38,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .marlin_layout import LANES, TILES_PER_WARP, WARP_COLUMNS, lop3_dequantize_word, permute_scales, striped_schedule
-from .quant import QuantizedWeight, dequantize, expand_groups
+from .marlin_layout import (
+    LANES,
+    TILES_PER_WARP,
+    WARP_COLUMNS,
+    lop3_dequantize_word,
+    permute_scales,
+    scale_rows_per_tile,
+    striped_schedule,
+)
+from .quant import QuantizedWeight, dequantize, expand_groups, group_rows
 from .sparse import keep_mask_2_4
 
 K_STEP = 32  # rows of K per mma.sp.m16n8k32
@@ -213,8 +221,7 @@ def dequantize_sparse_marlin(arrays: dict[str, np.ndarray], K: int, N: int, grou
     words = arrays["qweight"].view(np.uint32).reshape(steps, chunks, LANES, TILES_PER_WARP)
     values = lop3_dequantize_word(words)  # (steps, chunks, 32, 4, 8), fragment order
     s = np.asarray(arrays["scales"]).reshape(-1, chunks, 8, TILES_PER_WARP, 2)  # [group, chunk, g, j, h]
-    g = K if group_size == -1 else group_size
-    groups = (np.arange(steps) * K_STEP) // g
+    groups = (np.arange(steps) * K_STEP) // group_rows(group_size, K)
     pairs = s[groups][:, :, np.arange(LANES) // 4]  # (steps, chunks, 32, 4, 2)
     scaled = (values.astype(np.float32) * np.repeat(pairs, 4, axis=-1).astype(np.float32)).astype(np.float16)
     # Fragment order (pairs from nibbles (0,4), (1,5), (2,6), (3,7)) -> nibble order.
@@ -289,7 +296,11 @@ class SparseTile:
     m_blocks: int  # 16-row blocks of A per slab
     tile_n: int  # columns of a column slice
     tile_k: int  # rows of K per pipeline stage
-    group_rows: int  # rows of K per scale; 0 for one scale per column
+    group_size: int  # rows of K per scale, as QuantizedWeight: -1 is one group of all K rows
+
+    @property
+    def scale_rows(self) -> int:
+        return scale_rows_per_tile(self.group_size, self.tile_k)
 
     @property
     def n_strips(self) -> int:
@@ -350,8 +361,8 @@ def _stage(cfg: SparseTile, A: np.ndarray, arrays: dict[str, np.ndarray], K: int
         m[chunk] = m_glob[k_tile * cfg.steps + chunk // quarter_n, col * quarter_n + chunk % quarter_n]
     eighth_n = cfg.tile_n // 8
     s_glob = arrays["scales"].view(np.uint32).reshape(-1, N // 8, 4)
-    s_rows = 1 if cfg.group_rows == 0 or cfg.group_rows >= cfg.tile_k else cfg.tile_k // cfg.group_rows
-    group_row0 = 0 if cfg.group_rows == 0 else (k_tile * cfg.tile_k) // cfg.group_rows
+    s_rows = cfg.scale_rows
+    group_row0 = 0 if cfg.group_size == -1 else (k_tile * cfg.tile_k) // cfg.group_size
     s_chunks = t[t < s_rows * eighth_n]
     s = s_glob[group_row0 + s_chunks // eighth_n, col * eighth_n + s_chunks % eighth_n]
     return a, b, m, s
@@ -370,8 +381,7 @@ def _substep(cfg: SparseTile, stage, warp: int, sub: int, acc: np.ndarray) -> No
               for h in range(2)] for mb in range(cfg.m_blocks)]
     w = b_sm[THREADS * sub + 32 * warp + lane]  # (32, 4): the chunk this thread copied
     meta = m_sm.reshape(-1, 2)[step * (cfg.tile_n // 2) + 32 * strip + lane]  # (32, 2): one uint2 load
-    s_rows = 1 if cfg.group_rows == 0 or cfg.group_rows >= cfg.tile_k else cfg.tile_k // cfg.group_rows
-    s_row = 0 if s_rows == 1 else (K_STEP * step) // cfg.group_rows
+    s_row = 0 if cfg.scale_rows == 1 else (K_STEP * step) // cfg.group_size
     s = s_sm[s_row * (cfg.tile_n // 8) + 8 * strip + lane // 4]  # (32, 4)
     for j in range(TILES_PER_WARP):
         values = lop3_dequantize_word(w[:, j])  # (32, 8): pairs (0,1)->nib (0,4), (2,3)->(1,5), ...

@@ -45,7 +45,7 @@ def random_packed(rng: np.random.Generator, K: int, N: int, group: int) -> dict[
     words = rng.integers(0, 2**32, size=(K // 32, 2 * N), dtype=np.uint32).view(np.int32)
     nibbles = VALID_NIBBLES[rng.integers(0, len(VALID_NIBBLES), size=(K // 32, N, 8), dtype=np.uint8)]
     meta = np.bitwise_or.reduce(nibbles << (4 * np.arange(8, dtype=np.uint32)), axis=-1).view(np.int32)
-    groups = 1 if group == -1 else K // group
+    groups = K // ref.group_rows(group, K)
     scales = ((0.5 + rng.random((groups, N), dtype=np.float32)) / (4.0 * math.sqrt(K))).astype(np.float16)
     return {"qweight": words, "meta": meta, "scales": permute_scales(scales)}
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from reference import group_rows  # noqa: E402
 from steps._cuda import sm_count  # noqa: E402
 from steps.registry import get  # noqa: E402
 from steps.step import Packed  # noqa: E402
@@ -38,7 +39,7 @@ def parse_variant(text: str) -> tuple[str, dict]:
 def random_arrays(name: str, K: int, N: int, group: int, cupy) -> dict:
     """Device arrays of the rung's packed shapes, with random contents (bf16 scales are
     stored as their int16 bits, as Step.pack leaves them; fp16 ones are valid bf16 too)."""
-    groups = 1 if group == -1 else K // group
+    groups = K // group_rows(group, K)
     scales = (cupy.random.rand(groups, N) * 0.01 + 0.001).astype(cupy.float16).view(cupy.int16)
     if name == "s7_sparse_marlin":
         # Kept codes (2 bits a weight) and metadata (1 bit a weight); every 4-bit metadata
@@ -103,7 +104,7 @@ def main() -> int:
                     ps = packs[name]
                     t = measure(lambda i: step(A, ps[i], out=out), len(ps))
                     cfg = step.config(M, K, N, args.group, 0, bf16=args.dtype == "bfloat16")
-                    desc = f"{cfg.tile_k}x{cfg.tile_n} mb{cfg.m_blocks} st{cfg.stages}" + " wg" * cfg.wgmma
+                    desc = f"{cfg.tile_k}x{cfg.tile_n} mb{cfg.m_blocks} st{cfg.stages}"
                     if hasattr(step, "schedule"):
                         _, iters, blocks = step.schedule(M, K, N, args.group, 0)
                         desc += f" it{iters} b{blocks}"

@@ -3,8 +3,7 @@ The tall, narrow shapes have fewer tiles than SMs, so s6 and s7 split every colu
 between several blocks and their global reduction runs; rungs that take zero points get
 them on every other shape, and rungs that take bf16 run every shape in fp16 and in bf16.
 The striped rungs run the shapes once more on two blocks per launch, where their 256-wide
-tiles (and on Hopper s6's wgmma) serve them. Rung names as arguments limit the run to
-those rungs."""
+tiles serve them. Rung names as arguments limit the run to those rungs."""
 
 import itertools
 import sys

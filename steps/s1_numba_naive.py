@@ -21,7 +21,7 @@ import threading
 from contextlib import nullcontext
 from typing import Any
 
-from reference import QuantizedWeight
+from reference import QuantizedWeight, group_rows
 
 from ._arrays import array_kind, caller_stream
 from .s0_numpy import PLAIN_K_MULTIPLE, plain_int4_layout, plain_layout_support
@@ -99,10 +99,10 @@ class NumbaNaive(Step):
     def _run(self, A: Any, packed: Packed, out: Any) -> None:
         M, N = out.shape
         grid = ((N + THREADS_PER_BLOCK - 1) // THREADS_PER_BLOCK, M)
-        group_rows = packed.K if packed.group_size == -1 else packed.group_size
+        rows_per_scale = group_rows(packed.group_size, packed.K)
         a = packed.arrays
         with caller_stream(A), _SIMULATOR_LOCK if SIMULATED else nullcontext():
             stream = _launch_stream(A)
             _kernel()[grid, (THREADS_PER_BLOCK, 1), stream](
-                _device_view(A), _device_view(a["qweight"]), _device_view(a["scales"]), _device_view(out), group_rows
+                _device_view(A), _device_view(a["qweight"]), _device_view(a["scales"]), _device_view(out), rows_per_scale
             )

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from reference import QuantizedWeight
+from reference import QuantizedWeight, group_rows
 
 from ._cuda import CudaStep, get_kernel
 from .s0_numpy import plain_int4_layout
@@ -36,8 +36,7 @@ def group_shift(K: int, group_size: int) -> int:
     Per-column scales (group_size -1) are one group as tall as K: any shift with
     2**shift >= K sends every row to group 0.
     """
-    rows = K if group_size == -1 else group_size
-    return max(rows - 1, 1).bit_length()
+    return max(group_rows(group_size, K) - 1, 1).bit_length()
 
 
 def check_alignment(A: Any, out: Any, out_bytes: int) -> None:

@@ -50,16 +50,22 @@ def block_n(M: int, N: int, sms: int) -> int:
 def shared_bytes(tiles: int, bn: int) -> int:
     """Dynamic shared memory of one block: padded fp16 tiles of A and of the weights.
 
-    Mirrors SMEM_HALVES in csrc/s3_tensor_cores.cu: K slices of 256 / tiles rows, each
-    shared-memory row padded by 8 halves.
+    K slices of 256 / tiles rows, each shared-memory row padded by 8 halves. Passed to the
+    kernel as LAUNCH_SMEM_BYTES (see `defines`), where a static_assert checks it against its
+    own SMEM_HALVES.
     """
     bk = 256 // tiles
     return 2 * (16 * tiles * (bk + 8) + bk * (bn + 8))
 
 
+def defines(tiles: int, bn: int) -> tuple[tuple[str, int], ...]:
+    """The kernel's compile-time configuration, with the launch figures it checks."""
+    return (("S3_M_TILES", tiles), ("S3_BN", bn), ("LAUNCH_THREADS", THREADS), ("LAUNCH_SMEM_BYTES", shared_bytes(tiles, bn)))
+
+
 @functools.cache
 def _kernel(tiles: int, bn: int, device: int) -> Any:
-    kernel = get_kernel("s3_tensor_cores", "s3_tensor_cores", (("S3_M_TILES", tiles), ("S3_BN", bn)), device)
+    kernel = get_kernel("s3_tensor_cores", "s3_tensor_cores", defines(tiles, bn), device)
     kernel.max_dynamic_shared_size_bytes = shared_bytes(tiles, bn)
     return kernel
 

@@ -16,8 +16,10 @@ Error bound constant c = 10: one fp16 rounding of the result and one of the refe
 adder may truncate rather than round: at most 2 K 2**-24 <= 8 u. The dequantized weight
 fp16((q - 8) * s) is bit-identical to the reference's, so it adds nothing.
 
-This module also holds what s4, s5 and s6 share on the host: the packing (the same
-layout for all three), the slab split of M, and the compile-time defines.
+The kernel is csrc/s4_marlin_layout.cu on top of csrc/s4_fragments.cuh (the fragment
+layout, the lop3 dequantization and the mma, which s5-s7 reuse unchanged). This module also
+holds what s4, s5 and s6 share on the host: the packing (the same layout for all three) and
+the slab split of M.
 """
 
 from __future__ import annotations
@@ -45,11 +47,6 @@ def pack_marlin(qw: QuantizedWeight) -> dict[str, np.ndarray]:
     return arrays
 
 
-def group_rows(group_size: int) -> int:
-    """The kernels' GROUP_ROWS define: rows of K per scale, 0 for one scale per column."""
-    return 0 if group_size == -1 else group_size
-
-
 def m_blocks_for(M: int) -> int:
     """16-row blocks per slab: just enough for M <= 64, else full 64-row slabs."""
     return min(MAX_M_BLOCKS, -(-M // 16))
@@ -67,7 +64,7 @@ class MarlinLayout(CudaStep):
         "dequantize with lop3 and the 0x6400 trick: no shared memory or shuffles for the weights."
     )
     error_c = 10.0
-    K_WARPS = 4  # warps per block, splitting K on one strip: must match s4_marlin_layout.cu
+    THREADS = 128  # per block: 4 warps on one strip, splitting K (the kernel's THREADS define)
     shape_multiples = ((16, 64),)  # one mma k-step of 16 rows; one warp per 64 columns
 
     def _supports(self, M: int, K: int, N: int, group_size: int) -> Support:
@@ -82,9 +79,11 @@ class MarlinLayout(CudaStep):
     def _launch(self, A: Any, packed: Packed, out: Any) -> None:
         M, K, N = A.shape[0], packed.K, packed.N
         mb = m_blocks_for(M)
-        kernel = get_kernel(
-            self.name, self.name, (("M_BLOCKS", mb), ("GROUP_ROWS", group_rows(packed.group_size))), device=packed.device
-        )
+        kernel = get_kernel(self.name, self.name, self.defines(mb, packed.group_size), device=packed.device)
         grid = (N // 64, -(-M // (16 * mb)))
         args = (A, packed.arrays["qweight"], packed.arrays["scales"], out, i32(M), i32(K), i32(N))
-        kernel(grid, (32 * self.K_WARPS,), args)
+        kernel(grid, (self.THREADS,), args)
+
+    def defines(self, m_blocks: int, group_size: int) -> tuple[tuple[str, int], ...]:
+        """The kernel's compile-time configuration; the group size as the reference has it."""
+        return (("M_BLOCKS", m_blocks), ("GROUP_SIZE", group_size), ("THREADS", self.THREADS))

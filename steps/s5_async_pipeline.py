@@ -13,8 +13,11 @@ Error bound constant c = 10, as for s4: the partial sums of the warps are added 
 fp32, so the fp16 roundings are still just the result's and the reference's. Weights with
 zero points stream them beside the scales (see s6). A weight quantized with bf16 scales
 runs the same pipeline on bf16 activations and output (the BF16 define: bf16 mma and a
-bf16 magic number for the dequantization, explained in marlin_core.cuh); the bound is
+bf16 magic number for the dequantization, explained in s4_fragments.cuh); the bound is
 then relative to bf16's unit roundoff.
+
+The kernel is csrc/s5_async_pipeline.cu, a plain grid around the ring of
+csrc/s5_pipeline.cuh (`marlin::Pipeline`), which multiplies with rung 4's fragments.
 
 Tile configurations (the kernel's defines) are chosen by `tile_plan` from H100
 measurements: 256 x 128 (TILE_K x TILE_N) with 4 stages up to 32 rows, 128 x 128 with the
@@ -30,9 +33,10 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from reference import QuantizedWeight
+from reference.marlin_layout import scale_rows_per_tile
 
 from ._cuda import CudaStep, get_kernel, sm_count
-from .s4_marlin_layout import MAX_M_BLOCKS, group_rows, i32, m_blocks_for, pack_marlin
+from .s4_marlin_layout import MAX_M_BLOCKS, i32, m_blocks_for, pack_marlin
 from .step import SUPPORTED, Packed, Support
 
 THREADS = 256
@@ -40,27 +44,31 @@ THREADS = 256
 
 @dataclass(frozen=True)
 class TileConfig:
-    """One compiled variant of the pipelined kernel (marlin::Pipeline's template arguments)."""
+    """One compiled variant of rung 5's kernel (marlin::Pipeline's template arguments).
+
+    The launch figures (threads, shared memory) are computed here, once, and passed to the
+    kernel as LAUNCH_THREADS / LAUNCH_SMEM_BYTES, where a static_assert checks them against
+    the pipeline's own: a host that disagrees with the kernel does not compile."""
 
     m_blocks: int
     tile_n: int
     tile_k: int
     stages: int
-    group_rows: int
+    group_size: int  # as reference.QuantizedWeight: -1 is one group of all K rows
     evict_first: bool = True
-    own_reduce_buffer: bool = False  # the kernel's kOwnReduceBuffer (s6, s7); not a define
     zero_points: bool = False  # w = (q - z) * s: a stream of zero points beside the scales
     bf16: bool = False  # bf16 activations, scales, zero points and output instead of fp16
-    wgmma: bool = False  # Hopper's warpgroup MMA (s6; compiled for sm_90a)
+
+    @property
+    def scale_rows(self) -> int:
+        return scale_rows_per_tile(self.group_size, self.tile_k)
 
     @property
     def stage_bytes(self) -> int:
         a = 16 * self.m_blocks * self.tile_k // 8
         b = (self.tile_k // 16) * self.tile_n // 2
-        s_rows = 1 if self.group_rows == 0 or self.group_rows >= self.tile_k else self.tile_k // self.group_rows
         per_group_streams = 2 if self.zero_points else 1
-        chunks = a + b + per_group_streams * s_rows * self.tile_n // 8
-        return 16 * (-(-chunks // 64) * 64 if self.wgmma else chunks)  # wgmma: whole KB, for its aligned atoms
+        return 16 * (a + b + per_group_streams * self.scale_rows * self.tile_n // 8)
 
     @property
     def reduce_bytes(self) -> int:
@@ -69,28 +77,27 @@ class TileConfig:
         return (THREADS // 32 // strips - 1) * strips * 32 * 32 * 4
 
     @property
-    def smem_bytes(self) -> int:
-        """Dynamic shared memory (mirrors the pipelines' SMEM_BYTES): the stages and the
-        reduction buffer after them, or over them when the reduction reuses the stages."""
-        stages = self.stages * self.stage_bytes
-        return self.align_slack + (stages + self.reduce_bytes if self.own_reduce_buffer else max(stages, self.reduce_bytes))
+    def bytes_beside_stages(self) -> int:
+        """Shared memory besides the stages: none, the k-warp reduction reuses them once idle."""
+        return 0
 
     @property
-    def align_slack(self) -> int:
-        """Bytes the kernel may skip to start its stages 1024-byte aligned (wgmma's operand atoms)."""
-        return 1024 if self.wgmma else 0
+    def smem_bytes(self) -> int:
+        """Dynamic shared memory (LAUNCH_SMEM_BYTES, checked against the kernel's SMEM_BYTES)."""
+        return max(self.stages * self.stage_bytes, self.reduce_bytes)
 
     def defines(self) -> tuple[tuple[str, int], ...]:
-        instruction = (("WGMMA", 1),) if self.wgmma else ()  # absent for mma.sync: the kernel's default
-        return instruction + (
+        return (
             ("M_BLOCKS", self.m_blocks),
             ("TILE_N", self.tile_n),
             ("TILE_K", self.tile_k),
             ("STAGES", self.stages),
-            ("GROUP_ROWS", self.group_rows),
+            ("GROUP_SIZE", self.group_size),
             ("EVICT_FIRST", int(self.evict_first)),
             ("ZERO_POINTS", int(self.zero_points)),
             ("BF16", int(self.bf16)),
+            ("LAUNCH_THREADS", THREADS),
+            ("LAUNCH_SMEM_BYTES", self.smem_bytes),
         )
 
 
@@ -145,7 +152,6 @@ class PipelinedStep(CudaStep):
     evict_first = True
     supports_zero_points = True
     activation_dtypes = ("float16", "bfloat16")
-    own_reduce_buffer = False  # True where a block's fetches run on past a column (s6, s7)
     config_type = TileConfig
     even_stages = True  # odd pipeline depths above 4 measured slower (s5, s6)
     # Tuning overrides of the plan (None: use tile_plan's value).
@@ -192,9 +198,7 @@ class PipelinedStep(CudaStep):
         tiles = dividing_tiles(K, N, [self.tile_override] if self.tile_override else []) or tiles
         limit = max_dynamic_smem(device)
         for tk, tn in tiles:
-            probe = self.config_type(self.m_blocks(M, tk, tn), tn, tk, 1, group_rows(group_size), self.evict_first,
-                                     self.own_reduce_buffer, zero_points, bf16)  # fmt: skip
-            probe = self.instruction_choice(probe, device)
+            probe = self.config_type(self.m_blocks(M, tk, tn), tn, tk, 1, group_size, self.evict_first, zero_points, bf16)
             stages = min(self.max_stages or plan.max_stages, self.stage_budget(probe, plan, device) // probe.stage_bytes)
             if self.even_stages and stages > 4:
                 stages -= stages % 2
@@ -206,16 +210,10 @@ class PipelinedStep(CudaStep):
             f"in this GPU's {limit} bytes of shared memory per block; use a rung below or a GPU with more"
         )
 
-    def instruction_choice(self, probe: TileConfig, device: int) -> TileConfig:
-        """The configuration with the tensor-core instruction this rung issues for it on `device`
-        (mma.sync here; s6 takes wgmma where Hopper has it)."""
-        return probe
-
     def stage_budget(self, probe: TileConfig, plan: TilePlan, device: int) -> int:
         """Shared memory the stages may fill: the plan's budget, within what the device allows
-        next to an own reduction buffer and the alignment slack."""
-        own = probe.reduce_bytes if probe.own_reduce_buffer else 0
-        return min(self.smem_budget or plan.smem_budget, max_dynamic_smem(device) - own - probe.align_slack)
+        next to whatever the configuration needs besides its stages."""
+        return min(self.smem_budget or plan.smem_budget, max_dynamic_smem(device) - probe.bytes_beside_stages)
 
     def kernel(self, cfg: TileConfig, device: int) -> Any:
         """The compiled variant `cfg`, checked against the reference the first time it runs
@@ -229,11 +227,11 @@ class PipelinedStep(CudaStep):
     def _probe_variant(self, cfg: TileConfig, device: int) -> str:
         """Run variant `cfg` on the smallest problem it serves: two tiles each way, one row
         short of its slab (so the row masking runs too)."""
-        K = 2 * math.lcm(cfg.tile_k, cfg.group_rows or 1)
+        K = 2 * math.lcm(cfg.tile_k, max(cfg.group_size, 1))
         token = _PROBED_VARIANT.set(cfg)
         try:
             dtype = "bfloat16" if cfg.bf16 else "float16"
-            return self.probe(max(1, 16 * cfg.m_blocks - 1), K, 2 * cfg.tile_n, cfg.group_rows or -1, cfg.zero_points, dtype, device)
+            return self.probe(max(1, 16 * cfg.m_blocks - 1), K, 2 * cfg.tile_n, cfg.group_size, cfg.zero_points, dtype, device)
         finally:
             _PROBED_VARIANT.reset(token)
 
@@ -244,7 +242,7 @@ _PROBED_VARIANT: contextvars.ContextVar[TileConfig | None] = contextvars.Context
 
 @functools.cache
 def _load(source: str, cfg: TileConfig, device: int) -> Any:
-    kernel = get_kernel(source, source, cfg.defines(), device=device, arch_specific=cfg.wgmma)
+    kernel = get_kernel(source, source, cfg.defines(), device=device)
     if cfg.smem_bytes > 48 * 1024:
         kernel.max_dynamic_shared_size_bytes = cfg.smem_bytes
     return kernel

@@ -10,10 +10,9 @@ The original MARLIN instead adds them serially in the fp16 output, each block wa
 the previous one, which on small layers costs as much as the weight stream. M is cut
 into 64-row slabs, up to 16 per launch, which are simply more column slices to stripe.
 
-On Hopper (compute capability 9.0) slabs of 17-64 rows in 256-wide tiles are multiplied
-with the warpgroup MMA, `wgmma` (compiled for sm_90a), instead of `mma.sync`: there the
-tensor cores bound the kernel, and `wgmma` keeps them busier while the warps dequantize
-the next step (csrc/marlin_core.cuh explains the operand swap; `use_wgmma` switches it off).
+The kernel is rung 5's pipeline with a cursor that runs across column slices and a k-warp
+reduction buffer of its own (csrc/s6_stripes.cuh); it multiplies with `mma.sync` on every
+GPU, as the MARLIN paper's kernel does (Hopper's own instructions are a rung of their own).
 
 Error bound constant c = 10, as for s4 and s5: partial sums stay fp32 until the single
 final rounding, and adding them is part of the fp32 sum over K. Like s5 it takes weights
@@ -30,13 +29,13 @@ counters zeroed, so CUDA-graph capture and replay need nothing per call.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass
 from typing import Any
 
 from reference import QuantizedWeight
 from reference.marlin_layout import stripe_length
 
-from ._cuda import has_wgmma, sm_count
+from ._cuda import sm_count
 from ._workspace import ReductionWorkspace, WorkspaceCache
 from .s4_marlin_layout import i32
 from .s5_async_pipeline import (
@@ -59,13 +58,27 @@ MIN_TILE_N = 128
 # of their 64 x 256 fp32 partials costs more than the wide tiles save (H100, docs/rungs.md).
 LARGE_BATCH_WIDE_PLAN = TilePlan(((128, 256),) + LARGE_BATCH_PLAN.tiles, 200 * 1024, 8)
 LARGE_BATCH_NARROW_PLAN = TilePlan(LARGE_BATCH_PLAN.tiles, 200 * 1024, 8)
-# From 17 to 32 rows the same holds, and 256 x 256 tiles come first: with wgmma the A tile's
-# cost per weight byte shows (112 against 118-128 µs for 128 x 256 at M = 32 on the H100;
-# mma.sync measured the same with either). Up to 16 rows rung 5's tall 256 x 128 tiles
-# beat 128 x 256 on every wide shape measured, within the noise on 4096 x 22016 at M = 1
-# (tune9 in docs/results/tuning; 256 x 256 was better still on 8192 x 57344 alone).
-TWO_BLOCK_WIDE_PLAN = TilePlan(((256, 256), (128, 256)) + SMALL_BATCH_PLAN.tiles, SMALL_BATCH_PLAN.smem_budget, 4)
+# From 17 to 32 rows the same holds with rung 5's 4 stages: 128 x 256 first (mma.sync measured
+# the same with 256 x 256 at M = 32 on the H100, docs/rungs.md). Up to 16 rows rung 5's tall
+# 256 x 128 tiles beat 128 x 256 on every wide shape measured, within the noise on
+# 4096 x 22016 at M = 1 (tune9 in docs/results/tuning).
+TWO_BLOCK_WIDE_PLAN = TilePlan(((128, 256),) + SMALL_BATCH_PLAN.tiles, SMALL_BATCH_PLAN.smem_budget, 4)
 MAX_PARTIAL_FLOATS = 64 * 256  # one block's partial sums of a slice: a 64-row slab x TILE_N <= 256
+
+
+@dataclass(frozen=True)
+class StripedTileConfig(TileConfig):
+    """One compiled variant of s6's kernel (marlin::StripedPipeline): a block's fetches run on
+    into its next column slice while it reduces this one, so the k-warp reduction has shared
+    memory of its own after the stages."""
+
+    @property
+    def bytes_beside_stages(self) -> int:
+        return self.reduce_bytes
+
+    @property
+    def smem_bytes(self) -> int:
+        return self.stages * self.stage_bytes + self.reduce_bytes
 
 
 class Marlin(PipelinedStep):
@@ -76,13 +89,12 @@ class Marlin(PipelinedStep):
         "store fp32 partials and the last to arrive adds them in a fixed order."
     )
     error_c = 10.0
-    own_reduce_buffer = True
+    config_type = StripedTileConfig
     shape_multiples = common_tiles(SMALL_BATCH_PLAN, TWO_BLOCK_WIDE_PLAN, LARGE_BATCH_WIDE_PLAN, LARGE_BATCH_NARROW_PLAN)
     sms: int | None = None  # blocks per launch; None = the device's SM count
     # What sharing a column slice costs a block, in weight tiles (reference.marlin_layout.
     # stripe_length): storing its partials and counting itself, or reading everyone's.
     reduction_cost: float = 4.0
-    use_wgmma: bool = True  # tuning switch: False keeps mma.sync on Hopper too
 
     def __init__(self) -> None:
         self._workspaces = WorkspaceCache()
@@ -94,11 +106,6 @@ class Marlin(PipelinedStep):
         if M <= 32:
             return TWO_BLOCK_WIDE_PLAN if wide else SMALL_BATCH_PLAN
         return LARGE_BATCH_WIDE_PLAN if wide else LARGE_BATCH_NARROW_PLAN
-
-    def instruction_choice(self, probe: TileConfig, device: int) -> TileConfig:
-        """wgmma on Hopper for slabs of 32-64 rows in 256-wide tiles at least 128 deep (marlin_core.cuh)."""
-        fits = probe.m_blocks >= 2 and probe.tile_n == 256 and probe.tile_k >= 128
-        return replace(probe, wgmma=True) if self.use_wgmma and fits and has_wgmma(device) else probe
 
     def pack(self, qw: QuantizedWeight) -> Packed:
         packed = super().pack(qw)

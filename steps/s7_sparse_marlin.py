@@ -14,7 +14,9 @@ returns, so the check is reference_gemm(A, step.reference_weight(qw)). A weight 
 already 2:4 sparse is unchanged by the pruning.
 
 Everything else is s6: the SM-striped schedule, the no-wait fp32 global reduction with its
-workspace, slabs of 64 rows for M > 64. Error bound constant c = 10 as for s6: the
+workspace, slabs of 64 rows for M > 64. The kernel runs rung 5's ring skeleton
+(csrc/s5_pipeline.cuh: ring_start, ring_fetch, ring_consume) with its own streams and
+fragments, and rung 6's cursor, walk and reduction (csrc/s6_stripes.cuh). Error bound constant c = 10 as for s6: the
 accumulation runs over the K/2 kept products only, so the fp32 term 2 (K/2) 2**-24 stays
 below 8u up to K = 65536.
 
@@ -32,8 +34,8 @@ from reference.sparse_marlin import pack_sparse_marlin, prune_quantized_2_4
 
 from ._padding import pad_weight, round_up
 from .s4_marlin_layout import i32, m_blocks_for
-from .s5_async_pipeline import THREADS, TileConfig, TilePlan, common_tiles
-from .s6_marlin import MAX_SLABS, Marlin
+from .s5_async_pipeline import THREADS, TilePlan, common_tiles
+from .s6_marlin import MAX_SLABS, Marlin, StripedTileConfig
 from .step import Packed
 
 SMALL_BATCH_TILE = (256, 128)  # (TILE_K, TILE_N): more column slices, finer balance across SMs
@@ -47,7 +49,7 @@ SMALL_TILE_MAX_M_BLOCKS = 3
 
 
 @dataclass(frozen=True)
-class SparseTileConfig(TileConfig):
+class SparseTileConfig(StripedTileConfig):
     """One compiled variant of the s7 kernel; a stage adds the metadata to s6's streams."""
 
     @property
@@ -56,8 +58,7 @@ class SparseTileConfig(TileConfig):
         a = 16 * self.m_blocks * self.tile_k // 8
         codes = steps * self.tile_n // 2
         meta = steps * self.tile_n // 4
-        s_rows = 1 if self.group_rows == 0 or self.group_rows >= self.tile_k else self.tile_k // self.group_rows
-        return 16 * (a + codes + meta + s_rows * self.tile_n // 8)
+        return 16 * (a + codes + meta + self.scale_rows * self.tile_n // 8)
 
 
 class SparseMarlin(Marlin):
@@ -73,7 +74,6 @@ class SparseMarlin(Marlin):
     config_type = SparseTileConfig
     shape_multiples = common_tiles(SPARSE_SMALL_BATCH_PLAN, SPARSE_LARGE_BATCH_PLAN)
     even_stages = False
-    use_wgmma = False  # its kernel issues mma.sp; a wgmma.sp form is not written
 
     def tile_plan(self, M: int, N: int, sms: int | None) -> TilePlan:
         return SPARSE_SMALL_BATCH_PLAN if M <= 16 else SPARSE_LARGE_BATCH_PLAN

@@ -32,7 +32,7 @@ from typing import Any
 from reference.marlin_layout import stripe_length
 
 from ._cuda import get_kernel, gpu_support, has_wgmma, sm_count
-from .s4_marlin_layout import group_rows, i32, m_blocks_for
+from .s4_marlin_layout import i32, m_blocks_for
 from .s5_async_pipeline import _PROBED_VARIANT, max_dynamic_smem, zeros_or_scales
 from .s6_marlin import MAX_SLABS, Marlin
 from .step import SUPPORTED, Packed, Support
@@ -45,12 +45,12 @@ REDUCE_BYTES = 4 * 32 * 32 * 4  # the warpgroups' hand-over buffer: one m-block 
 
 @dataclass(frozen=True)
 class HopperConfig:
-    """One compiled variant of s8_hopper.cu. The shared-memory figure is passed to the kernel
-    (DYNAMIC_SMEM), which checks it against its own layout at compile time."""
+    """One compiled variant of s8_hopper.cu. The threads and shared memory are passed to the
+    kernel (LAUNCH_THREADS, LAUNCH_SMEM_BYTES), which checks them against its own layout."""
 
     m_blocks: int
     stages: int
-    group_rows: int
+    group_size: int  # as reference.QuantizedWeight: -1 is one group of all K rows
     zero_points: bool
     bf16: bool
     producer_fences: bool = False  # the kernel's PRODUCER_FENCES (a measured alternative)
@@ -58,10 +58,10 @@ class HopperConfig:
     tile_n = TILE_N
 
     @staticmethod
-    def stage_bytes(m_blocks: int, group_rows: int, zero_points: bool) -> int:
+    def stage_bytes(m_blocks: int, group_size: int, zero_points: bool) -> int:
         a = 16 * m_blocks * TILE_K * 2
         w = TILE_K * TILE_N // 2
-        s_rows = 1 if group_rows == 0 or group_rows >= TILE_K else TILE_K // group_rows
+        s_rows = 1 if group_size == -1 or group_size >= TILE_K else TILE_K // group_size
         s = (2 if zero_points else 1) * s_rows * TILE_N * 2
         return -(-(a + w + s) // 1024) * 1024
 
@@ -72,17 +72,18 @@ class HopperConfig:
 
     @property
     def smem_bytes(self) -> int:
-        return self.fixed_bytes(self.stages) + self.stages * self.stage_bytes(self.m_blocks, self.group_rows, self.zero_points)
+        return self.fixed_bytes(self.stages) + self.stages * self.stage_bytes(self.m_blocks, self.group_size, self.zero_points)
 
     def defines(self) -> tuple[tuple[str, int], ...]:
         return (
             ("M_BLOCKS", self.m_blocks),
             ("STAGES", self.stages),
-            ("GROUP_ROWS", self.group_rows),
+            ("GROUP_SIZE", self.group_size),
             ("ZERO_POINTS", int(self.zero_points)),
             ("BF16", int(self.bf16)),
             ("PRODUCER_FENCES", int(self.producer_fences)),
-            ("DYNAMIC_SMEM", self.smem_bytes),
+            ("LAUNCH_THREADS", THREADS),
+            ("LAUNCH_SMEM_BYTES", self.smem_bytes),
         )
 
 
@@ -122,13 +123,13 @@ class Hopper(Marlin):
         probed = _PROBED_VARIANT.get()
         if probed is not None:
             return probed
-        m_blocks, rows = m_blocks_for(M), group_rows(group_size)
-        stage = HopperConfig.stage_bytes(m_blocks, rows, zero_points)
+        m_blocks = m_blocks_for(M)
+        stage = HopperConfig.stage_bytes(m_blocks, group_size, zero_points)
         limit = max_dynamic_smem(device)
         stages = self.max_stages or MAX_STAGES
         while stages > 4 and HopperConfig.fixed_bytes(stages) + stages * stage > limit:
             stages -= 1
-        cfg = HopperConfig(m_blocks, stages, rows, zero_points, bf16, self.producer_fences)
+        cfg = HopperConfig(m_blocks, stages, group_size, zero_points, bf16, self.producer_fences)
         if cfg.smem_bytes > limit:
             raise ValueError(f"{self.name}: a 4-slot ring needs {cfg.smem_bytes} bytes of shared memory, this GPU has {limit}")
         return cfg

@@ -3,7 +3,7 @@ register spills. The rungs are compiled at run time through NVRTC; this check ru
 same sources through the offline compiler on machines without a GPU (such as CI), so a
 broken or spilling kernel is caught before anyone reaches a GPU. Skipped without nvcc.
 Where cuobjdump is installed too, every shipped variant's machine code is checked for the
-asynchronous-copy form that faults on the H100 (marlin_core.cuh, make_evict_first_policy)."""
+asynchronous-copy form that faults on the H100 (s5_pipeline.cuh, make_evict_first_policy)."""
 
 import concurrent.futures
 import itertools
@@ -61,42 +61,41 @@ def shipped_configs(smem: int = H100_SMEM, sms: int = 132) -> list[tuple[str, ob
     """(rung, TileConfig) of every s5-s7 kernel configuration the host picks for the
     Llama-2 7B/70B and ideal shapes, batch sizes 1-128, every group size and, where the
     rung takes them, zero points and bf16, on a GPU with `smem` bytes of opt-in shared memory per
-    block and `sms` SMs (an H100 by default), with wgmma (Hopper) and without (other GPUs, or
-    s6's `use_wgmma` off); a case the rung refuses on that GPU is left out."""
+    block and `sms` SMs (an H100 by default); a case the rung refuses on that GPU is left out."""
     from unittest import mock
 
     import steps.s5_async_pipeline as s5
-    import steps.s6_marlin as s6
     from steps.harness.bench import preset_shapes
     from steps.registry import get
 
     shapes = {shape for preset in ("llama-7b", "llama-70b", "ideal") for shape in preset_shapes(preset, 132)}
     found = set()
-    for wgmma in (True, False):
-        with (
-            mock.patch.object(s5, "max_dynamic_smem", lambda device: smem),
-            mock.patch.object(s5, "sm_count", lambda device: sms),
-            mock.patch.object(s6, "has_wgmma", lambda device: wgmma),
-        ):
-            for name in ("s5_async_pipeline", "s6_marlin", "s7_sparse_marlin"):
-                step = get(name)
-                zero_points = (False, True) if step.supports_zero_points else (False,)
-                bf16 = (False, True) if "bfloat16" in step.activation_dtypes else (False,)
-                for (K, N), M, g, z, b in itertools.product(shapes, (1, 16, 32, 48, 64, 128), GROUPS, zero_points, bf16):
-                    if step.supports(M, K, N, g):
-                        try:
-                            found.add((name, step.config(M, K, N, g, 0, z, b)))
-                        except ValueError as e:
-                            assert "shared memory" in str(e), e
+    with (
+        mock.patch.object(s5, "max_dynamic_smem", lambda device: smem),
+        mock.patch.object(s5, "sm_count", lambda device: sms),
+    ):
+        for name in ("s5_async_pipeline", "s6_marlin", "s7_sparse_marlin"):
+            step = get(name)
+            zero_points = (False, True) if step.supports_zero_points else (False,)
+            bf16 = (False, True) if "bfloat16" in step.activation_dtypes else (False,)
+            for (K, N), M, g, z, b in itertools.product(shapes, (1, 16, 32, 48, 64, 128), GROUPS, zero_points, bf16):
+                if step.supports(M, K, N, g):
+                    try:
+                        found.add((name, step.config(M, K, N, g, 0, z, b)))
+                    except ValueError as e:
+                        assert "shared memory" in str(e), e
     return sorted(found, key=repr)
 
 
 def shipped_variants() -> list[tuple[str, tuple[tuple[str, int], ...]]]:
-    """(source, defines) of every s4-s7 kernel variant shipped (see shipped_configs): the
-    defaults in the sources are only one of them."""
-    from steps.s4_marlin_layout import group_rows
+    """(source, defines) of every s3-s7 kernel variant shipped (see shipped_configs): the
+    defaults in the sources are only one of them. The defines carry the host's launch figures,
+    which each kernel checks against its own at compile time."""
+    from steps.s3_tensor_cores import defines as s3_defines
+    from steps.s4_marlin_layout import MarlinLayout
 
-    found = {("s4_marlin_layout", (("M_BLOCKS", mb), ("GROUP_ROWS", group_rows(g)))) for mb in range(1, 5) for g in GROUPS}
+    found = {("s3_tensor_cores", s3_defines(tiles, bn)) for tiles in (1, 2, 4) for bn in (64, 128)}
+    found |= {("s4_marlin_layout", MarlinLayout().defines(mb, g)) for mb in range(1, 5) for g in GROUPS}
     found |= {(name, cfg.defines()) for name, cfg in shipped_configs()}
     return sorted(found)
 
@@ -133,14 +132,13 @@ def test_the_faulting_copy_form_is_recognised(line, faults):
 @needs_nvcc
 def test_every_shipped_variant_compiles_for_sm90_without_warnings_or_spills(tmp_path):
     variants = shipped_variants()
-    assert len({source for source, _ in variants}) == 4
+    assert len({source for source, _ in variants}) == 5
 
     def compile_variant(i: int) -> str | None:
         source, defines = variants[i]
         flags = [f"-D{name}={value}" for name, value in defines]
-        arch = "sm_90a" if dict(defines).get("WGMMA") else "sm_90"  # as steps/_cuda.py compiles them
         cmd = [
-            "nvcc", "-std=c++17", f"-arch={arch}", f"-I{CSRC}", "-cubin", "-o", str(tmp_path / f"{i}.cubin"),
+            "nvcc", "-std=c++17", "-arch=sm_90", f"-I{CSRC}", "-cubin", "-o", str(tmp_path / f"{i}.cubin"),
             "-Xptxas", "-v", "--Werror", "all-warnings", *flags, str(CSRC / f"{source}.cu"),
         ]  # fmt: skip
         result = subprocess.run(cmd, capture_output=True, text=True)

@@ -31,7 +31,7 @@ def _weight(seed: int, K: int, N: int, group: int = -1) -> ref.QuantizedWeight:
 def _exact_problem(rng, M: int, K: int, N: int, group: int):
     """Integer-valued A and scales 1/8: every product and partial sum is exact, so any
     correct summation order gives the reference bit for bit."""
-    groups = 1 if group == -1 else K // group
+    groups = K // ref.group_rows(group, K)
     qw = ref.QuantizedWeight(rng.integers(0, 16, (K, N), dtype=np.uint8), np.full((groups, N), 0.125, np.float16), group)
     A = rng.integers(-1, 2, (M, K)).astype(np.float16)
     return A, qw
@@ -184,22 +184,22 @@ def test_mma_sp_model_multiplies_the_decompressed_operand():
 
 # -- the kernel, emulated lane by lane -------------------------------------------------------
 EMULATED = [
-    # (m_blocks, tile_n, tile_k, group_rows, K, N, M, sms): striped over few "SMs" so that
+    # (m_blocks, tile_n, tile_k, group_size, K, N, M, sms): striped over few "SMs" so that
     # column slices are shared and reduced in the output.
     (1, 128, 256, 128, 768, 256, 5, 4),
-    (1, 128, 256, 0, 512, 128, 16, 3),
+    (1, 128, 256, -1, 512, 128, 16, 3),
     (2, 128, 256, 32, 512, 256, 20, 3),
     (3, 256, 128, 64, 384, 256, 41, 5),
     (4, 256, 128, 128, 512, 512, 70, 7),
 ]
 
 
-@pytest.mark.parametrize("m_blocks,tile_n,tile_k,group_rows,K,N,M,sms", EMULATED)
-def test_emulated_kernel_reproduces_the_pruned_reference(m_blocks, tile_n, tile_k, group_rows, K, N, M, sms):
+@pytest.mark.parametrize("m_blocks,tile_n,tile_k,group_size,K,N,M,sms", EMULATED)
+def test_emulated_kernel_reproduces_the_pruned_reference(m_blocks, tile_n, tile_k, group_size, K, N, M, sms):
     rng = np.random.default_rng(m_blocks * 1000 + M)
-    A, qw = _exact_problem(rng, M, K, N, -1 if group_rows == 0 else group_rows)
+    A, qw = _exact_problem(rng, M, K, N, group_size)
     arrays = sm.pack_sparse_marlin(qw)
-    C = sm.emulate_kernel(sm.SparseTile(m_blocks, tile_n, tile_k, group_rows), A, arrays, K, N, sms)
+    C = sm.emulate_kernel(sm.SparseTile(m_blocks, tile_n, tile_k, group_size), A, arrays, K, N, sms)
     np.testing.assert_array_equal(C, ref.reference_gemm(A, sm.prune_quantized_2_4(qw)))
 
 

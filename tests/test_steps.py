@@ -105,7 +105,7 @@ def test_bit_exact_on_integer_valued_data(step, dtype):
         M, K, N = min(M, 64), min(K, 2048), min(N, 512)  # the exactness check below is O(M K N)
         assume(step.supports(M, K, N, g))
         rng = np.random.default_rng(seed)
-        groups = 1 if g == -1 else K // g
+        groups = K // ref.group_rows(g, K)
         zeros = rng.integers(0, 16, (groups, N), dtype=np.uint8) if with_zero_points(step, seed) else None
         element = ref.element_dtype(dtype)
         qw = ref.QuantizedWeight(rng.integers(0, 16, (K, N), dtype=np.uint8), np.full((groups, N), 0.125, element), g, zeros)
@@ -132,6 +132,38 @@ def test_repeated_runs_are_bit_identical(step):
     first = run(step, A, qw)
     for _ in range(1 if _simulated(step) else 9):
         assert np.array_equal(run(step, A, qw), first)
+
+
+STRIPED_STEPS = [p for p in ALL_STEPS if hasattr(p.values[0], "schedule")]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("step", STRIPED_STEPS)
+@pytest.mark.parametrize("M", [17, 32, 40, 64, 100, 200])
+@pytest.mark.parametrize("group", [-1, 32, 128])
+def test_wide_tiles_on_few_sms_are_exact_and_repeatable(step, M, group, monkeypatch):
+    """The draws above are too narrow for the striped rungs' 256-wide tiles on a full GPU. On
+    5 "SMs" (blocks per launch), with the runs cut evenly, a 768-wide layer takes them, runs
+    end inside column slices and the global reduction runs; with A in {-1, 0, 1} and scales
+    1/8 every partial sum is exact, so a misplaced weight, activation or output element
+    shows, and so does a run-to-run difference."""
+    monkeypatch.setattr(step, "sms", 5)
+    monkeypatch.setattr(step, "reduction_cost", 0.0)
+    K, N = 1024, 768
+    zero_points = step.supports_zero_points and M % 2 == 0
+    cfg, iters, _ = step.schedule(M, K, N, group, 0, zero_points)
+    # (64-row slabs with zero points keep to 128-wide tiles: s5's PipelinedStep.config)
+    assert cfg.tile_n == 256 or (zero_points and M > 48), cfg
+    assert iters % (K // cfg.tile_k), (cfg, iters)
+    rng = np.random.default_rng(M * 10 + group)
+    groups = K // ref.group_rows(group, K)
+    zeros = rng.integers(0, 16, (groups, N), dtype=np.uint8) if zero_points else None
+    qw = ref.QuantizedWeight(rng.integers(0, 16, (K, N), dtype=np.uint8), np.full((groups, N), 0.125, np.float16), group, zeros)
+    A = rng.integers(-1, 2, (M, K)).astype(np.float16)
+    first = run(step, A, qw)
+    np.testing.assert_array_equal(first, ref.reference_gemm(A, step.reference_weight(qw)))
+    for _ in range(9):
+        np.testing.assert_array_equal(run(step, A, qw), first)
 
 
 @pytest.mark.parametrize("step", ALL_STEPS)

@@ -112,7 +112,7 @@ print("whole layout (words, permuted scales, lop3, scale) == reference.dequantiz
       np.array_equal(ml.dequantize_marlin(words, ml.permute_scales(qw.scales), 128), ref.dequantize(qw)))
 
 # %%
-nb.show_source("csrc/marlin_core.cuh", "struct Fp16 :")
+nb.show_source("csrc/s4_fragments.cuh", "struct Fp16 :")
 
 # %% [markdown]
 # The kernels take the element type as a template parameter: `marlin::Fp16` above holds the
@@ -124,7 +124,7 @@ nb.show_source("csrc/marlin_core.cuh", "struct Fp16 :")
 # (`ml.lop3_dequantize_word(word, dtype=...)`).
 
 # %%
-nb.show_source("csrc/marlin_core.cuh", "struct Bf16 :")
+nb.show_source("csrc/s4_fragments.cuh", "struct Bf16 :")
 
 # %% [markdown]
 # ## The scale permutation

@@ -64,7 +64,7 @@ for M in (1, 16, 64):
 # %% [markdown]
 # ## The timeline
 #
-# A model of the loop in `marlin::Pipeline::consume` (`csrc/marlin_core.cuh`): while tile *t*
+# A model of the loop in `marlin::ring_consume` (`csrc/s5_pipeline.cuh`): while tile *t*
 # is
 # multiplied, the copy of tile *t + STAGES − 1* is issued into the slot tile *t − 1* just
 # freed; `cp.async.wait_group` then waits until tile *t + 1* has landed. The reference has no
@@ -96,7 +96,7 @@ axes[1].set_xlabel("time (one step = multiplying one tile); blue: copy in flight
 fig.tight_layout(); plt.show()
 
 # %%
-nb.show_source("csrc/marlin_core.cuh", "__device__ __forceinline__ void consume(")
+nb.show_source("csrc/s5_pipeline.cuh", "__device__ __forceinline__ void ring_consume(")
 
 # %% [markdown]
 # ## Prediction

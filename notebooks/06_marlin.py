@@ -110,10 +110,10 @@ plt.bar(x + 0.2, striped, 0.4, label="s6: striped", color=rung_colour("s6_marlin
 plt.xticks(x, names); plt.ylabel("busy share of SM-time"); plt.ylim(0, 1.2); plt.legend(fontsize=8, ncol=2); plt.show()
 
 # %%
-nb.show_source("csrc/marlin_core.cuh", "__device__ __forceinline__ void run_stripes")
+nb.show_source("csrc/s6_stripes.cuh", "__device__ __forceinline__ void run_stripes")
 
 # %%
-nb.show_source("csrc/marlin_core.cuh", "__device__ __forceinline__ bool add_partial_sums")
+nb.show_source("csrc/s6_stripes.cuh", "__device__ __forceinline__ bool add_partial_sums")
 
 # %% [markdown]
 # ## Prediction
@@ -160,12 +160,11 @@ nb.measured("s6_marlin", below="s5_async_pipeline")
 # allows (rung 5 needs many column slices to fill the SMs). There the limit is arithmetic
 # rather than bytes: with `mma.sync`
 # the M = 64 profile showed the tensor pipe busy more than half the time and DRAM under half
-# of peak. On Hopper s6 therefore switches to `wgmma`, the warpgroup MMA that the
-# original MARLIN (written for Ampere) does not use: the dequantized weights become its
-# register operand, the activations its shared-memory operand, and the tensor cores run
-# asynchronously while the warps dequantize the next step. That took M = 64 from about 190 to
-# about 155 µs, short of the predicted 110-130 µs (docs/rungs.md says where the rest goes),
-# and is why s6 now pulls away from rung 5 at M = 64 in the table below.
+# of peak. s6 stays the paper's kernel here, on `mma.sync`; Hopper's warpgroup MMA, with the
+# dequantized weights as its register operand, belongs to rung 8 (`s8_hopper`), where warps
+# specialise into a producer and consumers. (An earlier version of s6 switched to `wgmma` on
+# Hopper above 16 rows: M = 64 went from about 190 to about 155 µs on the H100; results
+# measured with it are marked by their date in docs/results.)
 #
 # On the Llama-2-7B sum s6 is ahead of rung 5 at every printed M, as predicted. That took
 # three tries. With MARLIN's serial reduction (each block waits for the previous one, then

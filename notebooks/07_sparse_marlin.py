@@ -140,8 +140,8 @@ nb.measured("s7_sparse_marlin", below="s6_marlin")
 # 8 rows returns the operand exactly as `mma.sp` reads it, and up to M = 32 the A fragments
 # are loaded a substep ahead like rung 6's. Executed instructions fell by a fifth at M = 16
 # and by a third at M = 64; s7 now streams its 3 bits per weight at nearly the full read
-# bandwidth and stays ahead of rung 6 at every batch size of the committed results, also
-# where rung 6 multiplies with `wgmma` (M ≥ 32 on Hopper).
+# bandwidth and stays ahead of rung 6 at every batch size of the committed results (on the
+# H100 also where rung 6 then multiplied with `wgmma`, M ≥ 32).
 
 # %% [markdown]
 # ## The whole table

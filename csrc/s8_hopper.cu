@@ -54,13 +54,6 @@
 #ifndef BF16
 #define BF16 0  // 1: bf16 activations, scales, zero points and output; 0: fp16
 #endif
-#ifndef PRODUCER_FENCES
-// How the producer's cp.async activations are published to wgmma (a measured alternative,
-// docs/rungs.md): 0 -- each lane's copies arrive on the slot's mbarrier as they land
-// (cp.async.mbarrier.arrive) and the consumers fence the async proxy after their wait;
-// 1 -- the producer waits for its own copies STAGES - 2 tiles later, fences and arrives.
-#define PRODUCER_FENCES 0
-#endif
 
 using Element = marlin::ElementOf<BF16 != 0>::type;
 using marlin::FragA;
@@ -91,8 +84,6 @@ static_assert(M_BLOCKS >= 1 && M_BLOCKS <= 4, "slabs of 16 to 64 rows");
 static_assert(GROUP_SIZE == -1 || GROUP_SIZE % 16 == 0, "groups are whole k16 steps");
 static_assert(GROUP_SIZE == -1 || (GROUP_SIZE >= TILE_K ? GROUP_SIZE % TILE_K == 0 : TILE_K % GROUP_SIZE == 0),
               "a group must hold whole tiles or a tile whole groups");
-constexpr int LAG = STAGES - 2;  // PRODUCER_FENCES: tiles between a copy and its arrival
-static_assert(LAG >= 1, "a ring of at least 3 slots");
 constexpr int FULL_ARRIVALS = 1 + 32;  // the expect-bytes arrival and the 32 lanes' cp.async arrivals
 constexpr int EMPTY_ARRIVALS = 8;      // one per consumer warp
 
@@ -247,24 +238,9 @@ __device__ __forceinline__ void produce(const Ring& ring, const Problem& p, cons
       const int4* src = A + size_t(row0 + (valid ? row : 0)) * a_stride + k_tile * 16 + chunk;
       marlin::cp_async16_zfill(stage + hopper::swizzled_chunk<SLAB_ROWS>(row, chunk), src, valid);
     }
-    if constexpr (PRODUCER_FENCES) {
-      // Tile i is full once the producer reaches tile i + LAG, which needs tile i - 2's slot
-      // released: the consumers release it as they start tile i - 1, so nothing waits on itself.
-      marlin::cp_async_commit();
-      if (i >= LAG) {
-        marlin::cp_async_wait<LAG>();
-        hopper::fence_async_proxy();
-        hopper::mbarrier_arrive(ring.full((i - LAG) % STAGES));
-      }
-    } else {
-      hopper::cp_async_arrive(ring.full(s));
-    }
+    hopper::cp_async_arrive(ring.full(s));
   }
   marlin::cp_async_wait<0>();  // leave no copy of this thread in flight behind it
-  if constexpr (PRODUCER_FENCES) {
-    hopper::fence_async_proxy();
-    for (int i = tiles > LAG ? tiles - LAG : 0; i < tiles; ++i) hopper::mbarrier_arrive(ring.full(i % STAGES));
-  }
 }
 
 // ---------------------------------------------------------------------------------
@@ -360,7 +336,7 @@ __device__ __forceinline__ void consume(const Ring& ring, const Problem& p, Elem
       const int s = consumed % STAGES;
       const unsigned stage = ring.slot(s);
       hopper::mbarrier_wait(ring.full(s), (consumed / STAGES) & 1);
-      if constexpr (!PRODUCER_FENCES) hopper::fence_async_proxy();  // the producer's activations, for wgmma
+      hopper::fence_async_proxy();  // the producer's cp.async activations, for wgmma's reads
       // The lane's words for k16 step 2 * sub + wg, loaded one substep ahead.
       int4 w[2], sc[2], z[2];
       load_step(stage, wg, w[0], sc[0], z[0]);

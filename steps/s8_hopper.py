@@ -20,7 +20,8 @@ does what (csrc/s8_hopper.cu draws it):
 Numerics are s6's: the same dequantized fp16/bf16 weights (one rounding of (q - z) * s),
 fp32 accumulation, fp32 partial sums added in block order: error bound constant c = 10,
 and results bit-identical run to run. Compiled for sm_90a, so the rung runs on compute
-capability 9.0 (H100, H200) only; `MarlinLinear` falls back to s6 elsewhere.
+capability 9.0 (H100, H200) only. Until it is faster than s6 (it is not yet: docs/rungs.md),
+`MarlinLinear` takes it only when asked for it by name.
 """
 
 from __future__ import annotations
@@ -53,7 +54,6 @@ class HopperConfig:
     group_size: int  # as reference.QuantizedWeight: -1 is one group of all K rows
     zero_points: bool
     bf16: bool
-    producer_fences: bool = False  # the kernel's PRODUCER_FENCES (a measured alternative)
     tile_k = TILE_K
     tile_n = TILE_N
 
@@ -81,7 +81,6 @@ class HopperConfig:
             ("GROUP_SIZE", self.group_size),
             ("ZERO_POINTS", int(self.zero_points)),
             ("BF16", int(self.bf16)),
-            ("PRODUCER_FENCES", int(self.producer_fences)),
             ("LAUNCH_THREADS", THREADS),
             ("LAUNCH_SMEM_BYTES", self.smem_bytes),
         )
@@ -96,9 +95,11 @@ class Hopper(Marlin):
         "Stop issuing copies and start specializing warps: one producer warp streams weight tiles "
         "with the bulk copy engine into a deep mbarrier ring, two warpgroups dequantize and multiply with wgmma."
     )
+    # Measured slower than s6 on the H200 at every shape and batch size so far (docs/rungs.md):
+    # MarlinLinear keeps to s6 unless asked for this rung by name.
+    chosen_by_default = False
     shape_multiples = ((TILE_K, TILE_N),)  # other shapes are padded once, in pack (steps/_padding.py)
     max_stages: int | None = MAX_STAGES  # tuning override of the ring depth
-    producer_fences: bool = False  # tuning switch: publish the activations the PRODUCER_FENCES way
 
     def available(self) -> Support:
         base = gpu_support()
@@ -129,7 +130,7 @@ class Hopper(Marlin):
         stages = self.max_stages or MAX_STAGES
         while stages > 4 and HopperConfig.fixed_bytes(stages) + stages * stage > limit:
             stages -= 1
-        cfg = HopperConfig(m_blocks, stages, group_size, zero_points, bf16, self.producer_fences)
+        cfg = HopperConfig(m_blocks, stages, group_size, zero_points, bf16)
         if cfg.smem_bytes > limit:
             raise ValueError(f"{self.name}: a 4-slot ring needs {cfg.smem_bytes} bytes of shared memory, this GPU has {limit}")
         return cfg

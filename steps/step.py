@@ -71,6 +71,9 @@ class Step:
     error_c: float = 2.0
     activation_dtypes: tuple[str, ...] = ("float16",)
     supports_zero_points: bool = False
+    # Whether MarlinLinear may pick this rung by itself (it takes the highest that runs); a rung
+    # measured slower than the one below it on the GPUs at hand says False until it is not.
+    chosen_by_default: bool = True
     # (K, N) multiples the rung's layout runs at every batch size (from its _supports rules);
     # pack pads other weights up to one of them (steps/_padding.py).
     shape_multiples: tuple[tuple[int, int], ...] = ((1, 1),)

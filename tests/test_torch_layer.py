@@ -463,3 +463,14 @@ def test_a_cpu_layer_says_once_that_it_is_the_slow_reference_path():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         MarlinLinear(qw)  # said once only
+
+
+def test_a_rung_not_chosen_by_default_is_taken_only_by_name(monkeypatch):
+    """MarlinLinear's automatic choice skips rungs marked chosen_by_default = False (s8 while it
+    is slower than s6) but still builds them when named."""
+    qw = ref.random_quantized_weight(np.random.default_rng(0), 256, 128, 128)
+    top = steps.get("s0_numpy")
+    monkeypatch.setattr(type(top), "chosen_by_default", False)
+    with pytest.raises(ValueError, match="no rung runs"):
+        select_step(qw, torch.device("cpu"))
+    assert select_step(qw, torch.device("cpu"), "s0_numpy") is top

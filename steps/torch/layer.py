@@ -102,11 +102,12 @@ def _say_fallback(chosen: Step, refused: list[str]) -> None:
 
 
 def select_step(qw: QuantizedWeight, device: torch.device, name: str | None = None, sparse: bool = False) -> Step:
-    """The highest rung of the ladder that runs `qw` on `device`, or the rung called `name`.
+    """The highest rung of the ladder that runs `qw` on `device` (of those `chosen_by_default`),
+    or the rung called `name`.
 
     For a `sparse` (2:4-pruned) weight the sparse rung is a candidate too; a dense rung
     computes the same product, only without the saving."""
-    candidates = [get(name)] if name is not None else list(reversed(STEPS))
+    candidates = [get(name)] if name is not None else [s for s in reversed(STEPS) if s.chosen_by_default]
     reasons, refused = [], []
     for step in candidates:
         why = _why_not(step, device, qw, sparse)

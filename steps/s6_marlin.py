@@ -92,6 +92,7 @@ class Marlin(PipelinedStep):
     config_type = StripedTileConfig
     shape_multiples = common_tiles(SMALL_BATCH_PLAN, TWO_BLOCK_WIDE_PLAN, LARGE_BATCH_WIDE_PLAN, LARGE_BATCH_NARROW_PLAN)
     sms: int | None = None  # blocks per launch; None = the device's SM count
+    threads = THREADS  # per block
     # What sharing a column slice costs a block, in weight tiles (reference.marlin_layout.
     # stripe_length): storing its partials and counting itself, or reading everyone's.
     reduction_cost: float = 4.0
@@ -145,6 +146,6 @@ class Marlin(PipelinedStep):
             )
             args = (A[r0:r1], packed.arrays["qweight"], packed.arrays["scales"], zeros_or_scales(packed), out[r0:r1],
                     i32(r1 - r0), i32(K), i32(N), ws.counters, ws.partials, i32(iters))
-            self.kernel(cfg, packed.device)((blocks,), (THREADS,), args, shared_mem=cfg.smem_bytes)
+            self.kernel(cfg, packed.device)((blocks,), (self.threads,), args, shared_mem=cfg.smem_bytes)
 
 

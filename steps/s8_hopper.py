@@ -30,13 +30,11 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
-from reference.marlin_layout import stripe_length
-
-from ._cuda import get_kernel, gpu_support, has_wgmma, sm_count
-from .s4_marlin_layout import i32, m_blocks_for
-from .s5_async_pipeline import _PROBED_VARIANT, max_dynamic_smem, zeros_or_scales
-from .s6_marlin import MAX_SLABS, Marlin
-from .step import SUPPORTED, Packed, Support
+from ._cuda import get_kernel, gpu_support, has_wgmma
+from .s4_marlin_layout import m_blocks_for
+from .s5_async_pipeline import _PROBED_VARIANT, max_dynamic_smem
+from .s6_marlin import Marlin
+from .step import SUPPORTED, Support
 
 TILE_K, TILE_N = 128, 256  # one ring slot: 8 k16 rows x 256 columns of weights
 THREADS = 384  # consumer warpgroups 0 and 1, producer warpgroup 2
@@ -87,7 +85,8 @@ class HopperConfig:
 
 
 class Hopper(Marlin):
-    """s6's weight layout, schedule and reduction workspace; Hopper's copies, barriers and MMA."""
+    """s6's weight layout, schedule, launches and reduction workspace; Hopper's copies, barriers
+    and MMA in the kernel (config and kernel are its own)."""
 
     name = "s8_hopper"
     title = "Hopper: bulk copies on mbarriers, a producer warp, wgmma consumers"
@@ -99,6 +98,7 @@ class Hopper(Marlin):
     # MarlinLinear keeps to s6 unless asked for this rung by name.
     chosen_by_default = False
     shape_multiples = ((TILE_K, TILE_N),)  # other shapes are padded once, in pack (steps/_padding.py)
+    threads = THREADS
     max_stages: int | None = MAX_STAGES  # tuning override of the ring depth
 
     def available(self) -> Support:
@@ -135,34 +135,11 @@ class Hopper(Marlin):
             raise ValueError(f"{self.name}: a 4-slot ring needs {cfg.smem_bytes} bytes of shared memory, this GPU has {limit}")
         return cfg
 
-    def schedule(
-        self, M: int, K: int, N: int, group_size: int, device: int, zero_points: bool = False, bf16: bool = False
-    ):
-        """(config, iters, blocks): s6's striped partition of the (slab, column, k) tiles."""
-        cfg = self.config(M, K, N, group_size, device, zero_points, bf16)
-        slabs = -(-M // (16 * cfg.m_blocks))
-        k_tiles, n_tiles = K // TILE_K, N // TILE_N
-        iters = stripe_length(slabs * k_tiles * n_tiles, k_tiles, self.sms or sm_count(device), self.reduction_cost)
-        return cfg, iters, -(-(slabs * k_tiles * n_tiles) // iters)
-
     def kernel(self, cfg: HopperConfig, device: int) -> Any:
         """The compiled variant `cfg`, checked against the reference the first time it runs on
         this kind of GPU, as s5-s7's are."""
         self.first_run_check(cfg, device, functools.partial(self._probe_variant, cfg))
         return _load(self.name, cfg, device)
-
-    def _launch(self, A: Any, packed: Packed, out: Any) -> None:
-        M, K, N = A.shape[0], packed.K, packed.N
-        ws = self.workspace(packed.device, N)
-        rows_per_launch = MAX_SLABS * 64
-        for r0 in range(0, M, rows_per_launch):
-            r1 = min(M, r0 + rows_per_launch)
-            cfg, iters, blocks = self.schedule(
-                r1 - r0, K, N, packed.group_size, packed.device, "zeros" in packed.arrays, packed.dtype == "bfloat16"
-            )
-            args = (A[r0:r1], packed.arrays["qweight"], packed.arrays["scales"], zeros_or_scales(packed), out[r0:r1],
-                    i32(r1 - r0), i32(K), i32(N), ws.counters, ws.partials, i32(iters))
-            self.kernel(cfg, packed.device)((blocks,), (THREADS,), args, shared_mem=cfg.smem_bytes)
 
 
 @functools.cache

@@ -58,13 +58,14 @@ H100_SMEM = 227 * 1024  # opt-in dynamic shared memory per block
 
 
 def shipped_configs(smem: int = H100_SMEM, sms: int = 132) -> list[tuple[str, object]]:
-    """(rung, TileConfig) of every s5-s7 kernel configuration the host picks for the
+    """(rung, config) of every s5-s8 kernel configuration the host picks for the
     Llama-2 7B/70B and ideal shapes, batch sizes 1-128, every group size and, where the
     rung takes them, zero points and bf16, on a GPU with `smem` bytes of opt-in shared memory per
     block and `sms` SMs (an H100 by default); a case the rung refuses on that GPU is left out."""
     from unittest import mock
 
     import steps.s5_async_pipeline as s5
+    import steps.s8_hopper as s8
     from steps.harness.bench import preset_shapes
     from steps.registry import get
 
@@ -73,8 +74,9 @@ def shipped_configs(smem: int = H100_SMEM, sms: int = 132) -> list[tuple[str, ob
     with (
         mock.patch.object(s5, "max_dynamic_smem", lambda device: smem),
         mock.patch.object(s5, "sm_count", lambda device: sms),
+        mock.patch.object(s8, "max_dynamic_smem", lambda device: smem),
     ):
-        for name in ("s5_async_pipeline", "s6_marlin", "s7_sparse_marlin"):
+        for name in ("s5_async_pipeline", "s6_marlin", "s7_sparse_marlin", "s8_hopper"):
             step = get(name)
             zero_points = (False, True) if step.supports_zero_points else (False,)
             bf16 = (False, True) if "bfloat16" in step.activation_dtypes else (False,)
@@ -88,7 +90,7 @@ def shipped_configs(smem: int = H100_SMEM, sms: int = 132) -> list[tuple[str, ob
 
 
 def shipped_variants() -> list[tuple[str, tuple[tuple[str, int], ...]]]:
-    """(source, defines) of every s3-s7 kernel variant shipped (see shipped_configs): the
+    """(source, defines) of every s3-s8 kernel variant shipped (see shipped_configs): the
     defaults in the sources are only one of them. The defines carry the host's launch figures,
     which each kernel checks against its own at compile time."""
     from steps.s3_tensor_cores import defines as s3_defines
@@ -132,19 +134,20 @@ def test_the_faulting_copy_form_is_recognised(line, faults):
 @needs_nvcc
 def test_every_shipped_variant_compiles_for_sm90_without_warnings_or_spills(tmp_path):
     variants = shipped_variants()
-    assert len({source for source, _ in variants}) == 5
+    assert len({source for source, _ in variants}) == 6
 
     def compile_variant(i: int) -> str | None:
         source, defines = variants[i]
         flags = [f"-D{name}={value}" for name, value in defines]
+        target = "-gencode=arch=compute_90a,code=sm_90a" if f"{source}.cu" in HOPPER_ONLY else "-arch=sm_90"
         cmd = [
-            "nvcc", "-std=c++17", "-arch=sm_90", f"-I{CSRC}", "-cubin", "-o", str(tmp_path / f"{i}.cubin"),
+            "nvcc", "-std=c++17", target, f"-I{CSRC}", "-cubin", "-o", str(tmp_path / f"{i}.cubin"),
             "-Xptxas", "-v", "--Werror", "all-warnings", *flags, str(CSRC / f"{source}.cu"),
         ]  # fmt: skip
         result = subprocess.run(cmd, capture_output=True, text=True)
         log = result.stdout + result.stderr
         spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
-        if result.returncode or "warning" in log.lower() or any(spills):
+        if result.returncode or "warning" in log.lower() or "Potential Performance Loss" in log or any(spills):
             return f"{source} {' '.join(flags)}:\n{log}"
         faulting = faulting_copies(tmp_path / f"{i}.cubin")
         if faulting:

@@ -81,6 +81,9 @@ static_assert(LAUNCH_THREADS == THREADS, "the host launches a different number o
 static_assert(LAUNCH_SMEM_BYTES == TOTAL_SMEM, "the host's shared-memory figure is not the kernel's");
 #endif
 static_assert(M_BLOCKS >= 1 && M_BLOCKS <= 4, "slabs of 16 to 64 rows");
+// A consumer releases tile r - 1's slot only after its wait for tile r: with one slot that
+// wait and the producer's wait for the release would block each other.
+static_assert(STAGES >= 2, "the ring needs at least two slots");
 static_assert(GROUP_SIZE == -1 || GROUP_SIZE % 16 == 0, "groups are whole k16 steps");
 static_assert(GROUP_SIZE == -1 || (GROUP_SIZE >= TILE_K ? GROUP_SIZE % TILE_K == 0 : TILE_K % GROUP_SIZE == 0),
               "a group must hold whole tiles or a tile whole groups");

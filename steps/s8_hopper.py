@@ -127,7 +127,7 @@ class Hopper(Marlin):
         m_blocks = m_blocks_for(M)
         stage = HopperConfig.stage_bytes(m_blocks, group_size, zero_points)
         limit = max_dynamic_smem(device)
-        stages = self.max_stages or MAX_STAGES
+        stages = max(2, self.max_stages or MAX_STAGES)  # the kernel's ring needs two slots
         while stages > 4 and HopperConfig.fixed_bytes(stages) + stages * stage > limit:
             stages -= 1
         cfg = HopperConfig(m_blocks, stages, group_size, zero_points, bf16)

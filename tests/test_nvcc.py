@@ -175,6 +175,8 @@ def test_every_configuration_fits_the_shared_memory_of_its_gpu(smem, sms):
     """Stages plus an own reduction buffer must stay within what a block may opt into; on
     a small GPU the rungs fall back to narrower tiles (or refuse, with a clear error)."""
     configs = shipped_configs(smem, sms)
-    assert {name for name, _ in configs} == {"s5_async_pipeline", "s6_marlin", "s7_sparse_marlin"}
+    names = {name for name, _ in configs}
+    assert names - {"s8_hopper"} == {"s5_async_pipeline", "s6_marlin", "s7_sparse_marlin"}
+    assert "s8_hopper" in names or smem < H100_SMEM  # the Hopper rung fits its own GPU
     for name, cfg in configs:
         assert cfg.smem_bytes <= smem, (name, cfg, cfg.smem_bytes)

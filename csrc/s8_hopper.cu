@@ -34,8 +34,9 @@
 //   +---------------------------+--------------------------+-----------+-------------+
 //
 // The activation tile rides cp.async rather than a tensor-map copy: building a tensor map
-// needs the driver API per call (A's address changes), and A is at most a few per cent of
-// the bytes. The weights, which are the bytes, take the copy engine.
+// needs the driver API per call (A's address changes), and the activations come from L2
+// (every block reads the same rows), a quarter of a tile's bytes or less up to M = 16. The
+// weights, which are what streams from memory, take the copy engine.
 #include "s6_stripes.cuh"  // rungs 4-6: fragments, dequantization, cp.async, the striped schedule
 #include "s8_hopper.cuh"
 

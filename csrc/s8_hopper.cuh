@@ -35,10 +35,6 @@ __device__ __forceinline__ void mbarrier_init(unsigned bar, unsigned arrivals) {
 // Make the initialised barriers visible to the other threads and to the copy engine.
 __device__ __forceinline__ void mbarrier_init_fence() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
 
-__device__ __forceinline__ void mbarrier_arrive(unsigned bar) {
-  asm volatile("{\n .reg .b64 state;\n mbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(bar) : "memory");
-}
-
 // Arrive if `pred` holds. The predicate stays inside the instruction: a branch around an
 // arrive between two wgmma groups would make ptxas serialize the groups (warning C7513).
 __device__ __forceinline__ void mbarrier_arrive_if(unsigned bar, bool pred) {

@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # Device calls: GPU tests, sanitizers, profiles, the committed benchmarks, logs under $OUT.
-# Usage on the lent GPU machine: bash scripts/gpu_acceptance.sh [tests|sanitize|ncu|stalls|bench|e2e|profile]...
+# Usage on the lent GPU machine: bash scripts/gpu_acceptance.sh [checks|tests|sanitize|ncu|stalls|bench|e2e|profile]...
 # BENCH_PRESETS picks bench presets (default: llama-7b ideal ideal-s1 llama-70b), E2E_RUNS the e2e runs.
+# `checks` runs `tests` and `sanitize` side by side (separate processes; NVRTC compiles on the CPUs).
+# Logs go to $LOGS (default $OUT); the device tool brings back at most 8 files, so a call that
+# runs many parts points LOGS elsewhere and packs it. KCACHE=DIR keeps CuPy's kernel cache
+# (and the first-run verdicts) in DIR, so a later call can start from it.
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export OUT=${OUT:-/tmp/out}; export LOGS=${LOGS:-$OUT}; mkdir -p "$OUT" "$LOGS"
+[ -n "${KCACHE:-}" ] && export CUPY_CACHE_DIR=$KCACHE
 stamp=$(date -u +%Y-%m-%d)
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '_')
 parts=("$@"); [ ${#parts[@]} -eq 0 ] && parts=(tests sanitize ncu bench)
@@ -19,12 +24,34 @@ profile() {
 for part in "${parts[@]}"; do
   case $part in
     tests)
-      timeout 360 python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tail -25 | tee "$OUT/pytest_gpu.txt" ;;
+      # The GPU tests in groups run side by side (each compiles its own kernel variants);
+      # TESTS_TIMEOUT bounds each group. One log per group, then the summary lines.
+      groups=("tests/test_steps.py -k s8_hopper" "tests/test_steps.py -k s6_marlin"
+              "tests/test_steps.py -k s4_marlin_layout or s5_async_pipeline"
+              "tests/test_steps.py -k not (s8_hopper or s6_marlin or s4_marlin_layout or s5_async_pipeline)"
+              "tests/test_torch_layer.py tests/test_checkpoint.py tests/test_padding.py tests/test_tp.py"
+              "tests/test_sparse_marlin.py tests/test_decode_attention.py"
+              "tests/test_first_run.py tests/test_streams.py")
+      for i in "${!groups[@]}"; do
+        read -r -a files <<< "${groups[$i]%% -k *}"
+        k=(); [[ ${groups[$i]} == *" -k "* ]] && k=(-k "${groups[$i]#* -k }")
+        timeout "${TESTS_TIMEOUT:-400}" python3 -m pytest -q -rfEP -m gpu -p no:cacheprovider --durations=10 \
+          "${files[@]}" "${k[@]}" > "$LOGS/pytest_gpu_$i.txt" 2>&1 &
+      done
+      wait
+      for i in "${!groups[@]}"; do echo "[${groups[$i]}] $(tail -1 "$LOGS/pytest_gpu_$i.txt")"; done | tee "$LOGS/pytest_gpu.txt" ;;
     sanitize)
+      # Every CUDA rung under each tool, the three tools side by side.
       for tool in memcheck racecheck synccheck; do
-        timeout 100 compute-sanitizer --tool $tool --error-exitcode 1 python3 scripts/sanitize_small.py 2>&1 \
-          | grep -E "SUMMARY|error/bound|Error" | sed "s/^/$tool: /" | tee -a "$OUT/sanitize.txt"
-      done ;;
+        timeout "${SANITIZE_TIMEOUT:-400}" compute-sanitizer --tool $tool --error-exitcode 1 python3 scripts/sanitize_small.py \
+          > "$LOGS/sanitize_$tool.txt" 2>&1 &
+      done
+      wait
+      for tool in memcheck racecheck synccheck; do
+        grep -E "SUMMARY|Error|error/bound" "$LOGS/sanitize_$tool.txt" | sed "s/^/$tool: /" | tail -40
+      done | tee "$LOGS/sanitize.txt" ;;
+    checks)
+      bash "$0" tests & bash "$0" sanitize & wait ;;
     ncu)
       metrics=gpu__time_duration.sum,dram__bytes_read.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed
       metrics+=,sm__warps_active.avg.pct_of_peak_sustained_active,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active
@@ -42,14 +69,14 @@ for part in "${parts[@]}"; do
       done
       profile stalls_s6_s7 $metrics s6_marlin s7_sparse_marlin ;;
     bench)
-      rungs="s2_smem_tiling s3_tensor_cores s4_marlin_layout s5_async_pipeline s6_marlin s7_sparse_marlin"
-      bench() { timeout 200 python3 -m steps bench --quiet --json "$OUT/${stamp}_${gpu}_$1.jsonl" --shapes "${@:2}" 2>&1 | tee -a "$OUT/bench.txt"; }
+      rungs="s2_smem_tiling s3_tensor_cores s4_marlin_layout s5_async_pipeline s6_marlin s7_sparse_marlin s8_hopper"
+      bench() { timeout "${BENCH_TIMEOUT:-200}" python3 -m steps bench --quiet --json "$OUT/${stamp}_${gpu}_$1.jsonl" --shapes "${@:2}" 2>&1 | tee -a "$OUT/bench.txt"; }
       for preset in ${BENCH_PRESETS:-llama-7b ideal ideal-s1 llama-70b}; do
         case $preset in
           llama-7b) bench llama-7b llama-7b --batch 1 16 64 --rungs s1_numba_naive $rungs ;;
-          ideal) bench ideal ideal --batch 1 2 4 8 16 32 64 128 --rungs $rungs ;;
+          ideal) bench ideal ideal --batch 1 2 4 8 16 32 64 128 256 --rungs $rungs ;;
           ideal-s1) bench ideal-s1 ideal --batch 16 --rungs s1_numba_naive ;;
-          llama-70b) bench llama-70b llama-70b --batch 1 16 64 --rungs s3_tensor_cores s4_marlin_layout s5_async_pipeline s6_marlin s7_sparse_marlin ;;
+          llama-70b) bench llama-70b llama-70b --batch 1 16 64 --rungs s3_tensor_cores s4_marlin_layout s5_async_pipeline s6_marlin s7_sparse_marlin s8_hopper ;;
         esac
       done ;;
     e2e)

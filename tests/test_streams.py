@@ -35,10 +35,14 @@ def _problems(step, rng, M, K, N, g):
     return problems
 
 
-def _overlapped(starts, ends) -> bool:
-    """Whether all intervals share a moment: the latest start precedes the earliest end."""
+def _overlapped(starts, ends, what: str) -> bool:
+    """Whether all intervals share a moment: the latest start precedes the earliest end.
+    Prints the shared window (shown with `pytest -rP`), the evidence that they overlapped."""
     origin = starts[0]
-    return max(origin.elapsed_time(s) for s in starts) < min(origin.elapsed_time(e) for e in ends)
+    latest_start = max(origin.elapsed_time(s) for s in starts)
+    earliest_end = min(origin.elapsed_time(e) for e in ends)
+    print(f"{what}: {len(starts)} streams, latest start {latest_start:.3f} ms, earliest end {earliest_end:.3f} ms")
+    return latest_start < earliest_end
 
 
 @pytest.mark.gpu
@@ -70,7 +74,7 @@ def test_concurrent_streams_give_the_serial_results(step, M, K, N, g):
                 step(A, packed, out=out)
             end.record()
     torch.cuda.synchronize()
-    assert _overlapped(starts, ends), "the streams' launches did not overlap; the test proved nothing"
+    assert _overlapped(starts, ends, f"{step.name} M={M} K={K} N={N} g={g}"), "the streams' launches did not overlap; the test proved nothing"
     for got, want in zip(outs, serial):
         assert torch.equal(got.view(torch.int16), want.view(torch.int16))
 
@@ -120,7 +124,7 @@ def test_graphs_replayed_concurrently_give_the_serial_results(step):
             graph.replay()
             end.record()
     torch.cuda.synchronize()
-    assert _overlapped(starts, ends), "the graph replays did not overlap; the test proved nothing"
+    assert _overlapped(starts, ends, f"{step.name} graphs"), "the graph replays did not overlap; the test proved nothing"
     for got, want in zip(outs, serial):
         assert torch.equal(got.view(torch.int16), want.view(torch.int16))
 

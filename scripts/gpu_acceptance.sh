@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Device calls: GPU tests, sanitizers, profiles, the committed benchmarks, logs under $OUT.
 # Usage on the lent GPU machine: bash scripts/gpu_acceptance.sh [checks|tests|sanitize|ncu|stalls|bench|e2e|profile]...
-# BENCH_PRESETS picks bench presets (default: llama-7b ideal ideal-s1 llama-70b), E2E_RUNS the e2e runs.
+# BENCH_PRESETS picks bench presets (default: llama-7b ideal ideal-s1 llama-70b), BENCH_RUNGS the rungs
+# of the llama-7b and ideal presets, E2E_RUNS the e2e runs.
 # `checks` runs `tests` and `sanitize` side by side (separate processes; NVRTC compiles on the CPUs).
 # Logs go to $LOGS (default $OUT); the device tool brings back at most 8 files, so a call that
 # runs many parts points LOGS elsewhere and packs it. KCACHE=DIR keeps CuPy's kernel cache
@@ -69,12 +70,14 @@ for part in "${parts[@]}"; do
       done
       profile stalls_s6_s7 $metrics s6_marlin s7_sparse_marlin ;;
     bench)
-      rungs="s2_smem_tiling s3_tensor_cores s4_marlin_layout s5_async_pipeline s6_marlin s7_sparse_marlin s8_hopper"
+      rungs=${BENCH_RUNGS:-"s2_smem_tiling s3_tensor_cores s4_marlin_layout s5_async_pipeline s6_marlin s7_sparse_marlin s8_hopper"}
       bench() { timeout "${BENCH_TIMEOUT:-200}" python3 -m steps bench --quiet --json "$OUT/${stamp}_${gpu}_$1.jsonl" --shapes "${@:2}" 2>&1 | tee -a "$OUT/bench.txt"; }
       for preset in ${BENCH_PRESETS:-llama-7b ideal ideal-s1 llama-70b}; do
         case $preset in
           llama-7b) bench llama-7b llama-7b --batch 1 16 64 --rungs s1_numba_naive $rungs ;;
-          ideal) bench ideal ideal --batch 1 2 4 8 16 32 64 128 256 --rungs $rungs ;;
+          ideal)  # two runs, so a run cut short by its timeout still leaves the small batches' rows
+            bench ideal ideal --batch 1 2 4 8 16 --rungs $rungs
+            bench ideal ideal --batch 32 64 128 256 --rungs $rungs ;;
           ideal-s1) bench ideal-s1 ideal --batch 16 --rungs s1_numba_naive ;;
           llama-70b) bench llama-70b llama-70b --batch 1 16 64 --rungs s3_tensor_cores s4_marlin_layout s5_async_pipeline s6_marlin s7_sparse_marlin s8_hopper ;;
         esac

@@ -222,6 +222,7 @@ class PipelinedStep(CudaStep):
         return _load(self.name, cfg, device)
 
     def check_first_run(self, K: int, N: int, group_size: int, zero_points: bool, dtype: str, device: int) -> None:
+        K, N = self.padded_shape(K, N, group_size)  # the shape the kernel runs (steps/_padding.py)
         self.kernel(self.config(1, K, N, group_size, device, zero_points, dtype == "bfloat16"), device)
 
     def _probe_variant(self, cfg: TileConfig, device: int) -> str:

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
-from steps import decode_attention as da  # noqa: E402
+from steps.torch import decode_attention as da  # noqa: E402
 from steps._cuda import sm_count  # noqa: E402
 from steps.torch.decode_attention import exact_attention  # noqa: E402
 

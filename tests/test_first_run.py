@@ -141,14 +141,16 @@ def _broken_marlin():
     from steps.s6_marlin import Marlin
 
     class BrokenMarlin(Marlin):
-        """s6 whose compiled variants have ZERO_POINTS flipped: they read the scales as zero
-        points and write wrong values (no fault), as a miscompiled variant would."""
+        """s6 whose compiled variants ignore zero points: on weights that have them they
+        write wrong values without faulting, as a miscompiled variant would. (Reading zero
+        points that are not there instead would fault, and a fault leaves the process's CUDA
+        context unusable for every later test.)"""
 
         name = "s6_marlin_broken_for_test"
 
         def kernel(self, cfg, device):
             self.first_run_check(cfg, device, functools.partial(self._probe_variant, cfg))
-            return _load("s6_marlin", replace(cfg, zero_points=not cfg.zero_points), device)
+            return _load("s6_marlin", replace(cfg, zero_points=False), device)
 
     return BrokenMarlin()
 
@@ -171,7 +173,7 @@ def test_a_broken_variant_is_refused_and_marlin_linear_falls_back(private_verdic
     from steps.torch import layer
 
     broken = _broken_marlin()
-    qw = ref.random_quantized_weight(np.random.default_rng(1), 1024, 512, 128)
+    qw = ref.random_quantized_weight(np.random.default_rng(1), 1024, 512, 128, symmetric=False)
     A = cupy.asarray(np.random.default_rng(2).standard_normal((1, 1024)).astype(np.float16))
     packed = broken.pack(qw)
     for _ in range(2):  # refused, and again without re-running the check

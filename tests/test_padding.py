@@ -111,3 +111,26 @@ def test_marlin_linear_takes_odd_layer_shapes():
     want = ref.reference_gemm(x.reshape(-1, 13).numpy(), qw).astype(np.float32) + linear.bias.detach().half().numpy()
     assert y.shape == (2, 5, 7)
     np.testing.assert_allclose(y.reshape(-1, 7).float().numpy(), want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("name", ["s5_async_pipeline", "s6_marlin", "s8_hopper"])
+@given(st.integers(1, 40), st.integers(1, 3000), st.sampled_from(ref.GROUP_SIZES), st.booleans(), st.booleans())
+def test_the_first_run_check_of_an_odd_weight_picks_the_variant_of_its_padded_shape(name, k_rows, N, g, zeros, bf16):
+    """MarlinLinear checks a layer's variant before its first product: for the shape the
+    kernel runs (padded), not the checkpoint's, which no tile may divide (found on the H200)."""
+    from unittest import mock
+
+    import steps.s5_async_pipeline as s5
+    import steps.s8_hopper as s8
+
+    step = steps.get(name)
+    K = g * k_rows if g != -1 else 8 * k_rows
+    asked = []
+    with (
+        mock.patch.object(s5, "max_dynamic_smem", lambda device: 227 * 1024),
+        mock.patch.object(s5, "sm_count", lambda device: 132),
+        mock.patch.object(s8, "max_dynamic_smem", lambda device: 227 * 1024),
+        mock.patch.object(type(step), "kernel", lambda self, cfg, device: asked.append(cfg)),
+    ):
+        step.check_first_run(K, N, g, zeros and step.supports_zero_points, "bfloat16" if bf16 else "float16", 0)
+    assert len(asked) == 1

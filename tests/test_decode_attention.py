@@ -77,11 +77,11 @@ def test_a_split_cache_gives_the_unsplit_result_within_the_bound():
 
 @pytest.mark.gpu
 def test_the_e2e_decode_attention_takes_the_kernel_on_a_gpu(monkeypatch):
-    e2e = pytest.importorskip("steps.torch.e2e")
+    fusion = pytest.importorskip("steps.torch.e2e.fusion")
     q, k, v, mask = random_operands(3, 2, 4, 50, 128, torch.float16, "prefix", 2)
     calls, kernel = [], da.decode_attention
-    monkeypatch.setattr(e2e.triton_decode, "decode_attention", lambda *a: calls.append(1) or kernel(*a))
-    out = e2e.grouped_decode_attention(q.reshape(3, 8, 1, 128), k, v, mask)
+    monkeypatch.setattr(fusion.triton_decode, "decode_attention", lambda *a: calls.append(1) or kernel(*a))
+    out = fusion.grouped_decode_attention(q.reshape(3, 8, 1, 128), k, v, mask)
     expected = exact_attention(q, k, v, mask, 128**-0.5).reshape(3, 1, 8 * 128)
     assert calls and (out.double() - expected).abs().max() <= da.error_bound(v)
 

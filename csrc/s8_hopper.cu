@@ -6,16 +6,17 @@
 // keeps in flight and the instructions it issues per weight are both fixed by one role.
 // Here a block (one per SM, persistent over s6's striped run of tiles) splits the roles:
 //
-//      producer warp (warpgroup 2, 56 registers)        consumer warpgroups 0 and 1 (224 registers)
+//      producer warpgroup (warpgroup 2, 40 regs)        consumer warpgroups 0 and 1 (232 registers)
 //      ------------------------------------------       --------------------------------------------
 //      wait  empty[s]                                    wait  full[s]
 //      bulk-copy 8 x 2 KB of weights, scale rows   -->   ld.shared the lane's 16-byte weight word,
-//        (one thread; bytes reported to full[s])          dequantize (s4's lop3 trick, unchanged),
-//      cp.async the activation tile (32 lanes),           wgmma m64 x (16 * M_BLOCKS) x k16 with the
-//        each lane's landing arrives on full[s]            weights as A (registers) and the
-//                                                          activations as B (shared memory)
-//                                              <--       arrive on empty[s] once the slot's
-//                                                          wgmmas are done
+//        (thread 0; bytes reported to full[s])            dequantize (s4's lop3 trick, unchanged),
+//      cp.async the activation tile (all 128           multiply the transposed product, the
+//        threads), each landing arrives on full[s]         weights as A (registers), the
+//                                                          activations as B (shared memory):
+//                                                          mma.sync m16n8k16 (<= 16 rows) or
+//                                                          wgmma m64 x (16 * M_BLOCKS) x k16
+//                                              <--       arrive on empty[s] once done with it
 //
 // The ring has STAGES slots of one 128 x 256 weight tile each (16 KB) plus its activations
 // and scales; with 6-8 slots ~100 KB of weights are in flight per SM, against the ~30-60 KB
@@ -24,6 +25,12 @@
 // sums through shared memory at the end of a column slice; the slice's partial sums are
 // then combined across blocks exactly as in s6 (no block waits; the last to arrive adds all
 // in block order), so results stay bit-identical run to run.
+//
+// Which instruction multiplies depends on the batch (measured on the H200, docs/rungs.md):
+// with the dequantization taken out, a tile still took about 42 cycles of its SM per wgmma at
+// n = 16 (64 at n = 64): at n = 16 its 32 wgmmas outlast the ~1000 cycles its bytes take to
+// arrive. The tile's 128-256 mma.sync m16n8k16 cost less, and skip the upper 8 tokens of a
+// slab that has none. From 17 rows up the two are level, and from 64 up wgmma is ahead.
 //
 //   stage s (1024-byte aligned)
 //   +---------------------------+--------------------------+-----------+-------------+
@@ -52,6 +59,9 @@
 #ifndef ZERO_POINTS
 #define ZERO_POINTS 0  // 1: w = (q - z) * s with a zero point z per group and column (Z)
 #endif
+#ifndef WGMMA
+#define WGMMA 1  // 1: the consumers multiply with wgmma m64 x (16 * M_BLOCKS) x k16; 0: with mma.sync m16n8k16
+#endif
 #ifndef BF16
 #define BF16 0  // 1: bf16 activations, scales, zero points and output; 0: fp16
 #endif
@@ -65,7 +75,16 @@ namespace s8 {
 
 constexpr int TILE_N = 256, TILE_K = 128, K16_STEPS = TILE_K / 16;
 constexpr int SLAB_ROWS = 16 * M_BLOCKS;
-constexpr int CONSUMER_THREADS = 256, THREADS = 384;  // warpgroups 0, 1 consume; warpgroup 2 produces
+// Warpgroups 0 and 1 consume, warpgroup 2 produces. The register file is split by setmaxnreg:
+// the producer needs few, the consumers hold the accumulators.
+constexpr int CONSUMERS = 2, CONSUMER_THREADS = 128 * CONSUMERS, THREADS = CONSUMER_THREADS + 128;
+constexpr int STEPS_PER_CONSUMER = K16_STEPS / CONSUMERS;  // k16 steps of a tile per warpgroup: wg, wg + 2, ...
+// A block starts with the registers ptxas gave every thread for THREADS threads (64 K / THREADS,
+// rounded down to a multiple of 8); setmaxnreg only moves them between warpgroups, so a claim
+// beyond that pool would wait forever.
+constexpr int PRODUCER_REGISTERS = 40, CONSUMER_REGISTERS = 232;
+static_assert(128 * (CONSUMERS * CONSUMER_REGISTERS + PRODUCER_REGISTERS) <= THREADS * (65536 / THREADS / 8 * 8),
+              "the warpgroups claim more registers than the block was launched with");
 constexpr int A_BYTES = SLAB_ROWS * TILE_K * 2;
 constexpr int W_ROW_BYTES = TILE_N * 8;  // one k16 row of a tile: 256 columns x 16 codes x 4 bits
 constexpr int W_BYTES = K16_STEPS * W_ROW_BYTES;
@@ -88,8 +107,13 @@ static_assert(STAGES >= 2, "the ring needs at least two slots");
 static_assert(GROUP_SIZE == -1 || GROUP_SIZE % 16 == 0, "groups are whole k16 steps");
 static_assert(GROUP_SIZE == -1 || (GROUP_SIZE >= TILE_K ? GROUP_SIZE % TILE_K == 0 : TILE_K % GROUP_SIZE == 0),
               "a group must hold whole tiles or a tile whole groups");
-constexpr int FULL_ARRIVALS = 1 + 32;  // the expect-bytes arrival and the 32 lanes' cp.async arrivals
-constexpr int EMPTY_ARRIVALS = 8;      // one per consumer warp
+constexpr int PRODUCER_THREADS = THREADS - CONSUMER_THREADS;
+constexpr int A_CHUNKS_PER_THREAD = SLAB_ROWS * TILE_K / 8 / PRODUCER_THREADS;  // 16-byte chunks
+static_assert(A_CHUNKS_PER_THREAD * PRODUCER_THREADS == SLAB_ROWS * TILE_K / 8 && PRODUCER_THREADS == 128,
+              "the producer warpgroup's threads split the activation tile evenly, 16 threads a row");
+// The expect-bytes arrival, then one cp.async arrival per producer thread.
+constexpr int FULL_ARRIVALS = 1 + PRODUCER_THREADS;
+constexpr int EMPTY_ARRIVALS = 4 * CONSUMERS;  // one per consumer warp
 
 // ---------------------------------------------------------------------------------
 // wgmma m64 x n x k16, n = 16 * M_BLOCKS: A = the dequantized weights (registers), B = the
@@ -149,22 +173,25 @@ __device__ __forceinline__ void pin(FragC (&acc)[M_BLOCKS][4][2]) {
   marlin::for_each_accumulator(acc, [](float& x) { asm volatile("" : "+f"(x)::"memory"); });
 }
 
-// One k16 step of a warpgroup: the lane's 128-bit weight word holds its A fragments for the
-// four wgmmas (tile j of each warp's 64-column strip: a lane's left and right mma.sync B
-// fragments of a 16-column tile are, side by side, its wgmma A fragment), dequantized and
-// scaled exactly as in s4-s6, then issued as one group.
-__device__ __forceinline__ void multiply_k16(const int4& w, const int4& s, const int4& z, unsigned long long desc,
-                                             FragC (&acc)[M_BLOCKS][4][2]) {
+// The lane's four A fragments of one k16 step: tile j (16 columns) of its warp's 64-column
+// strip as 16 columns x 16 k -- a lane's left and right mma.sync B fragments of the tile are,
+// side by side, its A fragment of the transposed product -- dequantized and scaled exactly
+// as in s4-s6.
+__device__ __forceinline__ void dequantize_k16(const int4& w, const int4& s, const int4& z, FragA (&a)[4]) {
   const unsigned words[4] = {unsigned(w.x), unsigned(w.y), unsigned(w.z), unsigned(w.w)};
   const unsigned scales[4] = {unsigned(s.x), unsigned(s.y), unsigned(s.z), unsigned(s.w)};
   const unsigned zeros[4] = {unsigned(z.x), unsigned(z.y), unsigned(z.z), unsigned(z.w)};
-  FragA a[4];
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     FragB left, right;
     marlin::dequantize_tile<ZERO_POINTS != 0, Element>(words[j], scales[j], left, right, zeros[j]);
     a[j] = FragA{{left.r[0], right.r[0], left.r[1], right.r[1]}};
   }
+}
+
+// wgmma: the four fragments are the A operands of four wgmmas (warp w's 16 rows of each), the
+// step's activations their B operand (descriptor), issued as one group.
+__device__ __forceinline__ void multiply_wgmma(FragA (&a)[4], unsigned long long desc, FragC (&acc)[M_BLOCKS][4][2]) {
   pin(acc);
 #pragma unroll
   for (int j = 0; j < 4; ++j)
@@ -174,6 +201,24 @@ __device__ __forceinline__ void multiply_k16(const int4& w, const int4& s, const
 #pragma unroll
   for (int j = 0; j < 4; ++j) wgmma_k16<Element>(acc, j, a[j], desc);
   hopper::wgmma_commit();
+}
+
+// mma.sync m16n8k16, one per tile j and 8 tokens: ldmatrix.x4 at the lane's row `b_row` gives
+// m-block m's B fragments, tokens 16m..16m+7 (registers 0, 1: k 0-7 and 8-15 of the step) and
+// 16m+8..16m+15 (registers 2, 3). kUpper false skips the upper 8 tokens of a one-block slab
+// that has none (M <= 8): half the tensor work.
+template <bool kUpper>
+__device__ __forceinline__ void multiply_mma(const FragA (&a)[4], unsigned b_row, FragC (&acc)[M_BLOCKS][4][2]) {
+#pragma unroll
+  for (int m = 0; m < M_BLOCKS; ++m) {
+    FragA b;
+    marlin::ldmatrix_x4(b, b_row + m * 16 * 128);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      Element::mma(a[j], FragB{{b.r[0], b.r[1]}}, acc[m][j][0]);
+      if (kUpper) Element::mma(a[j], FragB{{b.r[2], b.r[3]}}, acc[m][j][1]);
+    }
+  }
 }
 
 struct Ring {
@@ -198,23 +243,33 @@ struct Problem {
 };
 
 // ---------------------------------------------------------------------------------
-// The producer: one warp walks the block's run of tiles (s6's numbering t = (slab * n_tiles
-// + col) * k_tiles + k_tile) and fills the ring slot by slot.
+// The producer warpgroup walks the block's run of tiles (s6's numbering t = (slab * n_tiles
+// + col) * k_tiles + k_tile) and fills the ring slot by slot. Thread 0 hands the weights and
+// scales to the copy engine; all 128 threads copy the activation tile, each its own 16-byte
+// chunks, so a tile costs every producer thread a few instructions rather than one warp a
+// few hundred (one warp doing it all was the limit: 0.6 us a tile at M = 16, 1.8 us at 64).
 // ---------------------------------------------------------------------------------
 __device__ __forceinline__ void produce(const Ring& ring, const Problem& p, const int4* __restrict__ A,
                                         const int4* __restrict__ B, const int4* __restrict__ S,
                                         const int4* __restrict__ Z) {
-  const int lane = threadIdx.x % 32;
+  const int thread = threadIdx.x - CONSUMER_THREADS;
   const unsigned long long policy = marlin::make_evict_first_policy();
-  const int a_stride = p.K / 8;  // 16-byte chunks per row of A
+  // This thread's chunks of the activation tile: 16-byte chunk `chunk` of rows first_row + 8 c.
+  // In the swizzled atoms row r + 8 lies 1024 bytes past row r (same r % 8, same XOR).
+  const int first_row = thread / 16, chunk = thread % 16;
+  const size_t row_bytes = size_t(p.K) * 2;
+  // The destination travels as a register stepped slot by slot, never as slot * STAGE_BYTES:
+  // ptxas would split that into a uniform part, the cp.async form that faults on the H100
+  // (s5_pipeline.cuh, make_evict_first_policy).
+  const unsigned a_first = ring.slot(0) + hopper::swizzled_chunk<SLAB_ROWS>(first_row, chunk);
+  unsigned a_here = a_first;
+  int k_tile = p.t0 % p.k_tiles, col = p.t0 / p.k_tiles % p.n_tiles, slab = p.t0 / p.k_tiles / p.n_tiles;
   const int tiles = p.t1 - p.t0;
   for (int i = 0; i < tiles; ++i) {
-    const int t = p.t0 + i, s = i % STAGES;
+    const int s = i % STAGES;
     if (i >= STAGES) hopper::mbarrier_wait(ring.empty(s), (i / STAGES - 1) & 1);
-    const int slice = t / p.k_tiles, k_tile = t - slice * p.k_tiles;
-    const int slab = slice / p.n_tiles, col = slice - slab * p.n_tiles;
-    const unsigned stage = ring.slot(s);
-    if (lane == 0) {
+    if (thread == 0) {
+      const unsigned stage = ring.slot(s);
       hopper::mbarrier_arrive_expect_bytes(ring.full(s), W_BYTES + S_BYTES + Z_BYTES);
       // Weights: k16 row r of the tile is 2 KB contiguous in the MARLIN layout (K/16 rows of 2N words).
       const char* w = reinterpret_cast<const char*>(B) + size_t(k_tile) * K16_STEPS * p.N * 8 + size_t(col) * W_ROW_BYTES;
@@ -233,40 +288,46 @@ __device__ __forceinline__ void produce(const Ring& ring, const Problem& p, cons
           hopper::bulk_copy(dst + S_BYTES, reinterpret_cast<const char*>(Z) + offset, S_ROW_BYTES, ring.full(s));
       }
     }
-    // Activations: 16-byte chunks into the swizzled atoms, rows past the batch zero-filled.
+    // Activations: rows past the batch zero-filled (their source clamped to a valid address).
     const int row0 = slab * SLAB_ROWS, rows_valid = min(SLAB_ROWS, p.M - row0);
+    const char* src = reinterpret_cast<const char*>(A) + size_t(row0 + first_row) * row_bytes + k_tile * TILE_K * 2 + chunk * 16;
 #pragma unroll
-    for (int k = 0; k < SLAB_ROWS * 16 / 32; ++k) {
-      const int c = lane + 32 * k, row = c / 16, chunk = c % 16;
-      const bool valid = row < rows_valid;
-      const int4* src = A + size_t(row0 + (valid ? row : 0)) * a_stride + k_tile * 16 + chunk;
-      marlin::cp_async16_zfill(stage + hopper::swizzled_chunk<SLAB_ROWS>(row, chunk), src, valid);
+    for (int c = 0; c < A_CHUNKS_PER_THREAD; ++c) {
+      const bool valid = first_row + 8 * c < rows_valid;
+      marlin::cp_async16_zfill(a_here + 1024 * c, valid ? src + 8 * c * row_bytes : static_cast<const void*>(A), valid);
     }
     hopper::cp_async_arrive(ring.full(s));
+    a_here = s == STAGES - 1 ? a_first : a_here + STAGE_BYTES;
+    if (++k_tile == p.k_tiles) {
+      k_tile = 0;
+      if (++col == p.n_tiles) col = 0, ++slab;
+    }
   }
   marlin::cp_async_wait<0>();  // leave no copy of this thread in flight behind it
 }
 
 // ---------------------------------------------------------------------------------
-// The consumers' end of a column slice: warpgroup 1 hands its sums to warpgroup 0 through
-// shared memory ([strip][value][lane]: conflict-free), one m-block at a time.
+// The consumers' end of a column slice: warpgroups 1.. hand their sums to warpgroup 0 through
+// shared memory ([strip][value][lane]: conflict-free), one m-block at a time, in order.
 // ---------------------------------------------------------------------------------
 __device__ __forceinline__ void add_warpgroups(FragC (&acc)[M_BLOCKS][4][2], float* red, int wg, int strip) {
   const int lane = threadIdx.x % 32;
   float* mine = red + strip * 32 * 32 + lane;
 #pragma unroll
-  for (int m = 0; m < M_BLOCKS; ++m) {
-    hopper::named_barrier(1, CONSUMER_THREADS);  // warpgroup 0 is done with the previous values
-    if (wg == 1) {
+  for (int from = 1; from < CONSUMERS; ++from)
 #pragma unroll
-      for (int v = 0; v < 32; ++v) mine[32 * v] = acc[m][v / 8][(v / 4) % 2].v[v % 4];
-    }
-    hopper::named_barrier(1, CONSUMER_THREADS);
-    if (wg == 0) {
+    for (int m = 0; m < M_BLOCKS; ++m) {
+      hopper::named_barrier(1, CONSUMER_THREADS);  // warpgroup 0 is done with the previous values
+      if (wg == from) {
 #pragma unroll
-      for (int v = 0; v < 32; ++v) acc[m][v / 8][(v / 4) % 2].v[v % 4] += mine[32 * v];
+        for (int v = 0; v < 32; ++v) mine[32 * v] = acc[m][v / 8][(v / 4) % 2].v[v % 4];
+      }
+      hopper::named_barrier(1, CONSUMER_THREADS);
+      if (wg == 0) {
+#pragma unroll
+        for (int v = 0; v < 32; ++v) acc[m][v / 8][(v / 4) % 2].v[v % 4] += mine[32 * v];
+      }
     }
-  }
 }
 
 // s6's no-wait global reduction of a shared column slice (marlin::add_partial_sums), for
@@ -314,9 +375,14 @@ __device__ __forceinline__ bool add_partial_sums(FragC (&acc)[M_BLOCKS][4][2], f
 
 // ---------------------------------------------------------------------------------
 // The consumers: each warpgroup multiplies its k16 steps of every tile of a column slice
-// segment (warpgroup wg the steps 2 * sub + wg), releases each slot as soon as its wgmmas
-// are done, and at the segment's end the sums go to the output (or to the partial sums).
+// segment (warpgroup wg the steps CONSUMERS * sub + wg), releases each slot as soon as it is
+// done with it, and at the segment's end the sums go to the output (or to the partial sums).
 // ---------------------------------------------------------------------------------
+template <bool kValue>
+struct Flag {
+  static constexpr bool value = kValue;
+};
+
 __device__ __forceinline__ void consume(const Ring& ring, const Problem& p, Element::scalar* __restrict__ C,
                                         int* __restrict__ counters, float* __restrict__ partials, float* red,
                                         volatile int* flag) {
@@ -331,35 +397,65 @@ __device__ __forceinline__ void consume(const Ring& ring, const Problem& p, Elem
     sc = marlin::load_shared16(s_row);
     z = ZERO_POINTS ? marlin::load_shared16(s_row + S_BYTES) : int4{};
   };
+  // mma.sync's B: lane l points ldmatrix at token row l % 8 + 8 (l / 16) and the 8-k chunk
+  // (l / 8) % 2 of its k16 step (matrices 0-3: tokens 0-7 x k 0-7, 0-7 x 8-15, 8-15 x 0-7,
+  // 8-15 x 8-15) in the swizzled atoms. Step CONSUMERS * sub + wg reads the tile's 8-k chunks
+  // 2 CONSUMERS sub + 2 wg (+ 1): atom column (2 CONSUMERS sub) / 8, and chunk bits that the
+  // swizzle's XOR with the row (l % 8) leaves alone; b_lane holds the rest.
+  const int b_row = lane % 8 + 8 * (lane / 16);
+  const unsigned b_lane = b_row * 128 + (((2 * wg + (lane / 8) % 2) ^ (lane % 8)) * 16);
   FragC acc[M_BLOCKS][4][2];
   int consumed = 0;  // tiles of the run consumed so far: slot and phase of the next
-  for (int t = p.t0; t < p.t1;) {
-    const marlin::StripeSegment seg = marlin::stripe_segment(t, p.t1, p.k_tiles, p.n_tiles, p.iters);
-    marlin::zero_accumulators<M_BLOCKS>(acc);
-    for (int r = 0; r < seg.rows; ++r, ++consumed) {
-      const int s = consumed % STAGES;
-      const unsigned stage = ring.slot(s);
-      hopper::mbarrier_wait(ring.full(s), (consumed / STAGES) & 1);
-      hopper::fence_async_proxy();  // the producer's cp.async activations, for wgmma's reads
-      // The lane's words for k16 step 2 * sub + wg, loaded one substep ahead.
-      int4 w[2], sc[2], z[2];
-      load_step(stage, wg, w[0], sc[0], z[0]);
+
+  // One tile: the lane's words loaded one substep ahead. kUpper (mma.sync path) says whether
+  // the slab has tokens 8-15; a compile-time choice, so that no mma.sync is predicated.
+  auto tile = [&](auto upper, int r) {
+    const int s = consumed % STAGES;
+    const unsigned stage = ring.slot(s);
+    hopper::mbarrier_wait(ring.full(s), (consumed / STAGES) & 1);
+    if (WGMMA) hopper::fence_async_proxy();  // the producer's cp.async activations, for wgmma's reads
+    int4 w[2], sc[2], z[2];
+    load_step(stage, wg, w[0], sc[0], z[0]);
 #pragma unroll
-      for (int sub = 0; sub < 4; ++sub) {
-        if (sub < 3) load_step(stage, 2 * (sub + 1) + wg, w[(sub + 1) % 2], sc[(sub + 1) % 2], z[(sub + 1) % 2]);
-        const int step = 2 * sub + wg;
+    for (int sub = 0; sub < STEPS_PER_CONSUMER; ++sub) {
+      const int step = CONSUMERS * sub + wg;
+      if (sub + 1 < STEPS_PER_CONSUMER)
+        load_step(stage, step + CONSUMERS, w[(sub + 1) % 2], sc[(sub + 1) % 2], z[(sub + 1) % 2]);
+      FragA a[4];
+      dequantize_k16(w[sub % 2], sc[sub % 2], z[sub % 2], a);
+      if constexpr (WGMMA) {
         const unsigned b = stage + (step / 4) * SLAB_ROWS * 128 + (step % 4) * 32;
-        multiply_k16(w[sub % 2], sc[sub % 2], z[sub % 2], hopper::swizzled_operand(b), acc);
+        multiply_wgmma(a, hopper::swizzled_operand(b), acc);
         hopper::wgmma_wait<1>();  // the previous group is done: its registers and its slot are free
         // The previous tile's slot: one arrival per warp (its lanes run the wgmma instructions in
         // step), predicated rather than branched around (see mbarrier_arrive_if).
         if (sub == 0)
           hopper::mbarrier_arrive_if(ring.empty((consumed + STAGES - 1) % STAGES), r > 0 && lane == 0);
+      } else {
+        const int first_chunk = 2 * CONSUMERS * sub;
+        multiply_mma<decltype(upper)::value>(
+            a, stage + (first_chunk / 8) * SLAB_ROWS * 128 + (b_lane ^ ((first_chunk % 8) * 16)), acc);
       }
     }
-    hopper::wgmma_wait<0>();
-    pin(acc);
-    hopper::mbarrier_arrive_if(ring.empty((consumed - 1) % STAGES), lane == 0);
+    if (!WGMMA) {
+      __syncwarp();  // every lane's reads of the slot are done: one arrival releases them all
+      hopper::mbarrier_arrive_if(ring.empty(s), lane == 0);
+    }
+  };
+
+  for (int t = p.t0; t < p.t1;) {
+    const marlin::StripeSegment seg = marlin::stripe_segment(t, p.t1, p.k_tiles, p.n_tiles, p.iters);
+    marlin::zero_accumulators<M_BLOCKS>(acc);
+    const bool upper = WGMMA || M_BLOCKS > 1 || p.M - seg.slab * SLAB_ROWS > 8;  // tokens 8-15 present
+    for (int r = 0; r < seg.rows; ++r, ++consumed) {
+      if (upper) tile(Flag<true>{}, r);
+      else tile(Flag<false>{}, r);
+    }
+    if (WGMMA) {
+      hopper::wgmma_wait<0>();
+      pin(acc);
+      hopper::mbarrier_arrive_if(ring.empty((consumed - 1) % STAGES), lane == 0);
+    }
 
     add_warpgroups(acc, red, wg, strip);
     if (wg == 0 && add_partial_sums(acc, partials, &counters[seg.slice], flag, seg, p, strip)) {
@@ -395,10 +491,10 @@ extern "C" __global__ void __launch_bounds__(s8::THREADS, 1)
   __syncthreads();
 
   if (threadIdx.x >= s8::CONSUMER_THREADS) {
-    hopper::release_registers<56>();
-    if (threadIdx.x < s8::CONSUMER_THREADS + 32) s8::produce(ring, s8::Problem(M, K, N, iters), A, B, S, Z);
+    hopper::release_registers<s8::PRODUCER_REGISTERS>();
+    s8::produce(ring, s8::Problem(M, K, N, iters), A, B, S, Z);
   } else {
-    hopper::claim_registers<224>();
+    hopper::claim_registers<s8::CONSUMER_REGISTERS>();
     s8::consume(ring, s8::Problem(M, K, N, iters), C, counters, partials, red, flag);
   }
 }

@@ -7,21 +7,23 @@ bandwidth there, against ~98 % on an H100). This rung keeps s4's weight layout a
 dequantization and s6's striped schedule and no-wait global reduction, and changes who
 does what (csrc/s8_hopper.cu draws it):
 
-* one producer warp feeds a ring of 128 x 256 weight tiles with the bulk copy engine
-  (eight 2 KB copies a tile, completion counted in bytes on an mbarrier) and the
-  activation tile with cp.async; it never multiplies;
+* a producer warpgroup feeds a ring of 128 x 256 weight tiles: one thread hands each tile's
+  weights and scales to the bulk copy engine (eight 2 KB copies, completion counted in bytes
+  on an mbarrier), all 128 threads copy the activation tile with cp.async; it never
+  multiplies;
 * two consumer warpgroups (with the producer's spare registers, `setmaxnreg`) dequantize
-  into registers and multiply with `wgmma` -- the weights as its register operand, the
-  activations as its shared-memory operand -- for every batch size, and hand each slot
-  back on another mbarrier as soon as its wgmmas are done;
+  into registers and multiply the transposed product -- the weights as the register
+  operand, the activations from shared memory -- with `mma.sync` m16n8k16 for launches of
+  up to 16 rows and `wgmma` above, and hand each slot back on another mbarrier as soon as
+  they are done with it (docs/rungs.md says why the instruction depends on the batch);
 * the ring is as deep as shared memory allows (up to 8 slots, ~130 KB of weights in
   flight per SM), which is what the H200's bandwidth-latency product asks for.
 
 Numerics are s6's: the same dequantized fp16/bf16 weights (one rounding of (q - z) * s),
 fp32 accumulation, fp32 partial sums added in block order: error bound constant c = 10,
 and results bit-identical run to run. Compiled for sm_90a, so the rung runs on compute
-capability 9.0 (H100, H200) only. Until it is faster than s6 (it is not yet: docs/rungs.md),
-`MarlinLinear` takes it only when asked for it by name.
+capability 9.0 (H100, H200) only. Until it is faster than s6 at every batch size (it is
+not yet: docs/rungs.md), `MarlinLinear` takes it only when asked for it by name.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from .step import SUPPORTED, Support
 TILE_K, TILE_N = 128, 256  # one ring slot: 8 k16 rows x 256 columns of weights
 THREADS = 384  # consumer warpgroups 0 and 1, producer warpgroup 2
 MAX_STAGES = 8
+WGMMA_FROM_ROWS = 17  # launches of fewer rows multiply with mma.sync (docs/rungs.md, s8: measured)
 REDUCE_BYTES = 4 * 32 * 32 * 4  # the warpgroups' hand-over buffer: one m-block of 4 warps
 
 
@@ -52,6 +55,7 @@ class HopperConfig:
     group_size: int  # as reference.QuantizedWeight: -1 is one group of all K rows
     zero_points: bool
     bf16: bool
+    wgmma: bool = True  # the consumers' instruction: wgmma, or mma.sync m16n8k16
     tile_k = TILE_K
     tile_n = TILE_N
 
@@ -79,6 +83,7 @@ class HopperConfig:
             ("GROUP_SIZE", self.group_size),
             ("ZERO_POINTS", int(self.zero_points)),
             ("BF16", int(self.bf16)),
+            ("WGMMA", int(self.wgmma)),
             ("LAUNCH_THREADS", THREADS),
             ("LAUNCH_SMEM_BYTES", self.smem_bytes),
         )
@@ -89,17 +94,18 @@ class Hopper(Marlin):
     and MMA in the kernel (config and kernel are its own)."""
 
     name = "s8_hopper"
-    title = "Hopper: bulk copies on mbarriers, a producer warp, wgmma consumers"
+    title = "Hopper: bulk copies on mbarriers, a producer warpgroup, two consumer warpgroups"
     idea = (
-        "Stop issuing copies and start specializing warps: one producer warp streams weight tiles "
-        "with the bulk copy engine into a deep mbarrier ring, two warpgroups dequantize and multiply with wgmma."
+        "Stop issuing copies and start specializing warps: a producer warpgroup streams weight tiles "
+        "with the bulk copy engine into a deep mbarrier ring, two warpgroups dequantize and multiply."
     )
-    # Measured slower than s6 on the H200 at every shape and batch size so far (docs/rungs.md):
-    # MarlinLinear keeps to s6 unless asked for this rung by name.
+    # On the H200 faster than s6 only from 64 rows up, slower at decode batch sizes
+    # (docs/rungs.md): MarlinLinear keeps to s6 unless asked for this rung by name.
     chosen_by_default = False
     shape_multiples = ((TILE_K, TILE_N),)  # other shapes are padded once, in pack (steps/_padding.py)
     threads = THREADS
     max_stages: int | None = MAX_STAGES  # tuning override of the ring depth
+    mma_sync_max_rows: int = WGMMA_FROM_ROWS - 1  # tuning override of the instruction choice
 
     def available(self) -> Support:
         base = gpu_support()
@@ -130,7 +136,7 @@ class Hopper(Marlin):
         stages = max(2, self.max_stages or MAX_STAGES)  # the kernel's ring needs two slots
         while stages > 4 and HopperConfig.fixed_bytes(stages) + stages * stage > limit:
             stages -= 1
-        cfg = HopperConfig(m_blocks, stages, group_size, zero_points, bf16)
+        cfg = HopperConfig(m_blocks, stages, group_size, zero_points, bf16, wgmma=M > self.mma_sync_max_rows)
         if cfg.smem_bytes > limit:
             raise ValueError(f"{self.name}: a 4-slot ring needs {cfg.smem_bytes} bytes of shared memory, this GPU has {limit}")
         return cfg

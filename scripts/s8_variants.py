@@ -1,0 +1,131 @@
+"""Time variants of rung 8 on the GPU, beside FP16 cuBLAS, on any shapes and batch sizes.
+
+    python scripts/s8_variants.py --shapes 33792x16896 4096x4096 --M 1 16 64 \
+        --variants base stream-only mma_sync_max_rows=64
+
+A variant is `base` (the shipped kernel and choices), `stream-only` (an ablation: the
+consumers wait for each slot and hand it straight back, so the time is what the producer
+and the ring deliver -- the kernel's floor as built), or `attr=value,...` (tuning
+attributes of the step, e.g. mma_sync_max_rows, max_stages). Each variant's output is
+compared with the first's: `bitwise` where the arithmetic is the same. Weights are random
+words (speed does not depend on them); correctness is the tests' business. With
+--profile each variant runs once between cudaProfilerStart/Stop, for
+`ncu --profile-from-start off` (scripts/ncu_source_summary.py reads its source page).
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import functools
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+ABLATED = ROOT / "csrc" / "s8_stream_only.cu"
+
+
+def write_stream_only_source() -> None:
+    """csrc/s8_hopper.cu with the consumers reduced to waiting for a slot and releasing it."""
+    source = (ROOT / "csrc" / "s8_hopper.cu").read_text()
+    wait = "    hopper::mbarrier_wait(ring.full(s), (consumed / STAGES) & 1);\n"
+    tail = "      hopper::mbarrier_arrive_if(ring.empty((consumed - 1) % STAGES), lane == 0);\n"
+    if source.count(wait) != 1 or source.count(tail) != 1:
+        raise SystemExit("csrc/s8_hopper.cu changed: update the stream-only ablation's anchors")
+    source = source.replace(wait, wait + "    hopper::mbarrier_arrive_if(ring.empty(s), lane == 0);\n    return;\n")
+    source = source.replace(tail, "")
+    ABLATED.write_text(source)
+    atexit.register(ABLATED.unlink, missing_ok=True)
+
+
+def main() -> int:
+    import cupy
+    import torch
+
+    import steps.s8_hopper as s8
+    from gpu_tune import random_arrays
+    from steps._cuda import get_kernel
+    from steps.harness.timing import measure
+    from steps.registry import get
+    from steps.step import Packed
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--shapes", nargs="+", default=["33792x16896"], help="KxN")
+    p.add_argument("--M", type=int, nargs="+", default=[1, 16, 64])
+    p.add_argument("--variants", nargs="+", default=["base", "stream-only"])
+    p.add_argument("--profile", action="store_true")
+    args = p.parse_args()
+
+    source = {"name": "s8_hopper"}
+
+    @functools.cache
+    def load(name: str, cfg, device: int):
+        kernel = get_kernel(name, "s8_hopper", cfg.defines(), device=device, arch_specific=True)
+        kernel.max_dynamic_shared_size_bytes = cfg.smem_bytes
+        return kernel
+
+    s8._load = lambda _name, cfg, device: load(source["name"], cfg, device)
+    step = get("s8_hopper")
+    step.first_run_check = lambda *a, **k: None  # ablations are wrong on purpose
+    if "stream-only" in args.variants:
+        write_stream_only_source()
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    print(f"device: {torch.cuda.get_device_name(0)}; group 128; fp16")
+    print(f"{'KxN':>12} {'M':>4} {'variant':32s} {'us':>8} {'fp16':>8} {'x':>6} {'iqr%':>5} {'GB/s':>6} vs first")
+    for shape in args.shapes:
+        K, N = map(int, shape.split("x"))
+        base = random_arrays("s8_hopper", K, N, 128, cupy)
+        nbytes = sum(a.nbytes for a in base.values())
+        copies = 1 if args.profile else max(2, -(-4 * l2 // nbytes))
+        packs = [Packed("s8_hopper", K, N, 128, base)]
+        packs += [Packed("s8_hopper", K, N, 128, {k: v.copy() for k, v in base.items()}) for _ in range(copies - 1)]
+        step.workspace(0, N)
+        for M in args.M:
+            A = torch.randn(M, K, dtype=torch.float16, device="cuda")
+            t16 = None
+            if not args.profile:
+                W16 = [torch.randn(K, N, dtype=torch.float16, device="cuda") * 0.01 for _ in range(2)]
+                t16 = measure(lambda i: torch.matmul(A, W16[i % 2]), 2).median_us
+                del W16
+            first = None
+            for variant in args.variants:
+                source["name"] = "s8_stream_only" if variant == "stream-only" else "s8_hopper"
+                attrs = {}
+                if "=" in variant:
+                    attrs = {k: int(v) for k, v in (kv.split("=") for kv in variant.split(","))}
+                saved = {k: getattr(step, k) for k in attrs}
+                for k, v in attrs.items():
+                    setattr(step, k, v)
+                try:
+                    out = torch.zeros(M, N, dtype=torch.float16, device="cuda")
+                    step(A, packs[0], out=out)
+                    torch.cuda.synchronize()
+                    if args.profile:
+                        cupy.cuda.runtime.profilerStart()
+                        step(A, packs[0], out=out)
+                        torch.cuda.synchronize()
+                        cupy.cuda.runtime.profilerStop()
+                        print(f"profiled {shape} M={M} {variant}", flush=True)
+                        continue
+                    if first is None:
+                        first, check = out.clone(), "-"
+                    else:
+                        diff = (out.float() - first.float()).abs().max().item()
+                        check = "bitwise" if torch.equal(out, first) else f"max diff {diff:.3g}"
+                    t = measure(lambda i: step(A, packs[i % len(packs)], out=out), len(packs))
+                    print(f"{shape:>12} {M:4d} {variant:32s} {t.median_us:8.1f} {t16:8.1f} {t16 / t.median_us:6.2f} "
+                          f"{t.spread_pct:5.1f} {nbytes / t.median_us / 1e3:6.0f} {check}", flush=True)
+                finally:
+                    for k, v in saved.items():
+                        setattr(step, k, v)
+        packs.clear()
+        base.clear()
+        torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -42,16 +42,22 @@ nb.rung_status("s8_hopper")
 # * **`wgmma`**: 4 warps issue one asynchronous matrix product. Rung 4's dequantized fragments
 #   become its register operand, and the activations are read from shared memory.
 #
-# So the block splits into a producer warp and two consumer warpgroups, and `setmaxnreg`
+# So the block splits into a producer warpgroup and two consumer warpgroups, and `setmaxnreg`
 # moves registers from the producer to the consumers:
 #
 # ```
-#   producer warp                               consumer warpgroups 0, 1
-#   wait empty[s]                               wait full[s], fence (async proxy)
-#   8 bulk copies of weights, scale rows  --->  ld.shared weight word, dequantize (rung 4)
-#   cp.async activations, arrive on landing     4 x wgmma m64 n(16 m-blocks) k16, one group in flight
-#                                         <---  arrive empty[s] once the slot's group is done
+#   producer warpgroup                          consumer warpgroups 0, 1
+#   wait empty[s]                               wait full[s]
+#   thread 0: 8 bulk copies of weights,   --->  ld.shared weight word, dequantize (rung 4)
+#     scale rows                                up to 16 rows: mma.sync m16n8k16 (rung 7's
+#   128 threads: cp.async activations,            transposed product); more: 4 x wgmma
+#     arrive on landing                           m64 n(16 m-blocks) k16, one group in flight
+#                                         <---  arrive empty[s] once done with the slot
 # ```
+#
+# Why not `wgmma` at every batch size? Measured, not assumed: with n = 16 a tile's 32 `wgmma`s
+# cost more than its bytes take to arrive, while its 128-256 `mma.sync`s do not (the Explanation
+# below, and `docs/rungs.md`).
 #
 # The schedule (SM-striped runs of tiles), the partial sums, the workspace and the numerics are
 # rung 6's: the same error-bound constant, and bit-identical repeats.
@@ -74,7 +80,9 @@ print(nb.floor(K, N))
 # on a scheduler, while the byte floor leaves about 250. Issue has room to spare, and a ring
 # of up to 8 slots keeps about 128 KB of weights in flight per SM. The prediction was
 # therefore the byte floor within 10 % at M ≤ 16 on the benchmark shape, and close to the
-# tensor-core floor at M = 64.
+# tensor-core floor at M = 64. That first version (one producer warp, `wgmma` everywhere) missed
+# by a factor of two; the second round below started from measurements, and each of its
+# changes was predicted before it ran.
 
 # %% [markdown]
 # ## Is it right?
@@ -93,22 +101,26 @@ nb.measured("s8_hopper", below="s6_marlin")
 # %% [markdown]
 # ## Explanation
 #
-# A miss. The rung is correct: it stays within the error bound and repeats bit for bit
-# everywhere it was checked on the H200, and memcheck is clean. But it is slower than rung 6
-# at every shape and batch size measured so far: about 1 µs per 128 × 256 tile per SM at
-# M ≤ 16, three times what issue needs. So the consumers are latency-bound or starved.
+# Round 1 was a miss: correct (within the error bound, bit-identical repeats, memcheck clean)
+# but slower than rung 6 everywhere, about 1 µs per 128 × 256 tile per SM.
 #
-# Two changes to the producer made no difference. One fenced its own `cp.async` activations
-# a few tiles late. The other lets them arrive on the mbarrier as they land. The producer is
-# therefore not the limit.
+# Round 2 measured before changing anything. Compiled-in ablations showed that consumers doing
+# nothing but waiting for a slot and handing it back still took 82 µs on the benchmark shape
+# (the floor is 67 µs), and 241 µs at M = 64: the single producer warp was the limit. Its
+# activation copies were long chains of address arithmetic. Spread over the producer's 128
+# threads, with addresses stepped by a constant, the stream-only time fell to 68 µs and the
+# kernel from 137 to 108 µs (M ≤ 16) and from 350 to 160 µs (M = 64).
 #
-# The suspects left are these:
+# Then the consumers: with the dequantization removed a tile still cost about 42 cycles per
+# m64n16k16 `wgmma`, more than its bytes take to arrive. Up to 16 rows the consumers now use
+# `mma.sync`, which brought M ≤ 8 to 93 µs (2.75× over FP16). Four consumer warpgroups instead
+# of two were tried and were slower (more instructions per tile, more warps competing for
+# issue), so they were not kept.
 #
-# * the wait after every k16 step, which leaves one `wgmma` group in flight per warpgroup;
-# * too few consumer warps to hide the dequantization's dependency chains.
-#
-# `docs/rungs.md` lists them with the next experiments. Until the rung beats rung 6,
-# `MarlinLinear` does not choose it by itself (`chosen_by_default = False`).
+# Where it stands: ahead of rung 6 from 64 rows up, behind it at most decode sizes, so
+# `MarlinLinear` still does not choose it by itself. What limits it now is the consumers'
+# instruction stream (about 58 % of it dequantization) and, on 7B-sized layers, a fixed cost
+# per launch. `docs/rungs.md` has the numbers and the next levers.
 
 # %% [markdown]
 # ## The whole table
@@ -119,6 +131,8 @@ nb.benchmark("s8_hopper", below="s6_marlin", preset="llama-7b")
 # %% [markdown]
 # ## Try this
 #
-# * Read `docs/results/tuning/*s8v*`: the three producer designs, side by side.
+# * Read `docs/results/tuning/*s8v*`: the producer designs, the ablations and the instruction
+#   choice, side by side. `scripts/s8_variants.py` reruns them on a Hopper GPU, and
+#   `stream-only` shows what the ring alone delivers.
 # * Count the instructions between two `HGMMA`s in the machine code:
 #   `cuobjdump -sass` of `nvcc -cubin -gencode=arch=compute_90a,code=sm_90a csrc/s8_hopper.cu`.

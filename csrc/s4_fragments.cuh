@@ -266,13 +266,20 @@ __device__ __forceinline__ void fold_into_output(const FragC (&acc)[kMBlocks][4]
     }
 }
 
+// How the threads that add partial sums wait for each other: the whole block. A rung whose
+// warps have other roles that must run on (s8) passes its own, on named barriers.
+struct BlockSync {
+  __device__ __forceinline__ void sync() const { __syncthreads(); }
+  __device__ __forceinline__ bool any(bool vote) const { return __syncthreads_or(vote); }
+};
+
 // The K_WARPS warps of a strip hold partial sums over different k-steps; add them in a
 // fixed order into the warp with k_warp == 0, one m-block at a time through shared memory
 // `red` (idle by then), which must hold (K_WARPS - 1) * N_STRIPS * 32 * 32 floats.
 // Stores are [warp][value][lane]: conflict-free.
-template <int kMBlocks, int kNStrips, int kKWarps>
+template <int kMBlocks, int kNStrips, int kKWarps, class Sync = BlockSync>
 __device__ __forceinline__ void reduce_k_warp_partials(FragC (&acc)[kMBlocks][4][2], float* red, int k_warp,
-                                                       int strip) {
+                                                       int strip, const Sync& sync = Sync{}) {
   if (kKWarps == 1) return;
   const int lane = threadIdx.x % 32;
 #pragma unroll
@@ -282,7 +289,7 @@ __device__ __forceinline__ void reduce_k_warp_partials(FragC (&acc)[kMBlocks][4]
 #pragma unroll
       for (int v = 0; v < 32; ++v) mine[32 * v] = acc[m][v / 8][(v / 4) % 2].v[v % 4];
     }
-    __syncthreads();
+    sync.sync();
     if (k_warp == 0) {
 #pragma unroll
       for (int kw = 1; kw < kKWarps; ++kw) {
@@ -291,7 +298,7 @@ __device__ __forceinline__ void reduce_k_warp_partials(FragC (&acc)[kMBlocks][4]
         for (int v = 0; v < 32; ++v) acc[m][v / 8][(v / 4) % 2].v[v % 4] += theirs[32 * v];
       }
     }
-    __syncthreads();
+    sync.sync();
   }
 }
 

@@ -124,11 +124,12 @@ __device__ __forceinline__ int partial_slot(int block, int iters, int slice_t0) 
 // contributor's partials (up to MAX_SLICE_BLOCKS of them, by its k_warp 0 warps only),
 // which grows with the tile: 8 KB per partial for 16 x 128, 64 KB for 64 x 256.
 // Returns whether this block writes the slice; then the k_warp 0 warps hold the sum.
-// A partial is stored [strip][m][value][lane]: 128-byte coalesced rows per warp.
-template <int kMBlocks, int kStrips>
+// A partial is stored [strip][m][value][lane]: 128-byte coalesced rows per warp. `sync`
+// joins the threads taking part (the block; s8 passes its consumer warpgroup 0's).
+template <int kMBlocks, int kStrips, class Sync = BlockSync>
 __device__ __forceinline__ bool add_partial_sums(FragC (&acc)[kMBlocks][4][2], float* __restrict__ partials,
                                                  int* counter, const StripeSegment& s, int iters, int k_tiles,
-                                                 int strip, int k_warp) {
+                                                 int strip, int k_warp, const Sync& sync = Sync{}) {
   if (s.contributors == 1) return true;
   constexpr int PARTIAL_FLOATS = kStrips * kMBlocks * 32 * 32;
   const int lane = threadIdx.x % 32;
@@ -141,13 +142,13 @@ __device__ __forceinline__ bool add_partial_sums(FragC (&acc)[kMBlocks][4][2], f
       for (int v = 0; v < 32; ++v) __stcg(mine + 32 * (32 * m + v), acc[m][v / 8][(v / 4) % 2].v[v % 4]);
     __threadfence();
   }
-  __syncthreads();
+  sync.sync();
   int arrived = 0;
   if (threadIdx.x == 0)
     asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;\n" : "=r"(arrived) : "l"(counter) : "memory");
   const bool is_last = threadIdx.x == 0 && arrived == s.contributors - 1;
   if (is_last) asm volatile("st.relaxed.gpu.global.b32 [%0], %1;\n" ::"l"(counter), "r"(0) : "memory");
-  if (!__syncthreads_or(is_last)) return false;
+  if (!sync.any(is_last)) return false;
   if (k_warp == 0) {
     zero_accumulators<kMBlocks>(acc);
     const int slice_t0 = s.slice * k_tiles, end = s.first_block + s.contributors;

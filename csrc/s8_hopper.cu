@@ -307,73 +307,6 @@ __device__ __forceinline__ void produce(const Ring& ring, const Problem& p, cons
 }
 
 // ---------------------------------------------------------------------------------
-// The consumers' end of a column slice: warpgroups 1.. hand their sums to warpgroup 0 through
-// shared memory ([strip][value][lane]: conflict-free), one m-block at a time, in order.
-// ---------------------------------------------------------------------------------
-__device__ __forceinline__ void add_warpgroups(FragC (&acc)[M_BLOCKS][4][2], float* red, int wg, int strip) {
-  const int lane = threadIdx.x % 32;
-  float* mine = red + strip * 32 * 32 + lane;
-#pragma unroll
-  for (int from = 1; from < CONSUMERS; ++from)
-#pragma unroll
-    for (int m = 0; m < M_BLOCKS; ++m) {
-      hopper::named_barrier(1, CONSUMER_THREADS);  // warpgroup 0 is done with the previous values
-      if (wg == from) {
-#pragma unroll
-        for (int v = 0; v < 32; ++v) mine[32 * v] = acc[m][v / 8][(v / 4) % 2].v[v % 4];
-      }
-      hopper::named_barrier(1, CONSUMER_THREADS);
-      if (wg == 0) {
-#pragma unroll
-        for (int v = 0; v < 32; ++v) acc[m][v / 8][(v / 4) % 2].v[v % 4] += mine[32 * v];
-      }
-    }
-}
-
-// s6's no-wait global reduction of a shared column slice (marlin::add_partial_sums), for
-// warpgroup 0 alone: the producer and warpgroup 1 run on, so the block barrier becomes a
-// named barrier of 128 threads and the "am I last" vote a flag in shared memory.
-__device__ __forceinline__ bool add_partial_sums(FragC (&acc)[M_BLOCKS][4][2], float* __restrict__ partials,
-                                                 int* counter, volatile int* flag, const marlin::StripeSegment& seg,
-                                                 const Problem& p, int strip) {
-  if (seg.contributors == 1) return true;
-  constexpr int PARTIAL_FLOATS = 4 * M_BLOCKS * 32 * 32;
-  const int lane = threadIdx.x % 32;
-  const size_t offset = size_t(strip) * M_BLOCKS * 32 * 32 + lane;
-  float* mine = partials + size_t(2 * blockIdx.x + seg.slot) * PARTIAL_FLOATS + offset;
-#pragma unroll
-  for (int m = 0; m < M_BLOCKS; ++m)
-#pragma unroll
-    for (int v = 0; v < 32; ++v) __stcg(mine + 32 * (32 * m + v), acc[m][v / 8][(v / 4) % 2].v[v % 4]);
-  __threadfence();
-  hopper::named_barrier(2, 128);
-  if (threadIdx.x == 0) {
-    int arrived;
-    asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;\n" : "=r"(arrived) : "l"(counter) : "memory");
-    const bool last = arrived == seg.contributors - 1;
-    if (last) asm volatile("st.relaxed.gpu.global.b32 [%0], %1;\n" ::"l"(counter), "r"(0) : "memory");
-    *flag = last;
-  }
-  hopper::named_barrier(2, 128);
-  if (!*flag) return false;
-  marlin::zero_accumulators<M_BLOCKS>(acc);
-  const int slice_t0 = seg.slice * p.k_tiles, end = seg.first_block + seg.contributors;
-  for (int b = seg.first_block; b < end; ++b) {
-    const float* theirs =
-        partials + size_t(2 * b + marlin::partial_slot(b, p.iters, slice_t0)) * PARTIAL_FLOATS + offset;
-#pragma unroll
-    for (int m = 0; m < M_BLOCKS; ++m) {
-      float v32[32];
-#pragma unroll
-      for (int v = 0; v < 32; ++v) v32[v] = __ldcg(theirs + 32 * (32 * m + v));
-#pragma unroll
-      for (int v = 0; v < 32; ++v) acc[m][v / 8][(v / 4) % 2].v[v % 4] += v32[v];
-    }
-  }
-  return true;
-}
-
-// ---------------------------------------------------------------------------------
 // The consumers: each warpgroup multiplies its k16 steps of every tile of a column slice
 // segment (warpgroup wg the steps CONSUMERS * sub + wg), releases each slot as soon as it is
 // done with it, and at the segment's end the sums go to the output (or to the partial sums).
@@ -457,8 +390,13 @@ __device__ __forceinline__ void consume(const Ring& ring, const Problem& p, Elem
       hopper::mbarrier_arrive_if(ring.empty((consumed - 1) % STAGES), lane == 0);
     }
 
-    add_warpgroups(acc, red, wg, strip);
-    if (wg == 0 && add_partial_sums(acc, partials, &counters[seg.slice], flag, seg, p, strip)) {
+    // The slice's end, as in s4 and s6 but on named barriers, so that the producer (and, in the
+    // global reduction, warpgroup 1) run on: warpgroup 1 hands its sums to warpgroup 0 through
+    // shared memory, then warpgroup 0 alone adds the partial sums of the blocks sharing the slice.
+    marlin::reduce_k_warp_partials<M_BLOCKS, 4, CONSUMERS>(acc, red, wg, strip,
+                                                            hopper::NamedSync<1, CONSUMER_THREADS>{nullptr});
+    if (wg == 0 && marlin::add_partial_sums<M_BLOCKS, 4>(acc, partials, &counters[seg.slice], seg, p.iters,
+                                                         p.k_tiles, strip, 0, hopper::NamedSync<2, 128>{flag})) {
       const int rows_valid = min(SLAB_ROWS, p.M - seg.slab * SLAB_ROWS);
       hopper::write_transposed<M_BLOCKS, Element>(acc, C + size_t(seg.slab) * SLAB_ROWS * p.N, p.N, rows_valid,
                                                        seg.col * TILE_N + 64 * strip);

@@ -107,6 +107,21 @@ __device__ __forceinline__ void named_barrier(unsigned id, unsigned threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
+// marlin::reduce_k_warp_partials' and marlin::add_partial_sums' barrier for kThreads threads
+// (a multiple of 32) on hardware barrier kId. any() is thread 0's vote, passed through `flag`
+// in shared memory: add_partial_sums lets thread 0 alone vote, and between two votes every
+// thread has passed a sync(), so none can still be reading the last one.
+template <int kId, int kThreads>
+struct NamedSync {
+  volatile int* flag;
+  __device__ __forceinline__ void sync() const { named_barrier(kId, kThreads); }
+  __device__ __forceinline__ bool any(bool vote) const {
+    if (threadIdx.x == 0) *flag = vote;
+    named_barrier(kId, kThreads);
+    return *flag;
+  }
+};
+
 // Give this warpgroup's registers back / take more (every warp of the warpgroup executes it).
 template <int kRegisters>
 __device__ __forceinline__ void release_registers() {

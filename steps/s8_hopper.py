@@ -41,7 +41,7 @@ from .step import SUPPORTED, Support
 TILE_K, TILE_N = 128, 256  # one ring slot: 8 k16 rows x 256 columns of weights
 THREADS = 384  # consumer warpgroups 0 and 1, producer warpgroup 2
 MAX_STAGES = 8
-WGMMA_FROM_ROWS = 17  # launches of fewer rows multiply with mma.sync (docs/rungs.md, s8: measured)
+MMA_SYNC_MAX_ROWS = 16  # launches of up to this many rows multiply with mma.sync, larger with wgmma (docs/rungs.md, s8: measured)
 REDUCE_BYTES = 4 * 32 * 32 * 4  # the warpgroups' hand-over buffer: one m-block of 4 warps
 
 
@@ -105,7 +105,7 @@ class Hopper(Marlin):
     shape_multiples = ((TILE_K, TILE_N),)  # other shapes are padded once, in pack (steps/_padding.py)
     threads = THREADS
     max_stages: int | None = MAX_STAGES  # tuning override of the ring depth
-    mma_sync_max_rows: int = WGMMA_FROM_ROWS - 1  # tuning override of the instruction choice
+    mma_sync_max_rows: int = MMA_SYNC_MAX_ROWS  # tuning override of the instruction choice
 
     def available(self) -> Support:
         base = gpu_support()

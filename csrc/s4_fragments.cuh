@@ -72,6 +72,12 @@ __device__ __forceinline__ void ldmatrix_x4(FragA& a, unsigned smem) {
                : "r"(smem));
 }
 
+// Two 8x8 matrices, addressed by lanes 0-7 and 8-15: half of ldmatrix_x4's shared-memory
+// reads where only one m16n8k16 B operand (or half an A) is wanted.
+__device__ __forceinline__ void ldmatrix_x2(FragB& b, unsigned smem) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(b.r[0]), "=r"(b.r[1]) : "r"(smem));
+}
+
 // ---------------------------------------------------------------------------------
 // int4 -> fp16 or bf16: a few instructions per 4 weights (reference/marlin_layout.py models them).
 // ---------------------------------------------------------------------------------
@@ -135,6 +141,7 @@ struct Fp16 : PairBits<half2> {
   static __device__ __forceinline__ void mma(const FragA& a, const FragB& b, FragC& c) { MMA_M16N8K16("f16", a, b, c); }
 
   static __device__ __forceinline__ pair round(float x, float y) { return __float22half2_rn(make_float2(x, y)); }
+  static __device__ __forceinline__ float2 widen(pair h) { return __half22float2(h); }
 };
 
 // bf16 has 8 exponent bits and only 7 mantissa bits, so 0x4300 (128, whose ulp is 1)
@@ -162,6 +169,7 @@ struct Bf16 : PairBits<__nv_bfloat162> {
   static __device__ __forceinline__ void mma(const FragA& a, const FragB& b, FragC& c) { MMA_M16N8K16("bf16", a, b, c); }
 
   static __device__ __forceinline__ pair round(float x, float y) { return __float22bfloat162_rn(make_float2(x, y)); }
+  static __device__ __forceinline__ float2 widen(pair h) { return __bfloat1622float2(h); }
 };
 
 // The element type a kernel is compiled for, from its 0/1 define.
@@ -176,26 +184,31 @@ struct ElementOf<true> {
 
 // A lane's 32-bit word of tile j holds both of its B operands: nibbles (0,4),(1,5) the
 // left 8 columns, (2,6),(3,7) the right 8 -- reached by shifting the word right by 8.
-// Each operand is scaled by its column's scale with one __hmul2 rounding, which is
-// bit for bit the reference's dequantize: E((q - 8) * s). With zero points, `zero_pair`
-// holds the two columns' zero points, subtracted first (v - z is a small integer:
-// exact), so the result is again one rounding: E((q - z) * s).
+// dequantize_codes gives the codes less their zero point, q - 8 (or q - z with zero points,
+// `zero_pair` holding the two columns' z): small integers, exact in fp16 and bf16.
+template <bool kZeroPoints = false, class E = Fp16>
+__device__ __forceinline__ void dequantize_codes(unsigned q, FragB& left, FragB& right, unsigned zero_pair = 0) {
+  left = E::template dequantize_pairs<kZeroPoints>(q);
+  right = E::template dequantize_pairs<kZeroPoints>(q >> 8);
+  if (kZeroPoints) {
+    const typename E::pair z = E::as_pair(zero_pair);
+    const typename E::pair z_left = E::low(z), z_right = E::high(z);
+    left.r[0] = E::bits(__hsub2(E::as_pair(left.r[0]), z_left));
+    left.r[1] = E::bits(__hsub2(E::as_pair(left.r[1]), z_left));
+    right.r[0] = E::bits(__hsub2(E::as_pair(right.r[0]), z_right));
+    right.r[1] = E::bits(__hsub2(E::as_pair(right.r[1]), z_right));
+  }
+}
+
+// Each operand scaled by its column's scale with one __hmul2 rounding: bit for bit the
+// reference's dequantize, E((q - 8) * s) or E((q - z) * s).
 template <bool kZeroPoints = false, class E = Fp16>
 __device__ __forceinline__ void dequantize_tile(unsigned q, unsigned scale_pair, FragB& left, FragB& right,
                                                 unsigned zero_pair = 0) {
   using P = typename E::pair;
   const P s = E::as_pair(scale_pair);
   const P s_left = E::low(s), s_right = E::high(s);
-  left = E::template dequantize_pairs<kZeroPoints>(q);
-  right = E::template dequantize_pairs<kZeroPoints>(q >> 8);
-  if (kZeroPoints) {
-    const P z = E::as_pair(zero_pair);
-    const P z_left = E::low(z), z_right = E::high(z);
-    left.r[0] = E::bits(__hsub2(E::as_pair(left.r[0]), z_left));
-    left.r[1] = E::bits(__hsub2(E::as_pair(left.r[1]), z_left));
-    right.r[0] = E::bits(__hsub2(E::as_pair(right.r[0]), z_right));
-    right.r[1] = E::bits(__hsub2(E::as_pair(right.r[1]), z_right));
-  }
+  dequantize_codes<kZeroPoints, E>(q, left, right, zero_pair);
   left.r[0] = E::bits(__hmul2(E::as_pair(left.r[0]), s_left));
   left.r[1] = E::bits(__hmul2(E::as_pair(left.r[1]), s_left));
   right.r[0] = E::bits(__hmul2(E::as_pair(right.r[0]), s_right));

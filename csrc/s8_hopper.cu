@@ -21,10 +21,18 @@
 // The ring has STAGES slots of one 128 x 256 weight tile each (16 KB) plus its activations
 // and scales; with 6-8 slots ~100 KB of weights are in flight per SM, against the ~30-60 KB
 // that the H200's bandwidth-latency product asks of each SM. The two consumer warpgroups
-// take the even and the odd k16 steps of each tile (as s6's two k-warps do) and add their
-// sums through shared memory at the end of a column slice; the slice's partial sums are
-// then combined across blocks exactly as in s6 (no block waits; the last to arrive adds all
-// in block order), so results stay bit-identical run to run.
+// take the tiles in turn, warpgroup 0 the even ones and 1 the odd, each all 8 k16 steps of its
+// tile, so they work on two slots at once and each warp waits and releases once per 8 steps
+// (taking alternate k16 steps of one tile, as s6's two k-warps do, was 4-14 % slower: more
+// waits and releases per weight, and all 8 warps stalled on the same slot). At the end of a
+// column slice they add their sums through shared memory; the slice's partial sums are then
+// combined across blocks exactly as in s6 (no block waits; the last to arrive adds all in
+// block order), so results stay bit-identical run to run.
+//
+// The consumers are the rung's cost at M <= 16, and they must be well below the byte floor,
+// not just at it: producer and consumers each near the floor, coupled through a finite ring,
+// lose time to each other's stalls (docs/rungs.md, round 3). So on the mma.sync path the
+// scales multiply each tile's fp32 sums instead of every weight (SCALE_SUMS).
 //
 // Which instruction multiplies depends on the batch (measured on the H200, docs/rungs.md):
 // with the dequantization taken out, a tile still took about 42 cycles of its SM per wgmma at
@@ -78,7 +86,11 @@ constexpr int SLAB_ROWS = 16 * M_BLOCKS;
 // Warpgroups 0 and 1 consume, warpgroup 2 produces. The register file is split by setmaxnreg:
 // the producer needs few, the consumers hold the accumulators.
 constexpr int CONSUMERS = 2, CONSUMER_THREADS = 128 * CONSUMERS, THREADS = CONSUMER_THREADS + 128;
-constexpr int STEPS_PER_CONSUMER = K16_STEPS / CONSUMERS;  // k16 steps of a tile per warpgroup: wg, wg + 2, ...
+// On the mma.sync path, where a scale group spans whole tiles, the scales multiply each tile's
+// fp32 sums (4 FFMA per 16 x 8 sums) rather than every weight (16 HMUL2 per lane and k16 step):
+// a quarter of the instructions or less, and the weights stay exact small integers (docs/rungs.md:
+// the error bound's constant). With smaller groups the fold would cost as much as it saves.
+constexpr bool SCALE_SUMS = !WGMMA && (GROUP_SIZE == -1 || GROUP_SIZE >= TILE_K);
 // A block starts with the registers ptxas gave every thread for THREADS threads (64 K / THREADS,
 // rounded down to a multiple of 8); setmaxnreg only moves them between warpgroups, so a claim
 // beyond that pool would wait forever.
@@ -101,9 +113,10 @@ static_assert(LAUNCH_THREADS == THREADS, "the host launches a different number o
 static_assert(LAUNCH_SMEM_BYTES == TOTAL_SMEM, "the host's shared-memory figure is not the kernel's");
 #endif
 static_assert(M_BLOCKS >= 1 && M_BLOCKS <= 4, "slabs of 16 to 64 rows");
-// A consumer releases tile r - 1's slot only after its wait for tile r: with one slot that
-// wait and the producer's wait for the release would block each other.
-static_assert(STAGES >= 2, "the ring needs at least two slots");
+// On the wgmma path a warpgroup releases its previous tile's slot only after its wait for the
+// next one, so each of the two may hold two slots while it waits: with fewer than four slots
+// that wait and the producer's wait for a release could block each other.
+static_assert(STAGES >= 4, "the ring needs at least four slots");
 static_assert(GROUP_SIZE == -1 || GROUP_SIZE % 16 == 0, "groups are whole k16 steps");
 static_assert(GROUP_SIZE == -1 || (GROUP_SIZE >= TILE_K ? GROUP_SIZE % TILE_K == 0 : TILE_K % GROUP_SIZE == 0),
               "a group must hold whole tiles or a tile whole groups");
@@ -113,7 +126,7 @@ static_assert(A_CHUNKS_PER_THREAD * PRODUCER_THREADS == SLAB_ROWS * TILE_K / 8 &
               "the producer warpgroup's threads split the activation tile evenly, 16 threads a row");
 // The expect-bytes arrival, then one cp.async arrival per producer thread.
 constexpr int FULL_ARRIVALS = 1 + PRODUCER_THREADS;
-constexpr int EMPTY_ARRIVALS = 4 * CONSUMERS;  // one per consumer warp
+constexpr int EMPTY_ARRIVALS = 4;  // one per warp of the warpgroup that consumed the slot
 
 // ---------------------------------------------------------------------------------
 // wgmma m64 x n x k16, n = 16 * M_BLOCKS: A = the dequantized weights (registers), B = the
@@ -176,7 +189,8 @@ __device__ __forceinline__ void pin(FragC (&acc)[M_BLOCKS][4][2]) {
 // The lane's four A fragments of one k16 step: tile j (16 columns) of its warp's 64-column
 // strip as 16 columns x 16 k -- a lane's left and right mma.sync B fragments of the tile are,
 // side by side, its A fragment of the transposed product -- dequantized and scaled exactly
-// as in s4-s6.
+// as in s4-s6 (kScaled), or left as the exact codes q - z for add_scaled_sums.
+template <bool kScaled>
 __device__ __forceinline__ void dequantize_k16(const int4& w, const int4& s, const int4& z, FragA (&a)[4]) {
   const unsigned words[4] = {unsigned(w.x), unsigned(w.y), unsigned(w.z), unsigned(w.w)};
   const unsigned scales[4] = {unsigned(s.x), unsigned(s.y), unsigned(s.z), unsigned(s.w)};
@@ -184,7 +198,8 @@ __device__ __forceinline__ void dequantize_k16(const int4& w, const int4& s, con
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     FragB left, right;
-    marlin::dequantize_tile<ZERO_POINTS != 0, Element>(words[j], scales[j], left, right, zeros[j]);
+    if constexpr (kScaled) marlin::dequantize_tile<ZERO_POINTS != 0, Element>(words[j], scales[j], left, right, zeros[j]);
+    else marlin::dequantize_codes<ZERO_POINTS != 0, Element>(words[j], left, right, zeros[j]);
     a[j] = FragA{{left.r[0], right.r[0], left.r[1], right.r[1]}};
   }
 }
@@ -206,18 +221,48 @@ __device__ __forceinline__ void multiply_wgmma(FragA (&a)[4], unsigned long long
 // mma.sync m16n8k16, one per tile j and 8 tokens: ldmatrix.x4 at the lane's row `b_row` gives
 // m-block m's B fragments, tokens 16m..16m+7 (registers 0, 1: k 0-7 and 8-15 of the step) and
 // 16m+8..16m+15 (registers 2, 3). kUpper false skips the upper 8 tokens of a one-block slab
-// that has none (M <= 8): half the tensor work.
+// that has none (M <= 8): half the tensor work, and ldmatrix.x2 half the shared-memory reads.
 template <bool kUpper>
 __device__ __forceinline__ void multiply_mma(const FragA (&a)[4], unsigned b_row, FragC (&acc)[M_BLOCKS][4][2]) {
 #pragma unroll
   for (int m = 0; m < M_BLOCKS; ++m) {
     FragA b;
-    marlin::ldmatrix_x4(b, b_row + m * 16 * 128);
+    FragB lower;
+    if (kUpper) {
+      marlin::ldmatrix_x4(b, b_row + m * 16 * 128);
+      lower = FragB{{b.r[0], b.r[1]}};
+    } else {
+      marlin::ldmatrix_x2(lower, b_row + m * 16 * 128);
+    }
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      Element::mma(a[j], FragB{{b.r[0], b.r[1]}}, acc[m][j][0]);
+      Element::mma(a[j], lower, acc[m][j][0]);
       if (kUpper) Element::mma(a[j], FragB{{b.r[2], b.r[3]}}, acc[m][j][1]);
     }
+  }
+}
+
+// acc += s * sums for one group's sums of the unscaled codes, then (restart) sums = 0. In the
+// transposed product a lane's sums (m, j, h) hold weight column g of tile j in v[0], v[1] and
+// column g + 8 in v[2], v[3] (lane = 4g + c), and the lane's scale word j holds exactly those
+// two columns' scales. kUpper false: the slab has no tokens 8-15, whose sums stay zero.
+template <bool kUpper>
+__device__ __forceinline__ void add_scaled_sums(FragC (&sums)[M_BLOCKS][4][2], const int4& s,
+                                                FragC (&acc)[M_BLOCKS][4][2], bool restart) {
+  const unsigned scales[4] = {unsigned(s.x), unsigned(s.y), unsigned(s.z), unsigned(s.w)};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const float2 scale = Element::widen(Element::as_pair(scales[j]));  // columns g, g + 8
+#pragma unroll
+    for (int m = 0; m < M_BLOCKS; ++m)
+#pragma unroll
+      for (int h = 0; h < (kUpper ? 2 : 1); ++h) {
+        acc[m][j][h].v[0] = fmaf(scale.x, sums[m][j][h].v[0], acc[m][j][h].v[0]);
+        acc[m][j][h].v[1] = fmaf(scale.x, sums[m][j][h].v[1], acc[m][j][h].v[1]);
+        acc[m][j][h].v[2] = fmaf(scale.y, sums[m][j][h].v[2], acc[m][j][h].v[2]);
+        acc[m][j][h].v[3] = fmaf(scale.y, sums[m][j][h].v[3], acc[m][j][h].v[3]);
+        if (restart) sums[m][j][h] = FragC{};  // the next mma.sync then starts from zero
+      }
   }
 }
 
@@ -307,21 +352,27 @@ __device__ __forceinline__ void produce(const Ring& ring, const Problem& p, cons
 }
 
 // ---------------------------------------------------------------------------------
-// The consumers: each warpgroup multiplies its k16 steps of every tile of a column slice
-// segment (warpgroup wg the steps CONSUMERS * sub + wg), releases each slot as soon as it is
-// done with it, and at the segment's end the sums go to the output (or to the partial sums).
+// The consumers: the two warpgroups take the block's tiles in turn (warpgroup 0 the even ones
+// of its run, warpgroup 1 the odd), each all 8 k16 steps of its tile, so that they work on two
+// slots at once and each warp waits for a slot and releases it once per 8 steps. At the end of
+// a column slice segment both hold sums for the same columns, which go to the output (or to
+// the partial sums) as in s4 and s6.
 // ---------------------------------------------------------------------------------
 template <bool kValue>
 struct Flag {
   static constexpr bool value = kValue;
 };
 
-__device__ __forceinline__ void consume(const Ring& ring, const Problem& p, Element::scalar* __restrict__ C,
+__device__ __forceinline__ void consume(const Ring& ring_in, const Problem& p, Element::scalar* __restrict__ C,
                                         int* __restrict__ counters, float* __restrict__ partials, float* red,
                                         volatile int* flag) {
+  // The ring's addresses and the lane's offsets into a slot, each computed once and kept in a
+  // register (hopper::opaque): otherwise ptxas recomputes them from the thread and block ids
+  // every tile, a chain of some 20 dependent instructions in front of the tile's first load.
+  const Ring ring{hopper::opaque(ring_in.base), hopper::opaque(ring_in.bars)};
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wg = warp / 4, strip = warp % 4;
-  const unsigned w_lane = A_BYTES + strip * 512 + lane * 16;
-  const unsigned s_lane = A_BYTES + W_BYTES + strip * 128 + (lane / 4) * 16;
+  const unsigned w_lane = hopper::opaque(A_BYTES + strip * 512 + lane * 16);
+  const unsigned s_lane = hopper::opaque(A_BYTES + W_BYTES + strip * 128 + (lane / 4) * 16);
   // A lane's 128-bit weight word of k16 step `step` and the scales (zero points) of its
   // 8 columns in that step's group row.
   auto load_step = [&](unsigned stage, int step, int4& w, int4& sc, int4& z) {
@@ -332,62 +383,85 @@ __device__ __forceinline__ void consume(const Ring& ring, const Problem& p, Elem
   };
   // mma.sync's B: lane l points ldmatrix at token row l % 8 + 8 (l / 16) and the 8-k chunk
   // (l / 8) % 2 of its k16 step (matrices 0-3: tokens 0-7 x k 0-7, 0-7 x 8-15, 8-15 x 0-7,
-  // 8-15 x 8-15) in the swizzled atoms. Step CONSUMERS * sub + wg reads the tile's 8-k chunks
-  // 2 CONSUMERS sub + 2 wg (+ 1): atom column (2 CONSUMERS sub) / 8, and chunk bits that the
-  // swizzle's XOR with the row (l % 8) leaves alone; b_lane holds the rest.
+  // 8-15 x 8-15) in the swizzled atoms. Step `step` reads the tile's 8-k chunks 2 step and
+  // 2 step + 1: atom column (2 step) / 8, and chunk bits that the swizzle's XOR with the row
+  // (l % 8) leaves alone; b_lane holds the rest.
   const int b_row = lane % 8 + 8 * (lane / 16);
-  const unsigned b_lane = b_row * 128 + (((2 * wg + (lane / 8) % 2) ^ (lane % 8)) * 16);
+  const unsigned b_lane = hopper::opaque(b_row * 128 + ((((lane / 8) % 2) ^ (lane % 8)) * 16));
   FragC acc[M_BLOCKS][4][2];
-  int consumed = 0;  // tiles of the run consumed so far: slot and phase of the next
+  // SCALE_SUMS: the warpgroup's last tile's sums of unscaled codes and its scale word, added to
+  // acc at the top of its next tile (or at the segment's end), once that tile's wait and loads
+  // are under way: adding them right after the tile's last mma.sync would wait for its result.
+  FragC sums[M_BLOCKS][4][2];
+  int4 sums_scale;
+  // The next tile's slot and the parity of that slot's fill, stepped tile by tile (cheaper
+  // than a division of a tile count every tile); whether the next tile is this warpgroup's;
+  // on the wgmma path the slot of its previous tile, whose last wgmma may still be reading.
+  unsigned slot = 0, phase = 0, mine = wg == 0;
+  int held = -1;
 
-  // One tile: the lane's words loaded one substep ahead. kUpper (mma.sync path) says whether
-  // the slab has tokens 8-15; a compile-time choice, so that no mma.sync is predicated.
-  auto tile = [&](auto upper, int r) {
-    const int s = consumed % STAGES;
-    const unsigned stage = ring.slot(s);
-    hopper::mbarrier_wait(ring.full(s), (consumed / STAGES) & 1);
+  // One tile: the lane's words loaded one step ahead. kUpper (mma.sync path) says whether the
+  // slab has tokens 8-15; a compile-time choice, so that no mma.sync is predicated.
+  auto tile = [&](auto upper) {
+    const unsigned stage = ring.slot(slot);
+    // A wait names the fill it wants only by its parity, so it must not run two fills ahead of
+    // the barrier. With an even number of slots each slot serves one warpgroup, whose fills of
+    // it come one after another. With an odd number the warpgroups take a slot's fills in turn:
+    // the other's fill, the one before this warpgroup's, may not have landed yet, and a wait
+    // for this fill's parity would then pass at once. So wait for that fill first.
+    if constexpr (STAGES % 2 == 1) hopper::mbarrier_wait(ring.full(slot), phase ^ 1);
+    hopper::mbarrier_wait(ring.full(slot), phase);
     if (WGMMA) hopper::fence_async_proxy();  // the producer's cp.async activations, for wgmma's reads
     int4 w[2], sc[2], z[2];
-    load_step(stage, wg, w[0], sc[0], z[0]);
+    load_step(stage, 0, w[0], sc[0], z[0]);
+    if constexpr (SCALE_SUMS) add_scaled_sums<decltype(upper)::value>(sums, sums_scale, acc, true);
 #pragma unroll
-    for (int sub = 0; sub < STEPS_PER_CONSUMER; ++sub) {
-      const int step = CONSUMERS * sub + wg;
-      if (sub + 1 < STEPS_PER_CONSUMER)
-        load_step(stage, step + CONSUMERS, w[(sub + 1) % 2], sc[(sub + 1) % 2], z[(sub + 1) % 2]);
+    for (int step = 0; step < K16_STEPS; ++step) {
+      if (step + 1 < K16_STEPS) load_step(stage, step + 1, w[(step + 1) % 2], sc[(step + 1) % 2], z[(step + 1) % 2]);
       FragA a[4];
-      dequantize_k16(w[sub % 2], sc[sub % 2], z[sub % 2], a);
+      dequantize_k16<!SCALE_SUMS>(w[step % 2], sc[step % 2], z[step % 2], a);
       if constexpr (WGMMA) {
         const unsigned b = stage + (step / 4) * SLAB_ROWS * 128 + (step % 4) * 32;
         multiply_wgmma(a, hopper::swizzled_operand(b), acc);
         hopper::wgmma_wait<1>();  // the previous group is done: its registers and its slot are free
         // The previous tile's slot: one arrival per warp (its lanes run the wgmma instructions in
         // step), predicated rather than branched around (see mbarrier_arrive_if).
-        if (sub == 0)
-          hopper::mbarrier_arrive_if(ring.empty((consumed + STAGES - 1) % STAGES), r > 0 && lane == 0);
+        if (step == 0) hopper::mbarrier_arrive_if(ring.empty(held), held >= 0 && lane == 0);
       } else {
-        const int first_chunk = 2 * CONSUMERS * sub;
-        multiply_mma<decltype(upper)::value>(
-            a, stage + (first_chunk / 8) * SLAB_ROWS * 128 + (b_lane ^ ((first_chunk % 8) * 16)), acc);
+        multiply_mma<decltype(upper)::value>(a, stage + (step / 4) * SLAB_ROWS * 128 + (b_lane ^ ((2 * step % 8) * 16)),
+                                             SCALE_SUMS ? sums : acc);
       }
     }
-    if (!WGMMA) {
+    if constexpr (SCALE_SUMS) sums_scale = sc[0];  // the tile's one group row
+    if (WGMMA) {
+      held = slot;
+    } else {
       __syncwarp();  // every lane's reads of the slot are done: one arrival releases them all
-      hopper::mbarrier_arrive_if(ring.empty(s), lane == 0);
+      hopper::mbarrier_arrive_if(ring.empty(slot), lane == 0);
     }
   };
 
   for (int t = p.t0; t < p.t1;) {
     const marlin::StripeSegment seg = marlin::stripe_segment(t, p.t1, p.k_tiles, p.n_tiles, p.iters);
     marlin::zero_accumulators<M_BLOCKS>(acc);
+    marlin::zero_accumulators<M_BLOCKS>(sums);
+    sums_scale = int4{};
     const bool upper = WGMMA || M_BLOCKS > 1 || p.M - seg.slab * SLAB_ROWS > 8;  // tokens 8-15 present
-    for (int r = 0; r < seg.rows; ++r, ++consumed) {
-      if (upper) tile(Flag<true>{}, r);
-      else tile(Flag<false>{}, r);
-    }
+    auto run = [&](auto upper_flag) {
+      for (int r = 0; r < seg.rows; ++r) {
+        if (mine) tile(upper_flag);
+        mine ^= 1;
+        if (++slot == STAGES) slot = 0, phase ^= 1;
+      }
+    };
+    if (upper) run(Flag<true>{});
+    else run(Flag<false>{});
+    if constexpr (SCALE_SUMS) add_scaled_sums<true>(sums, sums_scale, acc, false);  // the warpgroup's last tile
     if (WGMMA) {
       hopper::wgmma_wait<0>();
       pin(acc);
-      hopper::mbarrier_arrive_if(ring.empty((consumed - 1) % STAGES), lane == 0);
+      hopper::mbarrier_arrive_if(ring.empty(held), held >= 0 && lane == 0);
+      held = -1;
     }
 
     // The slice's end, as in s4 and s6 but on named barriers, so that the producer (and, in the

@@ -66,6 +66,12 @@ __device__ __forceinline__ void mbarrier_wait(unsigned bar, unsigned parity) {
   } while (!done);
 }
 
+// x, as a value the compiler must keep in a register rather than recompute where it is used.
+__device__ __forceinline__ unsigned opaque(unsigned x) {
+  asm volatile("" : "+r"(x));
+  return x;
+}
+
 // ---------------------------------------------------------------------------------
 // The bulk copy engine: `bytes` (a multiple of 16, both addresses 16-byte aligned) from
 // global to shared memory, completion reported to `bar`. The weights, read exactly once,

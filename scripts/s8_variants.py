@@ -3,10 +3,14 @@
     python scripts/s8_variants.py --shapes 33792x16896 4096x4096 --M 1 16 64 \
         --variants base stream-only mma_sync_max_rows=64
 
-A variant is `base` (the shipped kernel and choices), `stream-only` (an ablation: the
+A variant is `base` (the shipped kernel and choices), an ablation -- `stream-only` (the
 consumers wait for each slot and hand it straight back, so the time is what the producer
-and the ring deliver -- the kernel's floor as built), or `attr=value,...` (tuning
-attributes of the step, e.g. mma_sync_max_rows, max_stages). Each variant's output is
+and the ring deliver: the kernel's floor as built) or `compute-only` (the producer hands
+over slots without copying weights or scales into them, so the time is what the consumers
+cost when their data is always there) -- `src:NAME` (the kernel compiled from
+csrc/NAME.cu, e.g. an earlier commit's s8_hopper.cu written there), or `attr=value`
+(a tuning attribute of the step, e.g. mma_sync_max_rows, max_stages); or several of these
+joined by commas, e.g. `stream-only,max_stages=4`. Each variant's output is
 compared with the first's: `bitwise` where the arithmetic is the same. Weights are random
 words (speed does not depend on them); correctness is the tests' business. With
 --profile each variant runs once between cudaProfilerStart/Stop, for
@@ -25,20 +29,33 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-ABLATED = ROOT / "csrc" / "s8_stream_only.cu"
+_WAIT = "    hopper::mbarrier_wait(ring.full(slot), phase);\n"
+_EXPECT = "      hopper::mbarrier_arrive_expect_bytes(ring.full(s), W_BYTES + S_BYTES + Z_BYTES);\n"
+_WEIGHTS = "#pragma unroll\n      for (int r = 0; r < K16_STEPS; ++r)\n"
+_SCALES = "#pragma unroll\n      for (int r = 0; r < S_ROWS; ++r) {\n"
+# Each ablation: text of csrc/s8_hopper.cu and what replaces it.
+ABLATIONS = {
+    "stream-only": {_WAIT: _WAIT + "    hopper::mbarrier_arrive_if(ring.empty(slot), lane == 0);\n    return;\n"},
+    "compute-only": {
+        _EXPECT: "      hopper::mbarrier_arrive_expect_bytes(ring.full(s), 0);\n",
+        _WEIGHTS: "      if (false)\n" + _WEIGHTS,
+        _SCALES: "      if (false)\n" + _SCALES,
+    },
+}
 
 
-def write_stream_only_source() -> None:
-    """csrc/s8_hopper.cu with the consumers reduced to waiting for a slot and releasing it."""
-    source = (ROOT / "csrc" / "s8_hopper.cu").read_text()
-    wait = "    hopper::mbarrier_wait(ring.full(s), (consumed / STAGES) & 1);\n"
-    tail = "      hopper::mbarrier_arrive_if(ring.empty((consumed - 1) % STAGES), lane == 0);\n"
-    if source.count(wait) != 1 or source.count(tail) != 1:
-        raise SystemExit("csrc/s8_hopper.cu changed: update the stream-only ablation's anchors")
-    source = source.replace(wait, wait + "    hopper::mbarrier_arrive_if(ring.empty(s), lane == 0);\n    return;\n")
-    source = source.replace(tail, "")
-    ABLATED.write_text(source)
-    atexit.register(ABLATED.unlink, missing_ok=True)
+def write_ablation_source(name: str, of: str = "s8_hopper") -> str:
+    """csrc/<of>.cu with ablation `name` applied, as csrc/<of>_<name>.cu; its kernel source name."""
+    source = (ROOT / "csrc" / f"{of}.cu").read_text()
+    for old, new in ABLATIONS[name].items():
+        if source.count(old) != 1:
+            raise SystemExit(f"csrc/{of}.cu changed: update the {name} ablation's anchors")
+        source = source.replace(old, new)
+    stem = f"{of}_{name.replace('-', '_')}"
+    path = ROOT / "csrc" / f"{stem}.cu"
+    path.write_text(source)
+    atexit.register(path.unlink, missing_ok=True)
+    return stem
 
 
 def main() -> int:
@@ -70,8 +87,13 @@ def main() -> int:
     s8._load = lambda _name, cfg, device: load(source["name"], cfg, device)
     step = get("s8_hopper")
     step.first_run_check = lambda *a, **k: None  # ablations are wrong on purpose
-    if "stream-only" in args.variants:
-        write_stream_only_source()
+    parts = {v: v.split(",") for v in args.variants}
+    names = {}  # variant -> kernel source name
+    for v in args.variants:
+        srcs = [p.removeprefix("src:") for p in parts[v] if p.startswith("src:")]
+        names[v] = srcs[0] if srcs else "s8_hopper"
+        for a in (p for p in parts[v] if p in ABLATIONS):
+            names[v] = write_ablation_source(a, names[v])
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     print(f"device: {torch.cuda.get_device_name(0)}; group 128; fp16")
     print(f"{'KxN':>12} {'M':>4} {'variant':32s} {'us':>8} {'fp16':>8} {'x':>6} {'iqr%':>5} {'GB/s':>6} vs first")
@@ -92,10 +114,16 @@ def main() -> int:
                 del W16
             first = None
             for variant in args.variants:
-                source["name"] = "s8_stream_only" if variant == "stream-only" else "s8_hopper"
+                source["name"] = names[variant]
                 attrs = {}
-                if "=" in variant:
-                    attrs = {k: int(v) for k, v in (kv.split("=") for kv in variant.split(","))}
+                for part in parts[variant]:
+                    if part in ABLATIONS or part.startswith("src:"):
+                        continue
+                    if "=" in part:
+                        key, value = part.split("=")
+                        attrs[key] = int(value)
+                    elif part != "base":
+                        raise SystemExit(f"unknown variant part {part!r}")
                 saved = {k: getattr(step, k) for k in attrs}
                 for k, v in attrs.items():
                     setattr(step, k, v)

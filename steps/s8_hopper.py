@@ -19,9 +19,12 @@ does what (csrc/s8_hopper.cu draws it):
 * the ring is as deep as shared memory allows (up to 8 slots, ~130 KB of weights in
   flight per SM), which is what the H200's bandwidth-latency product asks for.
 
-Numerics are s6's: the same dequantized fp16/bf16 weights (one rounding of (q - z) * s),
-fp32 accumulation, fp32 partial sums added in block order: error bound constant c = 10,
-and results bit-identical run to run. Compiled for sm_90a, so the rung runs on compute
+Numerics: fp32 accumulation and fp32 partial sums added in block order, so results are
+bit-identical run to run. The wgmma path multiplies s6's dequantized weights (one rounding of
+(q - z) * s); the mma.sync path, where a scale group spans whole tiles, multiplies the exact
+codes q - z and applies each column's scale to the tile's fp32 sums. Those weights are then
+not the reference's rounded fp16((q - z) * s) but the exact product, which differs from it by
+at most one rounding per weight: one u more than s4's c = 10, so c = 11. Compiled for sm_90a, so the rung runs on compute
 capability 9.0 (H100, H200) only. Until it is faster than s6 at every batch size (it is
 not yet: docs/rungs.md), `MarlinLinear` takes it only when asked for it by name.
 """
@@ -99,9 +102,10 @@ class Hopper(Marlin):
         "Stop issuing copies and start specializing warps: a producer warpgroup streams weight tiles "
         "with the bulk copy engine into a deep mbarrier ring, two warpgroups dequantize and multiply."
     )
-    # On the H200 faster than s6 only from 64 rows up, slower at decode batch sizes
-    # (docs/rungs.md): MarlinLinear keeps to s6 unless asked for this rung by name.
+    # On the H200 ahead of s6 at M <= 8 and from 64 rows up, level at 16-32, behind on the
+    # 4096 x 4096 layer (docs/rungs.md): MarlinLinear keeps to s6 unless asked for this rung by name.
     chosen_by_default = False
+    error_c = 11.0  # s6's 10, plus the reference's rounding of each weight (module docstring)
     shape_multiples = ((TILE_K, TILE_N),)  # other shapes are padded once, in pack (steps/_padding.py)
     threads = THREADS
     max_stages: int | None = MAX_STAGES  # tuning override of the ring depth

@@ -117,10 +117,20 @@ nb.measured("s8_hopper", below="s6_marlin")
 # of two were tried and were slower (more instructions per tile, more warps competing for
 # issue), so they were not kept.
 #
-# Where it stands: ahead of rung 6 from 64 rows up, behind it at most decode sizes, so
-# `MarlinLinear` still does not choose it by itself. What limits it now is the consumers'
-# instruction stream (about 58 % of it dequantization) and, on 7B-sized layers, a fixed cost
-# per launch. `docs/rungs.md` has the numbers and the next levers.
+# Round 3 found that the consumers alone (the producer handing over empty slots) took 62 µs
+# and the producer alone 67 µs, but the two together 90 µs: each near the floor, coupled
+# through a finite ring, they lose each other's stalls. The consumers need a margin under the
+# floor. Three changes gave it: on the `mma.sync` path the scales multiply each tile's fp32
+# sums instead of every weight (the error bound's constant becomes 11), a few instructions of
+# address arithmetic per tile were kept in registers, and the two warpgroups now take whole
+# tiles in turn rather than alternate k16 steps of each tile. M ≤ 8 went to 81 µs (3.1× over
+# FP16).
+#
+# Where it stands: ahead of rung 6 at M ≤ 8 and from 64 rows up, level at 16-32 rows, behind
+# it on the 4096 × 4096 layer, so `MarlinLinear` still does not choose it by itself. What
+# limits it now is the consumers' margin (the dequantization is about two thirds of their
+# instructions) and, on 7B-sized layers, a fixed cost per launch. `docs/rungs.md` has the
+# numbers and the next levers. (The outputs below were computed by round 2's kernel.)
 
 # %% [markdown]
 # ## The whole table

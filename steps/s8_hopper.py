@@ -11,11 +11,12 @@ does what (csrc/s8_hopper.cu draws it):
   weights and scales to the bulk copy engine (eight 2 KB copies, completion counted in bytes
   on an mbarrier), all 128 threads copy the activation tile with cp.async; it never
   multiplies;
-* two consumer warpgroups (with the producer's spare registers, `setmaxnreg`) dequantize
-  into registers and multiply the transposed product -- the weights as the register
-  operand, the activations from shared memory -- with `mma.sync` m16n8k16 for launches of
-  up to 16 rows and `wgmma` above, and hand each slot back on another mbarrier as soon as
-  they are done with it (docs/rungs.md says why the instruction depends on the batch);
+* two consumer warpgroups (with the producer's spare registers, `setmaxnreg`) take the
+  tiles in turn, dequantize into registers and multiply the transposed product -- the
+  weights as the register operand, the activations from shared memory -- with `mma.sync`
+  m16n8k16 for launches of up to 16 rows and `wgmma` above, and hand each slot back on
+  another mbarrier as soon as they are done with it (docs/rungs.md says why the instruction
+  depends on the batch);
 * the ring is as deep as shared memory allows (up to 8 slots, ~130 KB of weights in
   flight per SM), which is what the H200's bandwidth-latency product asks for.
 
@@ -24,8 +25,8 @@ bit-identical run to run. The wgmma path multiplies s6's dequantized weights (on
 (q - z) * s); the mma.sync path, where a scale group spans whole tiles, multiplies the exact
 codes q - z and applies each column's scale to the tile's fp32 sums. Those weights are then
 not the reference's rounded fp16((q - z) * s) but the exact product, which differs from it by
-at most one rounding per weight: one u more than s4's c = 10, so c = 11. Compiled for sm_90a, so the rung runs on compute
-capability 9.0 (H100, H200) only. Until it is faster than s6 at every batch size (it is
+at most one rounding per weight: one u more than s4's c = 10, so c = 11. Compiled for
+sm_90a, so the rung runs on compute capability 9.0 (H100, H200) only. Until it is faster than s6 at every batch size (it is
 not yet: docs/rungs.md), `MarlinLinear` takes it only when asked for it by name.
 """
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import sys
 from pathlib import Path
 
@@ -47,6 +48,31 @@ def random_arrays(name: str, K: int, N: int, group: int, cupy) -> dict:
         words = cupy.random.randint(-(2**31), 2**31 - 1, size=K * N // 16, dtype=cupy.int32)
         return {"qweight": words, "meta": cupy.full(K * N // 32, 0x44444444, dtype=cupy.int32), "scales": scales}
     return {"qweight": cupy.random.randint(-(2**31), 2**31 - 1, size=K * N // 8, dtype=cupy.int32), "scales": scales}
+
+
+def rotated_packs(name: str, K: int, N: int, group: int, l2_bytes: int, cupy, dtype: str = "float16",
+                  copies: int | None = None) -> list[Packed]:
+    """Random packed weights of rung `name` and enough copies of them to cycle past L2 (at least
+    two; `copies` fixes the number), as the benchmark rotates its weights."""
+    base = random_arrays(name, K, N, group, cupy)
+    if copies is None:
+        copies = max(2, -(-4 * l2_bytes // sum(a.nbytes for a in base.values())))
+    return [Packed(name, K, N, group, base, dtype)] + [
+        Packed(name, K, N, group, {k: v.copy() for k, v in base.items()}, dtype) for _ in range(copies - 1)
+    ]
+
+
+@contextlib.contextmanager
+def attributes(step, values: dict):
+    """The step with its tuning attributes set to `values` inside the block, restored after."""
+    saved = {k: getattr(step, k) for k in values}
+    for k, v in values.items():
+        setattr(step, k, v)
+    try:
+        yield step
+    finally:
+        for k, v in saved.items():
+            setattr(step, k, v)
 
 
 def main() -> int:
@@ -82,39 +108,27 @@ def main() -> int:
                     print(f"{shape:>12} {M:4d} {text:44s} unsupported", flush=True)
                     continue
                 if name not in packs:
-                    base = random_arrays(name, K, N, args.group, cupy)
-                    nbytes = sum(a.nbytes for a in base.values())
-                    copies = max(2, -(-4 * l2 // nbytes))
-                    packs[name] = [Packed(name, K, N, args.group, base, args.dtype)] + [
-                        Packed(name, K, N, args.group, {k: v.copy() for k, v in base.items()}, args.dtype)
-                        for _ in range(copies - 1)
-                    ]
+                    packs[name] = rotated_packs(name, K, N, args.group, l2, cupy, args.dtype)
                     if hasattr(step, "workspace"):
                         step.workspace(0, N)
-                saved = {k: getattr(step, k) for k in overrides if k != "sms_per_sm"}
-                for k, v in overrides.items():
-                    if k == "sms_per_sm":
-                        saved["sms"] = step.sms
-                        step.sms = int(v * sm_count(0))
-                    else:
-                        setattr(step, k, v)
-                try:
-                    if hasattr(step, "workspace"):
-                        step.workspace(0, N)
-                    ps = packs[name]
-                    t = measure(lambda i: step(A, ps[i], out=out), len(ps))
-                    cfg = step.config(M, K, N, args.group, 0, bf16=args.dtype == "bfloat16")
-                    desc = f"{cfg.tile_k}x{cfg.tile_n} mb{cfg.m_blocks} st{cfg.stages}"
-                    if hasattr(step, "schedule"):
-                        _, iters, blocks = step.schedule(M, K, N, args.group, 0)
-                        desc += f" it{iters} b{blocks}"
-                    print(f"{shape:>12} {M:4d} {text:44s} {desc:30s} {t.median_us:8.1f} {t16.median_us:8.1f} "
-                          f"{t16.median_us / t.median_us:7.2f} {t.spread_pct:5.1f}", flush=True)
-                except Exception as e:  # a variant that does not compile or launch: say so, go on
-                    print(f"{shape:>12} {M:4d} {text:44s} FAILED: {type(e).__name__}: {e}", flush=True)
-                finally:
-                    for k, v in saved.items():
-                        setattr(step, k, v)
+                values = {k: v for k, v in overrides.items() if k != "sms_per_sm"}
+                if "sms_per_sm" in overrides:
+                    values["sms"] = int(overrides["sms_per_sm"] * sm_count(0))
+                with attributes(step, values):
+                    try:
+                        if hasattr(step, "workspace"):
+                            step.workspace(0, N)
+                        ps = packs[name]
+                        t = measure(lambda i: step(A, ps[i], out=out), len(ps))
+                        cfg = step.config(M, K, N, args.group, 0, bf16=args.dtype == "bfloat16")
+                        desc = f"{cfg.tile_k}x{cfg.tile_n} mb{cfg.m_blocks} st{cfg.stages}"
+                        if hasattr(step, "schedule"):
+                            _, iters, blocks = step.schedule(M, K, N, args.group, 0)
+                            desc += f" it{iters} b{blocks}"
+                        print(f"{shape:>12} {M:4d} {text:44s} {desc:30s} {t.median_us:8.1f} {t16.median_us:8.1f} "
+                              f"{t16.median_us / t.median_us:7.2f} {t.spread_pct:5.1f}", flush=True)
+                    except Exception as e:  # a variant that does not compile or launch: say so, go on
+                        print(f"{shape:>12} {M:4d} {text:44s} FAILED: {type(e).__name__}: {e}", flush=True)
         packs.clear()
         W16.clear()
         torch.cuda.empty_cache()

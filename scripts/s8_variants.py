@@ -63,11 +63,10 @@ def main() -> int:
     import torch
 
     import steps.s8_hopper as s8
-    from gpu_tune import random_arrays
+    from gpu_tune import attributes, rotated_packs
     from steps._cuda import get_kernel
     from steps.harness.timing import measure
     from steps.registry import get
-    from steps.step import Packed
 
     p = argparse.ArgumentParser()
     p.add_argument("--shapes", nargs="+", default=["33792x16896"], help="KxN")
@@ -99,11 +98,8 @@ def main() -> int:
     print(f"{'KxN':>12} {'M':>4} {'variant':32s} {'us':>8} {'fp16':>8} {'x':>6} {'iqr%':>5} {'GB/s':>6} vs first")
     for shape in args.shapes:
         K, N = map(int, shape.split("x"))
-        base = random_arrays("s8_hopper", K, N, 128, cupy)
-        nbytes = sum(a.nbytes for a in base.values())
-        copies = 1 if args.profile else max(2, -(-4 * l2 // nbytes))
-        packs = [Packed("s8_hopper", K, N, 128, base)]
-        packs += [Packed("s8_hopper", K, N, 128, {k: v.copy() for k, v in base.items()}) for _ in range(copies - 1)]
+        packs = rotated_packs("s8_hopper", K, N, 128, l2, cupy, copies=1 if args.profile else None)
+        nbytes = packs[0].streamed_bytes
         step.workspace(0, N)
         for M in args.M:
             A = torch.randn(M, K, dtype=torch.float16, device="cuda")
@@ -124,10 +120,7 @@ def main() -> int:
                         attrs[key] = int(value)
                     elif part != "base":
                         raise SystemExit(f"unknown variant part {part!r}")
-                saved = {k: getattr(step, k) for k in attrs}
-                for k, v in attrs.items():
-                    setattr(step, k, v)
-                try:
+                with attributes(step, attrs):
                     out = torch.zeros(M, N, dtype=torch.float16, device="cuda")
                     step(A, packs[0], out=out)
                     torch.cuda.synchronize()
@@ -146,11 +139,7 @@ def main() -> int:
                     t = measure(lambda i: step(A, packs[i % len(packs)], out=out), len(packs))
                     print(f"{shape:>12} {M:4d} {variant:32s} {t.median_us:8.1f} {t16:8.1f} {t16 / t.median_us:6.2f} "
                           f"{t.spread_pct:5.1f} {nbytes / t.median_us / 1e3:6.0f} {check}", flush=True)
-                finally:
-                    for k, v in saved.items():
-                        setattr(step, k, v)
         packs.clear()
-        base.clear()
         torch.cuda.empty_cache()
     return 0
 

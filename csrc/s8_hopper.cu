@@ -117,6 +117,12 @@ static_assert(M_BLOCKS >= 1 && M_BLOCKS <= 4, "slabs of 16 to 64 rows");
 // next one, so each of the two may hold two slots while it waits: with fewer than four slots
 // that wait and the producer's wait for a release could block each other.
 static_assert(STAGES >= 4, "the ring needs at least four slots");
+// A wait names the fill it wants only by its parity, so it must never run two fills ahead of its
+// barrier. With the tiles taken in turn and an even ring, every fill of a slot goes to the same
+// warpgroup, one after another, so that cannot happen. With an odd ring the two would take a
+// slot's fills in turn, and one could wait for its fill while the other's, the one before, had not
+// landed: the parity wait would pass at once.
+static_assert(STAGES % CONSUMERS == 0, "each slot serves one consumer warpgroup: an even ring");
 static_assert(GROUP_SIZE == -1 || GROUP_SIZE % 16 == 0, "groups are whole k16 steps");
 static_assert(GROUP_SIZE == -1 || (GROUP_SIZE >= TILE_K ? GROUP_SIZE % TILE_K == 0 : TILE_K % GROUP_SIZE == 0),
               "a group must hold whole tiles or a tile whole groups");
@@ -293,12 +299,62 @@ struct Problem {
 // scales to the copy engine; all 128 threads copy the activation tile, each its own 16-byte
 // chunks, so a tile costs every producer thread a few instructions rather than one warp a
 // few hundred (one warp doing it all was the limit: 0.6 us a tile at M = 16, 1.8 us at 64).
+//
+// Weights and scales are the model's constants, which no kernel writes while layers run; the
+// activations are the previous kernel's output. So under a programmatic dependent launch the
+// first ring's worth of weights is requested before the wait for the previous kernel: on a
+// narrow layer (4096 x 4096: 4 tiles a block) that is the whole of a block's weights, in
+// flight while the previous layer's last blocks finish.
 // ---------------------------------------------------------------------------------
+struct TileCursor {
+  int k_tile, col, slab;
+
+  __device__ __forceinline__ explicit TileCursor(const Problem& p)
+      : k_tile(p.t0 % p.k_tiles), col(p.t0 / p.k_tiles % p.n_tiles), slab(p.t0 / p.k_tiles / p.n_tiles) {}
+  __device__ __forceinline__ void next(const Problem& p) {
+    if (++k_tile == p.k_tiles) {
+      k_tile = 0;
+      if (++col == p.n_tiles) col = 0, ++slab;
+    }
+  }
+};
+
+// Thread 0: announce slot s's bytes on its full barrier and hand the tile's weights and scales
+// (and zero points) to the copy engine.
+__device__ __forceinline__ void copy_constants(const Ring& ring, int s, const TileCursor& at, const Problem& p,
+                                               const int4* __restrict__ B, const int4* __restrict__ S,
+                                               const int4* __restrict__ Z, unsigned long long policy) {
+  const unsigned stage = ring.slot(s);
+  hopper::mbarrier_arrive_expect_bytes(ring.full(s), W_BYTES + S_BYTES + Z_BYTES);
+  // Weights: k16 row r of the tile is 2 KB contiguous in the MARLIN layout (K/16 rows of 2N words).
+  const char* w = reinterpret_cast<const char*>(B) + size_t(at.k_tile) * K16_STEPS * p.N * 8 + size_t(at.col) * W_ROW_BYTES;
+#pragma unroll
+  for (int r = 0; r < K16_STEPS; ++r)
+    hopper::bulk_copy_evict_first(stage + A_BYTES + r * W_ROW_BYTES, w + size_t(r) * p.N * 8, W_ROW_BYTES, ring.full(s),
+                                  policy);
+  // Scales (and zero points): the tile's group rows, 512 bytes of each.
+  const int group_row = GROUP_SIZE == -1 ? 0 : at.k_tile * TILE_K / GROUP_SIZE;
+#pragma unroll
+  for (int r = 0; r < S_ROWS; ++r) {
+    const size_t offset = size_t(group_row + r) * p.N * 2 + size_t(at.col) * S_ROW_BYTES;
+    const unsigned dst = stage + A_BYTES + W_BYTES + r * S_ROW_BYTES;
+    hopper::bulk_copy(dst, reinterpret_cast<const char*>(S) + offset, S_ROW_BYTES, ring.full(s));
+    if (ZERO_POINTS) hopper::bulk_copy(dst + S_BYTES, reinterpret_cast<const char*>(Z) + offset, S_ROW_BYTES, ring.full(s));
+  }
+}
+
 __device__ __forceinline__ void produce(const Ring& ring, const Problem& p, const int4* __restrict__ A,
                                         const int4* __restrict__ B, const int4* __restrict__ S,
                                         const int4* __restrict__ Z) {
   const int thread = threadIdx.x - CONSUMER_THREADS;
   const unsigned long long policy = marlin::make_evict_first_policy();
+  const int tiles = p.t1 - p.t0;
+  if (thread == 0) {
+    TileCursor ahead(p);
+    for (int i = 0; i < min(tiles, STAGES); ++i, ahead.next(p)) copy_constants(ring, i, ahead, p, B, S, Z, policy);
+  }
+  hopper::wait_for_previous_grid();
+
   // This thread's chunks of the activation tile: 16-byte chunk `chunk` of rows first_row + 8 c.
   // In the swizzled atoms row r + 8 lies 1024 bytes past row r (same r % 8, same XOR).
   const int first_row = thread / 16, chunk = thread % 16;
@@ -308,34 +364,17 @@ __device__ __forceinline__ void produce(const Ring& ring, const Problem& p, cons
   // (s5_pipeline.cuh, make_evict_first_policy).
   const unsigned a_first = ring.slot(0) + hopper::swizzled_chunk<SLAB_ROWS>(first_row, chunk);
   unsigned a_here = a_first;
-  int k_tile = p.t0 % p.k_tiles, col = p.t0 / p.k_tiles % p.n_tiles, slab = p.t0 / p.k_tiles / p.n_tiles;
-  const int tiles = p.t1 - p.t0;
-  for (int i = 0; i < tiles; ++i) {
+  TileCursor at(p);
+  for (int i = 0; i < tiles; ++i, at.next(p)) {
     const int s = i % STAGES;
-    if (i >= STAGES) hopper::mbarrier_wait(ring.empty(s), (i / STAGES - 1) & 1);
-    if (thread == 0) {
-      const unsigned stage = ring.slot(s);
-      hopper::mbarrier_arrive_expect_bytes(ring.full(s), W_BYTES + S_BYTES + Z_BYTES);
-      // Weights: k16 row r of the tile is 2 KB contiguous in the MARLIN layout (K/16 rows of 2N words).
-      const char* w = reinterpret_cast<const char*>(B) + size_t(k_tile) * K16_STEPS * p.N * 8 + size_t(col) * W_ROW_BYTES;
-#pragma unroll
-      for (int r = 0; r < K16_STEPS; ++r)
-        hopper::bulk_copy_evict_first(stage + A_BYTES + r * W_ROW_BYTES, w + size_t(r) * p.N * 8, W_ROW_BYTES, ring.full(s),
-                                      policy);
-      // Scales (and zero points): the tile's group rows, 512 bytes of each.
-      const int group_row = GROUP_SIZE == -1 ? 0 : k_tile * TILE_K / GROUP_SIZE;
-#pragma unroll
-      for (int r = 0; r < S_ROWS; ++r) {
-        const size_t offset = size_t(group_row + r) * p.N * 2 + size_t(col) * S_ROW_BYTES;
-        const unsigned dst = stage + A_BYTES + W_BYTES + r * S_ROW_BYTES;
-        hopper::bulk_copy(dst, reinterpret_cast<const char*>(S) + offset, S_ROW_BYTES, ring.full(s));
-        if (ZERO_POINTS)
-          hopper::bulk_copy(dst + S_BYTES, reinterpret_cast<const char*>(Z) + offset, S_ROW_BYTES, ring.full(s));
-      }
+    if (i >= STAGES) {
+      hopper::mbarrier_wait(ring.empty(s), (i / STAGES - 1) & 1);
+      if (thread == 0) copy_constants(ring, s, at, p, B, S, Z, policy);
     }
     // Activations: rows past the batch zero-filled (their source clamped to a valid address).
-    const int row0 = slab * SLAB_ROWS, rows_valid = min(SLAB_ROWS, p.M - row0);
-    const char* src = reinterpret_cast<const char*>(A) + size_t(row0 + first_row) * row_bytes + k_tile * TILE_K * 2 + chunk * 16;
+    const int row0 = at.slab * SLAB_ROWS, rows_valid = min(SLAB_ROWS, p.M - row0);
+    const char* src =
+        reinterpret_cast<const char*>(A) + size_t(row0 + first_row) * row_bytes + at.k_tile * TILE_K * 2 + chunk * 16;
 #pragma unroll
     for (int c = 0; c < A_CHUNKS_PER_THREAD; ++c) {
       const bool valid = first_row + 8 * c < rows_valid;
@@ -343,10 +382,6 @@ __device__ __forceinline__ void produce(const Ring& ring, const Problem& p, cons
     }
     hopper::cp_async_arrive(ring.full(s));
     a_here = s == STAGES - 1 ? a_first : a_here + STAGE_BYTES;
-    if (++k_tile == p.k_tiles) {
-      k_tile = 0;
-      if (++col == p.n_tiles) col = 0, ++slab;
-    }
   }
   marlin::cp_async_wait<0>();  // leave no copy of this thread in flight behind it
 }
@@ -404,12 +439,6 @@ __device__ __forceinline__ void consume(const Ring& ring_in, const Problem& p, E
   // slab has tokens 8-15; a compile-time choice, so that no mma.sync is predicated.
   auto tile = [&](auto upper) {
     const unsigned stage = ring.slot(slot);
-    // A wait names the fill it wants only by its parity, so it must not run two fills ahead of
-    // the barrier. With an even number of slots each slot serves one warpgroup, whose fills of
-    // it come one after another. With an odd number the warpgroups take a slot's fills in turn:
-    // the other's fill, the one before this warpgroup's, may not have landed yet, and a wait
-    // for this fill's parity would then pass at once. So wait for that fill first.
-    if constexpr (STAGES % 2 == 1) hopper::mbarrier_wait(ring.full(slot), phase ^ 1);
     hopper::mbarrier_wait(ring.full(slot), phase);
     if (WGMMA) hopper::fence_async_proxy();  // the producer's cp.async activations, for wgmma's reads
     int4 w[2], sc[2], z[2];
@@ -441,6 +470,9 @@ __device__ __forceinline__ void consume(const Ring& ring_in, const Problem& p, E
     }
   };
 
+  // The output, the counters and the partial sums are the previous kernel's too (programmatic
+  // dependent launch: see produce).
+  hopper::wait_for_previous_grid();
   for (int t = p.t0; t < p.t1;) {
     const marlin::StripeSegment seg = marlin::stripe_segment(t, p.t1, p.k_tiles, p.n_tiles, p.iters);
     marlin::zero_accumulators<M_BLOCKS>(acc);
@@ -501,6 +533,7 @@ extern "C" __global__ void __launch_bounds__(s8::THREADS, 1)
     hopper::mbarrier_init_fence();
   }
   __syncthreads();
+  hopper::allow_next_grid();  // its blocks wait for SMs, and then for this grid (produce says why)
 
   if (threadIdx.x >= s8::CONSUMER_THREADS) {
     hopper::release_registers<s8::PRODUCER_REGISTERS>();

@@ -66,6 +66,18 @@ __device__ __forceinline__ void mbarrier_wait(unsigned bar, unsigned parity) {
   } while (!done);
 }
 
+// ---------------------------------------------------------------------------------
+// Programmatic dependent launch (PTX "griddepcontrol"). A kernel launched with the
+// programmatic-stream-serialization attribute may start while the kernel before it in the
+// stream is still running; it must wait for that kernel (its completion and its writes)
+// before it reads or writes anything the two share. Without the attribute the wait returns
+// at once, so the same code serves both launches.
+// ---------------------------------------------------------------------------------
+__device__ __forceinline__ void wait_for_previous_grid() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
+
+// Let the next kernel in the stream start (its blocks then take SMs as this kernel's leave).
+__device__ __forceinline__ void allow_next_grid() { asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory"); }
+
 // x, as a value the compiler must keep in a register rather than recompute where it is used.
 __device__ __forceinline__ unsigned opaque(unsigned x) {
   asm volatile("" : "+r"(x));

@@ -3,7 +3,8 @@
 The GPU tests, sanitizers and benchmarks each compile on first use, one variant after
 another in their own process; on a fresh lent machine that is minutes of NVRTC. This fills
 the cache (CUPY_CACHE_DIR) first, one process per CPU, from the same list of variants that
-tests/test_nvcc.py checks with nvcc. Usage: python3 scripts/warm_kernel_cache.py
+tests/test_nvcc.py checks with nvcc. Usage: python3 scripts/warm_kernel_cache.py [source ...]
+(sources such as s8_hopper limit it to their variants).
 """
 
 import concurrent.futures
@@ -28,7 +29,7 @@ def compile_variant(variant) -> str:
 
 
 if __name__ == "__main__":
-    variants = shipped_variants()
+    variants = [v for v in shipped_variants() if not sys.argv[1:] or v[0] in sys.argv[1:]]
     start = time.perf_counter()
     context = multiprocessing.get_context("spawn")  # no CUDA state is forked
     with concurrent.futures.ProcessPoolExecutor(os.cpu_count(), mp_context=context) as pool:

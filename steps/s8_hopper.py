@@ -17,8 +17,13 @@ does what (csrc/s8_hopper.cu draws it):
   m16n8k16 for launches of up to 16 rows and `wgmma` above, and hand each slot back on
   another mbarrier as soon as they are done with it (docs/rungs.md says why the instruction
   depends on the batch);
-* the ring is as deep as shared memory allows (up to 8 slots, ~130 KB of weights in
-  flight per SM), which is what the H200's bandwidth-latency product asks for.
+* the ring is as deep as shared memory allows (up to 8 slots, an even number so that each
+  serves one consumer warpgroup, ~130 KB of weights in flight per SM), which is what the
+  H200's bandwidth-latency product asks for;
+* each launch is a programmatic dependent launch (steps/_dependent_launch.py): the kernel
+  starts while the previous one in the stream finishes and requests its first ring of
+  weights, which no kernel writes, before it waits for that one; on a 4096 x 4096 layer
+  that is most of the fixed cost of a launch (docs/rungs.md, round 4).
 
 Numerics: fp32 accumulation and fp32 partial sums added in block order, so results are
 bit-identical run to run. The wgmma path multiplies s6's dequantized weights (one rounding of
@@ -37,6 +42,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._cuda import get_kernel, gpu_support, has_wgmma
+from ._dependent_launch import launch_dependent
 from .s4_marlin_layout import m_blocks_for
 from .s5_async_pipeline import _PROBED_VARIANT, max_dynamic_smem
 from .s6_marlin import Marlin
@@ -111,6 +117,7 @@ class Hopper(Marlin):
     threads = THREADS
     max_stages: int | None = MAX_STAGES  # tuning override of the ring depth
     mma_sync_max_rows: int = MMA_SYNC_MAX_ROWS  # tuning override of the instruction choice
+    dependent_launch: bool = True  # programmatic dependent launch (tuning override: False launches plainly)
 
     def available(self) -> Support:
         base = gpu_support()
@@ -130,7 +137,7 @@ class Hopper(Marlin):
     def config(
         self, M: int, K: int, N: int, group_size: int, device: int, zero_points: bool = False, bf16: bool = False
     ) -> HopperConfig:
-        """The variant for an M-row launch: slabs of up to 64 rows, the deepest ring that fits
+        """The variant for an M-row launch: slabs of up to 64 rows, the deepest even ring that fits
         (or the variant a first-run check is probing)."""
         probed = _PROBED_VARIANT.get()
         if probed is not None:
@@ -138,13 +145,23 @@ class Hopper(Marlin):
         m_blocks = m_blocks_for(M)
         stage = HopperConfig.stage_bytes(m_blocks, group_size, zero_points)
         limit = max_dynamic_smem(device)
-        stages = max(2, self.max_stages or MAX_STAGES)  # the kernel's ring needs two slots
+        stages = max(4, self.max_stages or MAX_STAGES)  # the kernel's ring needs four slots
         while stages > 4 and HopperConfig.fixed_bytes(stages) + stages * stage > limit:
             stages -= 1
+        stages -= stages % 2  # each slot serves one of the two consumer warpgroups (csrc/s8_hopper.cu)
         cfg = HopperConfig(m_blocks, stages, group_size, zero_points, bf16, wgmma=M > self.mma_sync_max_rows)
         if cfg.smem_bytes > limit:
             raise ValueError(f"{self.name}: a 4-slot ring needs {cfg.smem_bytes} bytes of shared memory, this GPU has {limit}")
         return cfg
+
+    def start(self, kernel: Any, blocks: int, args: tuple, smem_bytes: int) -> None:
+        """Launch as a programmatic dependent launch: the kernel requests its first weight tiles
+        while the kernel before it in the stream finishes, and waits for that one before it reads
+        the activations or writes the output (csrc/s8_hopper.cu, produce)."""
+        if self.dependent_launch:
+            launch_dependent(kernel, blocks, self.threads, args, smem_bytes)
+        else:
+            super().start(kernel, blocks, args, smem_bytes)
 
     def kernel(self, cfg: HopperConfig, device: int) -> Any:
         """The compiled variant `cfg`, checked against the reference the first time it runs on

@@ -129,6 +129,45 @@ def test_graphs_replayed_concurrently_give_the_serial_results(step):
         assert torch.equal(got.view(torch.int16), want.view(torch.int16))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("step", CUDA_STEPS)
+def test_layers_chained_in_a_graph_give_the_eager_results(step):
+    """Layers captured back to back in one graph, each one's input the previous one's output, as
+    a decode step runs them. Rung 8 launches each kernel as a programmatic dependent launch, which
+    starts before the previous kernel has finished: one that read its activations (or wrote its
+    output) before waiting for that kernel would read the poison the outputs are filled with."""
+    import torch
+
+    M, K, layers = 16, 4096, 4
+    if not step.supports(M, K, K, 128):
+        pytest.skip(step.supports(M, K, K, 128).reason)
+    rng = np.random.default_rng(11)
+    scale = np.full((K // 128, K), 1 / 256, np.float16)  # outputs stay of the inputs' size, layer after layer
+    packed = [step.pack(ref.QuantizedWeight(rng.integers(0, 16, (K, K), dtype=np.uint8), scale, 128)) for _ in range(layers)]
+    x = torch.from_numpy(rng.standard_normal((M, K), dtype=np.float32).astype(np.float16)).cuda()
+    eager = [x]
+    for p in packed:
+        eager.append(step(eager[-1], p))
+    buffers = [x] + [torch.empty_like(x) for _ in packed]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream, as torch's graph docs ask
+        for i, p in enumerate(packed):
+            step(buffers[i], p, out=buffers[i + 1])
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i, p in enumerate(packed):
+            step(buffers[i], p, out=buffers[i + 1])
+    for _ in range(5):
+        for b in buffers[1:]:
+            b.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        for i, (got, want) in enumerate(zip(buffers[1:], eager[1:])):
+            assert torch.equal(got.view(torch.int16), want.view(torch.int16)), f"layer {i} differs from its eager run"
+
+
 # -- on the CPU: the workspace cache's keys, with a stand-in for CuPy ---------------------------------
 
 

@@ -14,7 +14,9 @@ joined by commas, e.g. `stream-only,max_stages=4`. Each variant's output is
 compared with the first's: `bitwise` where the arithmetic is the same. Weights are random
 words (speed does not depend on them); correctness is the tests' business. With
 --profile each variant runs once between cudaProfilerStart/Stop, for
-`ncu --profile-from-start off` (scripts/ncu_source_summary.py reads its source page).
+`ncu --profile-from-start off` (scripts/ncu_source_summary.py reads its source page). With
+--soak S each variant is also replayed for S seconds while nvidia-smi samples the SM clock,
+the power draw and the clock-limit reasons (is the kernel slowed by its power draw?).
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ from __future__ import annotations
 import argparse
 import atexit
 import functools
+import statistics
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,16 +35,16 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 _WAIT = "    hopper::mbarrier_wait(ring.full(slot), phase);\n"
-_EXPECT = "      hopper::mbarrier_arrive_expect_bytes(ring.full(s), W_BYTES + S_BYTES + Z_BYTES);\n"
-_WEIGHTS = "#pragma unroll\n      for (int r = 0; r < K16_STEPS; ++r)\n"
-_SCALES = "#pragma unroll\n      for (int r = 0; r < S_ROWS; ++r) {\n"
+_EXPECT = "  hopper::mbarrier_arrive_expect_bytes(ring.full(s), W_BYTES + S_BYTES + Z_BYTES);\n"
+_WEIGHTS = "#pragma unroll\n  for (int r = 0; r < K16_STEPS; ++r)\n"
+_SCALES = "#pragma unroll\n  for (int r = 0; r < S_ROWS; ++r) {\n"
 # Each ablation: text of csrc/s8_hopper.cu and what replaces it.
 ABLATIONS = {
     "stream-only": {_WAIT: _WAIT + "    hopper::mbarrier_arrive_if(ring.empty(slot), lane == 0);\n    return;\n"},
     "compute-only": {
-        _EXPECT: "      hopper::mbarrier_arrive_expect_bytes(ring.full(s), 0);\n",
-        _WEIGHTS: "      if (false)\n" + _WEIGHTS,
-        _SCALES: "      if (false)\n" + _SCALES,
+        _EXPECT: "  hopper::mbarrier_arrive_expect_bytes(ring.full(s), 0);\n",
+        _WEIGHTS: "  if (false)\n" + _WEIGHTS,
+        _SCALES: "  if (false)\n" + _SCALES,
     },
 }
 
@@ -58,6 +63,33 @@ def write_ablation_source(name: str, of: str = "s8_hopper") -> str:
     return stem
 
 
+def soak(launch, copies: int, seconds: float) -> str:
+    """Replay `launch(i)` (a CUDA graph of every copy, again and again) for `seconds` while nvidia-smi
+    samples every 100 ms; the medians of the second half of the samples (after the clocks settle)."""
+    import torch
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(max(copies, 32)):
+            launch(i % copies)
+    query = "clocks.sm,clocks.mem,power.draw,clocks_event_reasons.active"
+    smi = subprocess.Popen(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader,nounits", "-lms", "100"],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    end = time.time() + seconds
+    while time.time() < end:
+        for _ in range(20):
+            graph.replay()
+        torch.cuda.synchronize()
+    smi.terminate()
+    rows = [line.split(", ") for line in smi.communicate()[0].splitlines() if line.count(",") == 3]
+    rows = rows[len(rows) // 2:]
+    if not rows:
+        return "nvidia-smi gave no samples"
+    sm, mem, power = (statistics.median(float(r[i]) for r in rows) for i in range(3))
+    reasons = sorted({r[3].strip() for r in rows})
+    return f"SM {sm:.0f} MHz, memory {mem:.0f} MHz, {power:.0f} W, clock-limit reasons {' '.join(reasons)}"
+
+
 def main() -> int:
     import cupy
     import torch
@@ -73,6 +105,7 @@ def main() -> int:
     p.add_argument("--M", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--variants", nargs="+", default=["base", "stream-only"])
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--soak", type=float, default=0.0, help="seconds of replay per variant with nvidia-smi sampling")
     args = p.parse_args()
 
     source = {"name": "s8_hopper"}
@@ -139,6 +172,9 @@ def main() -> int:
                     t = measure(lambda i: step(A, packs[i % len(packs)], out=out), len(packs))
                     print(f"{shape:>12} {M:4d} {variant:32s} {t.median_us:8.1f} {t16:8.1f} {t16 / t.median_us:6.2f} "
                           f"{t.spread_pct:5.1f} {nbytes / t.median_us / 1e3:6.0f} {check}", flush=True)
+                    if args.soak:
+                        print(f"{'':>17} soak: {soak(lambda i: step(A, packs[i % len(packs)], out=out), len(packs), args.soak)}",
+                              flush=True)
         packs.clear()
         torch.cuda.empty_cache()
     return 0

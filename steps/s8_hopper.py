@@ -31,8 +31,8 @@ bit-identical run to run. The wgmma path multiplies s6's dequantized weights (on
 codes q - z and applies each column's scale to the tile's fp32 sums. Those weights are then
 not the reference's rounded fp16((q - z) * s) but the exact product, which differs from it by
 at most one rounding per weight: one u more than s4's c = 10, so c = 11. Compiled for
-sm_90a, so the rung runs on compute capability 9.0 (H100, H200) only. Until it is faster than s6 at every batch size (it is
-not yet: docs/rungs.md), `MarlinLinear` takes it only when asked for it by name.
+sm_90a, so the rung runs on compute capability 9.0 (H100, H200) only; there `MarlinLinear` takes it
+by default (elsewhere s6).
 """
 
 from __future__ import annotations
@@ -109,9 +109,10 @@ class Hopper(Marlin):
         "Stop issuing copies and start specializing warps: a producer warpgroup streams weight tiles "
         "with the bulk copy engine into a deep mbarrier ring, two warpgroups dequantize and multiply."
     )
-    # On the H200 ahead of s6 at M <= 8 and from 64 rows up, level at 16-32, behind on the
-    # 4096 x 4096 layer (docs/rungs.md): MarlinLinear keeps to s6 unless asked for this rung by name.
-    chosen_by_default = False
+    # MarlinLinear takes it on Hopper: with the dependent launch it is ahead of s6 or within 2 % on
+    # every measured H200 layer up to 16 rows, and behind only on narrow layers at 64 rows
+    # (docs/rungs.md, round 4). Elsewhere available() refuses it and s6 runs.
+    chosen_by_default = True
     error_c = 11.0  # s6's 10, plus the reference's rounding of each weight (module docstring)
     shape_multiples = ((TILE_K, TILE_N),)  # other shapes are padded once, in pack (steps/_padding.py)
     threads = THREADS

@@ -28,7 +28,7 @@ from reference.formats import (  # noqa: E402
 from reference.quant import expand_groups  # noqa: E402
 from reference.sparse_marlin import prune_quantized_2_4  # noqa: E402
 from steps._arrays import to_host  # noqa: E402
-from steps.torch.layer import MarlinLinear, int4_matmul, replace_linear_layers, select_step  # noqa: E402
+from steps.torch.layer import SPARSE_RUNGS, MarlinLinear, int4_matmul, replace_linear_layers, select_step  # noqa: E402
 
 seeds = st.integers(0, 2**32 - 1)
 
@@ -372,6 +372,15 @@ def test_cuda_layer_matches_the_reference(M):
     assert y.is_cuda and excess(y, x, qw, layer.step, perm) <= 1.0
 
 
+def top_dense_rung() -> str:
+    """The highest dense rung MarlinLinear may choose that runs on this GPU (s8 on Hopper, else s6)."""
+    return next(
+        s.name
+        for s in reversed(steps.STEPS)
+        if s.chosen_by_default and s.name not in SPARSE_RUNGS and s.device == "cuda" and not s.host_arrays and s.available()
+    )
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("zero_point", [False, True])
 @pytest.mark.parametrize("M", [1, 16, 100])
@@ -379,7 +388,7 @@ def test_cuda_bf16_layer_matches_the_reference(M, zero_point):
     rng = np.random.default_rng(13)
     linear = random_linear(rng, 1024, 512, bias=False).to(torch.bfloat16)
     layer = MarlinLinear.from_linear(linear, zero_point=zero_point, device="cuda")
-    assert layer.step == "s6_marlin"
+    assert layer.step == top_dense_rung()
     qw = ref.quantize(linear.weight.detach().float().numpy().T, 128, symmetric=not zero_point, dtype="bfloat16")
     x = activations(rng, M, qw.K, "cuda").to(torch.bfloat16)
     y = layer(x)
@@ -395,7 +404,7 @@ def test_cuda_awq_layer_with_zero_points_runs_on_the_top_dense_rung(g):
     layer = MarlinLinear.from_awq(
         torch.from_numpy(t.qweight), torch.from_numpy(t.qzeros), torch.from_numpy(t.scales), group_size=g, device="cuda"
     )
-    assert layer.step == "s6_marlin"
+    assert layer.step == top_dense_rung()
     x = activations(rng, 16, qw.K, "cuda")
     assert excess(layer(x), x, qw, layer.step) <= 1.0
 
@@ -466,8 +475,8 @@ def test_a_cpu_layer_says_once_that_it_is_the_slow_reference_path():
 
 
 def test_a_rung_not_chosen_by_default_is_taken_only_by_name(monkeypatch):
-    """MarlinLinear's automatic choice skips rungs marked chosen_by_default = False (s8 while it
-    is slower than s6) but still builds them when named."""
+    """MarlinLinear's automatic choice skips rungs marked chosen_by_default = False (a rung
+    measured slower than the one below it) but still builds them when named."""
     qw = ref.random_quantized_weight(np.random.default_rng(0), 256, 128, 128)
     top = steps.get("s0_numpy")
     monkeypatch.setattr(type(top), "chosen_by_default", False)

@@ -105,9 +105,13 @@ def select_step(qw: QuantizedWeight, device: torch.device, name: str | None = No
     """The highest rung of the ladder that runs `qw` on `device` (of those `chosen_by_default`),
     or the rung called `name`.
 
-    For a `sparse` (2:4-pruned) weight the sparse rung is a candidate too; a dense rung
-    computes the same product, only without the saving."""
-    candidates = [get(name)] if name is not None else [s for s in reversed(STEPS) if s.chosen_by_default]
+    For a `sparse` (2:4-pruned) weight the sparse rung comes first, above any dense rung
+    higher on the ladder; a dense rung computes the same product, only without the saving."""
+    if name is not None:
+        candidates = [get(name)]
+    else:
+        ladder = [s for s in reversed(STEPS) if s.chosen_by_default]
+        candidates = sorted(ladder, key=lambda s: not (sparse and s.name in SPARSE_RUNGS))  # stable: ladder order otherwise
     reasons, refused = [], []
     for step in candidates:
         why = _why_not(step, device, qw, sparse)

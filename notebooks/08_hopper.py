@@ -126,11 +126,22 @@ nb.measured("s8_hopper", below="s6_marlin")
 # tiles in turn rather than alternate k16 steps of each tile. M ≤ 8 went to 81 µs (3.1× over
 # FP16).
 #
-# Where it stands: ahead of rung 6 at M ≤ 8 and from 64 rows up, level at 16-32 rows, behind
-# it on the 4096 × 4096 layer, so `MarlinLinear` still does not choose it by itself. What
-# limits it now is the consumers' margin (the dequantization is about two thirds of their
-# instructions) and, on 7B-sized layers, a fixed cost per launch. `docs/rungs.md` has the
-# numbers and the next levers. (The outputs below were computed by round 2's kernel.)
+# Round 4 went after the fixed cost of a launch. On the 4096 × 4096 layer the producer alone
+# took 7.6 µs for 1.9 µs of bytes: the gap between two kernels, the first tiles' latency and
+# the reduction tail, which decoding pays once per layer. Each launch is now a *programmatic
+# dependent launch*: the kernel starts while the previous one in the stream finishes, and since
+# the weights are constants that no kernel writes, its producer requests the first ring of
+# them before it waits (`griddepcontrol.wait`) for the activations. That layer went from 9.8
+# to 7.5 µs, the Llama-2-7B sum to 2.15× over FP16 at M = 1. The same round found that the
+# kernel runs at the H200's 700 W power cap (the SM clock drops to 1860 MHz while the weights
+# stream), that the ring's depth is not what limits it, and that a ring of an odd number of
+# slots hung: it is even now, so each slot serves one consumer warpgroup.
+# With that, rung 8 is ahead of rung 6 or within 2 % on every layer measured up to 16 rows,
+# and `MarlinLinear` takes it by itself on Hopper. A third consumer warpgroup (round 5) was
+# tried and was not faster.
+#
+# `docs/rungs.md` has the numbers, the misses and the next levers. (The outputs below were
+# computed by round 2's kernel.)
 
 # %% [markdown]
 # ## The whole table

@@ -27,7 +27,8 @@
 // waits and releases per weight, and all 8 warps stalled on the same slot). At the end of a
 // column slice they add their sums through shared memory; the slice's partial sums are then
 // combined across blocks exactly as in s6 (no block waits; the last to arrive adds all in
-// block order), so results stay bit-identical run to run.
+// block order), so results stay bit-identical run to run. From 65 rows on both warpgroups take
+// every tile instead, each half of its columns (SPLIT_COLUMNS, below).
 //
 // The consumers are the rung's cost at M <= 16, and they must be well below the byte floor,
 // not just at it: producer and consumers each near the floor, coupled through a finite ring,
@@ -56,7 +57,7 @@
 #include "s8_hopper.cuh"
 
 #ifndef M_BLOCKS
-#define M_BLOCKS 1  // 16-row blocks of A per slab: 1..4 (wgmma n = 16 * M_BLOCKS)
+#define M_BLOCKS 1  // 16-row blocks of A per slab: 1..4, or 8 (SPLIT_COLUMNS; wgmma n = 16 * M_BLOCKS)
 #endif
 #ifndef STAGES
 #define STAGES 8  // slots in the shared-memory ring
@@ -83,6 +84,19 @@ namespace s8 {
 
 constexpr int TILE_N = 256, TILE_K = 128, K16_STEPS = TILE_K / 16;
 constexpr int SLAB_ROWS = 16 * M_BLOCKS;
+// Up to 64 rows a warpgroup multiplies all 256 columns of its tile (four wgmmas of m64, one per
+// 16-column tile j of each warp's strip), and the two warpgroups take the tiles in turn. A
+// 128-row slab's sums of 256 columns would take 256 registers a thread, so there (M_BLOCKS 8)
+// both warpgroups multiply every tile, warpgroup w the tiles j = 2w, 2w + 1 of each strip, for
+// all 128 rows: two wgmmas of m64 n128 per k16 step. The part of a wgmma's cost that does not
+// grow with n (below: about 35 cycles) is spread over twice the tokens of n64, and each weight
+// is loaded and dequantized once per 128 rows, not once per 64.
+//
+//   warp w's 64-column strip:  | j=0 | j=1 | j=2 | j=3 |   (16 columns each)
+//   M_BLOCKS <= 4:             |  warpgroup 0 (even tiles) or 1 (odd)  |  x 16 * M_BLOCKS rows
+//   M_BLOCKS = 8:              |  warpgroup 0  |  warpgroup 1  |          x 128 rows, every tile
+constexpr bool SPLIT_COLUMNS = M_BLOCKS > 4;
+constexpr int J_TILES = SPLIT_COLUMNS ? 2 : 4;  // 16-column tiles of each strip a warpgroup multiplies
 // Warpgroups 0 and 1 consume, warpgroup 2 produces. The register file is split by setmaxnreg:
 // the producer needs few, the consumers hold the accumulators.
 constexpr int CONSUMERS = 2, CONSUMER_THREADS = 128 * CONSUMERS, THREADS = CONSUMER_THREADS + 128;
@@ -112,7 +126,7 @@ constexpr int REDUCE_BYTES = 4 * 32 * 32 * 4;  // one m-block of one warpgroup's
 static_assert(LAUNCH_THREADS == THREADS, "the host launches a different number of threads");
 static_assert(LAUNCH_SMEM_BYTES == TOTAL_SMEM, "the host's shared-memory figure is not the kernel's");
 #endif
-static_assert(M_BLOCKS >= 1 && M_BLOCKS <= 4, "slabs of 16 to 64 rows");
+static_assert((M_BLOCKS >= 1 && M_BLOCKS <= 4) || M_BLOCKS == 8, "slabs of 16 to 64 rows, or 128");
 // On the wgmma path a warpgroup releases its previous tile's slot only after its wait for the
 // next one, so each of the two may hold two slots while it waits: with fewer than four slots
 // that wait and the producer's wait for a release could block each other.
@@ -132,7 +146,7 @@ static_assert(A_CHUNKS_PER_THREAD * PRODUCER_THREADS == SLAB_ROWS * TILE_K / 8 &
               "the producer warpgroup's threads split the activation tile evenly, 16 threads a row");
 // The expect-bytes arrival, then one cp.async arrival per producer thread.
 constexpr int FULL_ARRIVALS = 1 + PRODUCER_THREADS;
-constexpr int EMPTY_ARRIVALS = 4;  // one per warp of the warpgroup that consumed the slot
+constexpr int EMPTY_ARRIVALS = SPLIT_COLUMNS ? 8 : 4;  // one per warp that consumed the slot
 
 // ---------------------------------------------------------------------------------
 // wgmma m64 x n x k16, n = 16 * M_BLOCKS: A = the dequantized weights (registers), B = the
@@ -150,9 +164,13 @@ constexpr int EMPTY_ARRIVALS = 4;  // one per warp of the warpgroup that consume
 #define S8_D16 S8_D8 ", %8, %9, %10, %11, %12, %13, %14, %15"
 #define S8_D24 S8_D16 ", %16, %17, %18, %19, %20, %21, %22, %23"
 #define S8_D32 S8_D24 ", %24, %25, %26, %27, %28, %29, %30, %31"
+#define S8_D64                                                                                       \
+  S8_D32 ", %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, " \
+         "%50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
 
 template <class E>
-__device__ __forceinline__ void wgmma_k16(FragC (&acc)[M_BLOCKS][4][2], int j, const FragA& a, unsigned long long desc) {
+__device__ __forceinline__ void wgmma_k16(FragC (&acc)[M_BLOCKS][J_TILES][2], int j, const FragA& a,
+                                          unsigned long long desc) {
   constexpr bool bf = E::IS_BF16;
   if constexpr (M_BLOCKS == 1) {
     if constexpr (bf) S8_WGMMA("m64n16k16", "bf16", S8_D8, "%8, %9, %10, %11", "%12, 1, 1, 1, 0;\n" : S8_ACC(0) : S8_IN);
@@ -169,15 +187,23 @@ __device__ __forceinline__ void wgmma_k16(FragC (&acc)[M_BLOCKS][4][2], int j, c
     else
       S8_WGMMA("m64n48k16", "f16", S8_D24, "%24, %25, %26, %27", "%28, 1, 1, 1, 0;\n"
                : S8_ACC(0), S8_ACC(1), S8_ACC(2) : S8_IN);
-  } else {
+  } else if constexpr (M_BLOCKS == 4) {
     if constexpr (bf)
       S8_WGMMA("m64n64k16", "bf16", S8_D32, "%32, %33, %34, %35", "%36, 1, 1, 1, 0;\n"
                : S8_ACC(0), S8_ACC(1), S8_ACC(2), S8_ACC(3) : S8_IN);
     else
       S8_WGMMA("m64n64k16", "f16", S8_D32, "%32, %33, %34, %35", "%36, 1, 1, 1, 0;\n"
                : S8_ACC(0), S8_ACC(1), S8_ACC(2), S8_ACC(3) : S8_IN);
+  } else {
+    if constexpr (bf)
+      S8_WGMMA("m64n128k16", "bf16", S8_D64, "%64, %65, %66, %67", "%68, 1, 1, 1, 0;\n"
+               : S8_ACC(0), S8_ACC(1), S8_ACC(2), S8_ACC(3), S8_ACC(4), S8_ACC(5), S8_ACC(6), S8_ACC(7) : S8_IN);
+    else
+      S8_WGMMA("m64n128k16", "f16", S8_D64, "%64, %65, %66, %67", "%68, 1, 1, 1, 0;\n"
+               : S8_ACC(0), S8_ACC(1), S8_ACC(2), S8_ACC(3), S8_ACC(4), S8_ACC(5), S8_ACC(6), S8_ACC(7) : S8_IN);
   }
 }
+#undef S8_D64
 #undef S8_D32
 #undef S8_D24
 #undef S8_D16
@@ -186,41 +212,53 @@ __device__ __forceinline__ void wgmma_k16(FragC (&acc)[M_BLOCKS][4][2], int j, c
 #undef S8_IN
 #undef S8_ACC
 
-// Keep the compiler from moving ordinary reads or writes of these registers across a
-// wgmma fence or wait: the tensor cores read and write them asynchronously.
-__device__ __forceinline__ void pin(FragC (&acc)[M_BLOCKS][4][2]) {
-  marlin::for_each_accumulator(acc, [](float& x) { asm volatile("" : "+f"(x)::"memory"); });
+// A warpgroup's accumulators as the [m][4][2] array that s4's and s6's helpers take (zeroing,
+// the hand-over through shared memory, the partial sums): those only zero, store and add a
+// lane's registers one by one, so the same registers in another arrangement serve as well.
+using Accumulators = FragC[M_BLOCKS][J_TILES][2];
+static_assert(M_BLOCKS * J_TILES % 4 == 0, "whole [m][4][2] blocks");
+constexpr int FLAT_M_BLOCKS = M_BLOCKS * J_TILES / 4;
+__device__ __forceinline__ FragC (&flat(Accumulators& acc))[FLAT_M_BLOCKS][4][2] {
+  return reinterpret_cast<FragC(&)[FLAT_M_BLOCKS][4][2]>(acc);
 }
 
-// The lane's four A fragments of one k16 step: tile j (16 columns) of its warp's 64-column
-// strip as 16 columns x 16 k -- a lane's left and right mma.sync B fragments of the tile are,
-// side by side, its A fragment of the transposed product -- dequantized and scaled exactly
-// as in s4-s6 (kScaled), or left as the exact codes q - z for add_scaled_sums.
+// Keep the compiler from moving ordinary reads or writes of these registers across a
+// wgmma fence or wait: the tensor cores read and write them asynchronously.
+__device__ __forceinline__ void pin(Accumulators& acc) {
+  marlin::for_each_accumulator(flat(acc), [](float& x) { asm volatile("" : "+f"(x)::"memory"); });
+}
+
+// A lane's words of one k16 step: weights, scales and zero points of its J_TILES tiles.
+struct StepWords {
+  unsigned w[J_TILES], s[J_TILES], z[J_TILES];
+};
+
+// The lane's A fragments of one k16 step: tile j (16 columns) of its warp's 64-column strip
+// as 16 columns x 16 k -- a lane's left and right mma.sync B fragments of the tile are, side by
+// side, its A fragment of the transposed product -- dequantized and scaled exactly as in s4-s6
+// (kScaled), or left as the exact codes q - z for add_scaled_sums.
 template <bool kScaled>
-__device__ __forceinline__ void dequantize_k16(const int4& w, const int4& s, const int4& z, FragA (&a)[4]) {
-  const unsigned words[4] = {unsigned(w.x), unsigned(w.y), unsigned(w.z), unsigned(w.w)};
-  const unsigned scales[4] = {unsigned(s.x), unsigned(s.y), unsigned(s.z), unsigned(s.w)};
-  const unsigned zeros[4] = {unsigned(z.x), unsigned(z.y), unsigned(z.z), unsigned(z.w)};
+__device__ __forceinline__ void dequantize_k16(const StepWords& x, FragA (&a)[J_TILES]) {
 #pragma unroll
-  for (int j = 0; j < 4; ++j) {
+  for (int j = 0; j < J_TILES; ++j) {
     FragB left, right;
-    if constexpr (kScaled) marlin::dequantize_tile<ZERO_POINTS != 0, Element>(words[j], scales[j], left, right, zeros[j]);
-    else marlin::dequantize_codes<ZERO_POINTS != 0, Element>(words[j], left, right, zeros[j]);
+    if constexpr (kScaled) marlin::dequantize_tile<ZERO_POINTS != 0, Element>(x.w[j], x.s[j], left, right, x.z[j]);
+    else marlin::dequantize_codes<ZERO_POINTS != 0, Element>(x.w[j], left, right, x.z[j]);
     a[j] = FragA{{left.r[0], right.r[0], left.r[1], right.r[1]}};
   }
 }
 
-// wgmma: the four fragments are the A operands of four wgmmas (warp w's 16 rows of each), the
+// wgmma: the fragments are the A operands of J_TILES wgmmas (warp w's 16 rows of each), the
 // step's activations their B operand (descriptor), issued as one group.
-__device__ __forceinline__ void multiply_wgmma(FragA (&a)[4], unsigned long long desc, FragC (&acc)[M_BLOCKS][4][2]) {
+__device__ __forceinline__ void multiply_wgmma(FragA (&a)[J_TILES], unsigned long long desc, Accumulators& acc) {
   pin(acc);
 #pragma unroll
-  for (int j = 0; j < 4; ++j)
+  for (int j = 0; j < J_TILES; ++j)
 #pragma unroll
     for (int i = 0; i < 4; ++i) asm volatile("" : "+r"(a[j].r[i])::"memory");
   hopper::wgmma_fence();
 #pragma unroll
-  for (int j = 0; j < 4; ++j) wgmma_k16<Element>(acc, j, a[j], desc);
+  for (int j = 0; j < J_TILES; ++j) wgmma_k16<Element>(acc, j, a[j], desc);
   hopper::wgmma_commit();
 }
 
@@ -229,7 +267,7 @@ __device__ __forceinline__ void multiply_wgmma(FragA (&a)[4], unsigned long long
 // 16m+8..16m+15 (registers 2, 3). kUpper false skips the upper 8 tokens of a one-block slab
 // that has none (M <= 8): half the tensor work, and ldmatrix.x2 half the shared-memory reads.
 template <bool kUpper>
-__device__ __forceinline__ void multiply_mma(const FragA (&a)[4], unsigned b_row, FragC (&acc)[M_BLOCKS][4][2]) {
+__device__ __forceinline__ void multiply_mma(const FragA (&a)[J_TILES], unsigned b_row, Accumulators& acc) {
 #pragma unroll
   for (int m = 0; m < M_BLOCKS; ++m) {
     FragA b;
@@ -241,7 +279,7 @@ __device__ __forceinline__ void multiply_mma(const FragA (&a)[4], unsigned b_row
       marlin::ldmatrix_x2(lower, b_row + m * 16 * 128);
     }
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
+    for (int j = 0; j < J_TILES; ++j) {
       Element::mma(a[j], lower, acc[m][j][0]);
       if (kUpper) Element::mma(a[j], FragB{{b.r[2], b.r[3]}}, acc[m][j][1]);
     }
@@ -253,11 +291,10 @@ __device__ __forceinline__ void multiply_mma(const FragA (&a)[4], unsigned b_row
 // column g + 8 in v[2], v[3] (lane = 4g + c), and the lane's scale word j holds exactly those
 // two columns' scales. kUpper false: the slab has no tokens 8-15, whose sums stay zero.
 template <bool kUpper>
-__device__ __forceinline__ void add_scaled_sums(FragC (&sums)[M_BLOCKS][4][2], const int4& s,
-                                                FragC (&acc)[M_BLOCKS][4][2], bool restart) {
-  const unsigned scales[4] = {unsigned(s.x), unsigned(s.y), unsigned(s.z), unsigned(s.w)};
+__device__ __forceinline__ void add_scaled_sums(Accumulators& sums, const unsigned (&scales)[J_TILES], Accumulators& acc,
+                                                bool restart) {
 #pragma unroll
-  for (int j = 0; j < 4; ++j) {
+  for (int j = 0; j < J_TILES; ++j) {
     const float2 scale = Element::widen(Element::as_pair(scales[j]));  // columns g, g + 8
 #pragma unroll
     for (int m = 0; m < M_BLOCKS; ++m)
@@ -398,6 +435,15 @@ struct Flag {
   static constexpr bool value = kValue;
 };
 
+// A warpgroup's sums of a column slice to the output: its warp's strip of the slice, from
+// column `offset` of the strip on, the slab's valid rows only.
+__device__ __forceinline__ void write_slice(const Accumulators& acc, Element::scalar* __restrict__ C, const Problem& p,
+                                            const marlin::StripeSegment& seg, int strip, int offset) {
+  const int rows_valid = min(SLAB_ROWS, p.M - seg.slab * SLAB_ROWS);
+  hopper::write_transposed<M_BLOCKS, J_TILES, Element>(acc, C + size_t(seg.slab) * SLAB_ROWS * p.N, p.N, rows_valid,
+                                                       seg.col * TILE_N + 64 * strip + offset);
+}
+
 __device__ __forceinline__ void consume(const Ring& ring_in, const Problem& p, Element::scalar* __restrict__ C,
                                         int* __restrict__ counters, float* __restrict__ partials, float* red,
                                         volatile int* flag) {
@@ -406,15 +452,20 @@ __device__ __forceinline__ void consume(const Ring& ring_in, const Problem& p, E
   // every tile, a chain of some 20 dependent instructions in front of the tile's first load.
   const Ring ring{hopper::opaque(ring_in.base), hopper::opaque(ring_in.bars)};
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wg = warp / 4, strip = warp % 4;
-  const unsigned w_lane = hopper::opaque(A_BYTES + strip * 512 + lane * 16);
-  const unsigned s_lane = hopper::opaque(A_BYTES + W_BYTES + strip * 128 + (lane / 4) * 16);
-  // A lane's 128-bit weight word of k16 step `step` and the scales (zero points) of its
-  // 8 columns in that step's group row.
-  auto load_step = [&](unsigned stage, int step, int4& w, int4& sc, int4& z) {
-    w = marlin::load_shared16(stage + w_lane + step * W_ROW_BYTES);
+  // A lane's weight word of a k16 step is 16 bytes, one 32-bit word per tile j, and so is its
+  // scale (zero point) word; with SPLIT_COLUMNS warpgroup w reads the half of each for its tiles.
+  const int half = SPLIT_COLUMNS ? 8 * wg : 0;
+  const unsigned w_lane = hopper::opaque(A_BYTES + strip * 512 + lane * 16 + half);
+  const unsigned s_lane = hopper::opaque(A_BYTES + W_BYTES + strip * 128 + (lane / 4) * 16 + half);
+  // A lane's weight words of k16 step `step` and the scales (zero points) of its columns in
+  // that step's group row.
+  auto load_step = [&](unsigned stage, int step, StepWords& x) {
+    hopper::load_shared_words(stage + w_lane + step * W_ROW_BYTES, x.w);
     const unsigned s_row = stage + s_lane + (S_ROWS == 1 ? 0 : 16 * step / GROUP_SIZE) * S_ROW_BYTES;
-    sc = marlin::load_shared16(s_row);
-    z = ZERO_POINTS ? marlin::load_shared16(s_row + S_BYTES) : int4{};
+    hopper::load_shared_words(s_row, x.s);
+    if (ZERO_POINTS) hopper::load_shared_words(s_row + S_BYTES, x.z);
+    else
+      for (unsigned& z : x.z) z = 0;
   };
   // mma.sync's B: lane l points ldmatrix at token row l % 8 + 8 (l / 16) and the 8-k chunk
   // (l / 8) % 2 of its k16 step (matrices 0-3: tokens 0-7 x k 0-7, 0-7 x 8-15, 8-15 x 0-7,
@@ -423,16 +474,17 @@ __device__ __forceinline__ void consume(const Ring& ring_in, const Problem& p, E
   // (l % 8) leaves alone; b_lane holds the rest.
   const int b_row = lane % 8 + 8 * (lane / 16);
   const unsigned b_lane = hopper::opaque(b_row * 128 + ((((lane / 8) % 2) ^ (lane % 8)) * 16));
-  FragC acc[M_BLOCKS][4][2];
-  // SCALE_SUMS: the warpgroup's last tile's sums of unscaled codes and its scale word, added to
+  Accumulators acc;
+  // SCALE_SUMS: the warpgroup's last tile's sums of unscaled codes and its scale words, added to
   // acc at the top of its next tile (or at the segment's end), once that tile's wait and loads
   // are under way: adding them right after the tile's last mma.sync would wait for its result.
-  FragC sums[M_BLOCKS][4][2];
-  int4 sums_scale;
+  Accumulators sums;
+  unsigned sums_scale[J_TILES];
   // The next tile's slot and the parity of that slot's fill, stepped tile by tile (cheaper
-  // than a division of a tile count every tile); whether the next tile is this warpgroup's;
-  // on the wgmma path the slot of its previous tile, whose last wgmma may still be reading.
-  unsigned slot = 0, phase = 0, mine = wg == 0;
+  // than a division of a tile count every tile); whether the next tile is this warpgroup's
+  // (with SPLIT_COLUMNS every tile is); on the wgmma path the slot of its previous tile, whose
+  // last wgmma may still be reading.
+  unsigned slot = 0, phase = 0, mine = SPLIT_COLUMNS || wg == 0;
   int held = -1;
 
   // One tile: the lane's words loaded one step ahead. kUpper (mma.sync path) says whether the
@@ -441,14 +493,14 @@ __device__ __forceinline__ void consume(const Ring& ring_in, const Problem& p, E
     const unsigned stage = ring.slot(slot);
     hopper::mbarrier_wait(ring.full(slot), phase);
     if (WGMMA) hopper::fence_async_proxy();  // the producer's cp.async activations, for wgmma's reads
-    int4 w[2], sc[2], z[2];
-    load_step(stage, 0, w[0], sc[0], z[0]);
+    StepWords x[2];
+    load_step(stage, 0, x[0]);
     if constexpr (SCALE_SUMS) add_scaled_sums<decltype(upper)::value>(sums, sums_scale, acc, true);
 #pragma unroll
     for (int step = 0; step < K16_STEPS; ++step) {
-      if (step + 1 < K16_STEPS) load_step(stage, step + 1, w[(step + 1) % 2], sc[(step + 1) % 2], z[(step + 1) % 2]);
-      FragA a[4];
-      dequantize_k16<!SCALE_SUMS>(w[step % 2], sc[step % 2], z[step % 2], a);
+      if (step + 1 < K16_STEPS) load_step(stage, step + 1, x[(step + 1) % 2]);
+      FragA a[J_TILES];
+      dequantize_k16<!SCALE_SUMS>(x[step % 2], a);
       if constexpr (WGMMA) {
         const unsigned b = stage + (step / 4) * SLAB_ROWS * 128 + (step % 4) * 32;
         multiply_wgmma(a, hopper::swizzled_operand(b), acc);
@@ -461,7 +513,8 @@ __device__ __forceinline__ void consume(const Ring& ring_in, const Problem& p, E
                                              SCALE_SUMS ? sums : acc);
       }
     }
-    if constexpr (SCALE_SUMS) sums_scale = sc[0];  // the tile's one group row
+    if constexpr (SCALE_SUMS)  // the tile's one group row
+      for (int j = 0; j < J_TILES; ++j) sums_scale[j] = x[0].s[j];
     if (WGMMA) {
       held = slot;
     } else {
@@ -475,14 +528,14 @@ __device__ __forceinline__ void consume(const Ring& ring_in, const Problem& p, E
   hopper::wait_for_previous_grid();
   for (int t = p.t0; t < p.t1;) {
     const marlin::StripeSegment seg = marlin::stripe_segment(t, p.t1, p.k_tiles, p.n_tiles, p.iters);
-    marlin::zero_accumulators<M_BLOCKS>(acc);
-    marlin::zero_accumulators<M_BLOCKS>(sums);
-    sums_scale = int4{};
+    marlin::zero_accumulators<FLAT_M_BLOCKS>(flat(acc));
+    marlin::zero_accumulators<FLAT_M_BLOCKS>(flat(sums));
+    for (unsigned& scale : sums_scale) scale = 0;
     const bool upper = WGMMA || M_BLOCKS > 1 || p.M - seg.slab * SLAB_ROWS > 8;  // tokens 8-15 present
     auto run = [&](auto upper_flag) {
       for (int r = 0; r < seg.rows; ++r) {
         if (mine) tile(upper_flag);
-        mine ^= 1;
+        mine ^= !SPLIT_COLUMNS;
         if (++slot == STAGES) slot = 0, phase ^= 1;
       }
     };
@@ -496,16 +549,22 @@ __device__ __forceinline__ void consume(const Ring& ring_in, const Problem& p, E
       held = -1;
     }
 
-    // The slice's end, as in s4 and s6 but on named barriers, so that the producer (and, in the
-    // global reduction, warpgroup 1) run on: warpgroup 1 hands its sums to warpgroup 0 through
-    // shared memory, then warpgroup 0 alone adds the partial sums of the blocks sharing the slice.
-    marlin::reduce_k_warp_partials<M_BLOCKS, 4, CONSUMERS>(acc, red, wg, strip,
-                                                            hopper::NamedSync<1, CONSUMER_THREADS>{nullptr});
-    if (wg == 0 && marlin::add_partial_sums<M_BLOCKS, 4>(acc, partials, &counters[seg.slice], seg, p.iters,
-                                                         p.k_tiles, strip, 0, hopper::NamedSync<2, 128>{flag})) {
-      const int rows_valid = min(SLAB_ROWS, p.M - seg.slab * SLAB_ROWS);
-      hopper::write_transposed<M_BLOCKS, Element>(acc, C + size_t(seg.slab) * SLAB_ROWS * p.N, p.N, rows_valid,
-                                                       seg.col * TILE_N + 64 * strip);
+    // The slice's end, as in s4 and s6 but on named barriers, so that the producer runs on.
+    if constexpr (SPLIT_COLUMNS) {
+      // The warpgroups hold sums of different columns: to s6's global reduction they are
+      // eight strips, each adding its own partial sums and writing its own columns.
+      if (marlin::add_partial_sums<FLAT_M_BLOCKS, 8>(flat(acc), partials, &counters[seg.slice], seg, p.iters, p.k_tiles,
+                                                     4 * wg + strip, 0, hopper::NamedSync<1, CONSUMER_THREADS>{flag}))
+        write_slice(acc, C, p, seg, strip, 32 * wg);
+    } else {
+      // Both warpgroups hold sums of the same columns: warpgroup 1 hands its to warpgroup 0
+      // through shared memory, then warpgroup 0 alone adds the partial sums of the blocks
+      // sharing the slice, while warpgroup 1 runs on into its next tiles.
+      marlin::reduce_k_warp_partials<FLAT_M_BLOCKS, 4, CONSUMERS>(flat(acc), red, wg, strip,
+                                                                  hopper::NamedSync<1, CONSUMER_THREADS>{nullptr});
+      if (wg == 0 && marlin::add_partial_sums<FLAT_M_BLOCKS, 4>(flat(acc), partials, &counters[seg.slice], seg, p.iters,
+                                                                p.k_tiles, strip, 0, hopper::NamedSync<2, 128>{flag}))
+        write_slice(acc, C, p, seg, strip, 0);
     }
     t += seg.rows;
   }

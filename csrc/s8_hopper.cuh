@@ -176,16 +176,26 @@ __device__ __forceinline__ unsigned swizzled_chunk(int row, int chunk) {
   return (chunk / 8) * (kRows * 128) + row * 128 + (((chunk % 8) ^ (row & 7)) * 16);
 }
 
+// kWords 32-bit words (2 or 4) from shared memory in one load.
+template <int kWords>
+__device__ __forceinline__ void load_shared_words(unsigned smem, unsigned (&w)[kWords]) {
+  static_assert(kWords == 2 || kWords == 4, "8- or 16-byte loads");
+  if constexpr (kWords == 4)
+    asm volatile("ld.shared.v4.b32 {%0,%1,%2,%3}, [%4];\n" : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3]) : "r"(smem));
+  else
+    asm volatile("ld.shared.v2.b32 {%0,%1}, [%2];\n" : "=r"(w[0]), "=r"(w[1]) : "r"(smem));
+}
+
 // The output of the transposed product (wgmma's D = W^T A^T): a lane (g, c) of warp w holds,
 // in acc[m][j][h], tokens 16m + 8h + 2c and + 1 of columns 16j + g (values 0, 1) and
-// 16j + g + 8 (values 2, 3) of the warp's 64-column strip -- the layout of s7's mma.sp
-// accumulator, in either element type. Lanes g and g ^ 1 swap one value each so that every
-// lane holds two adjacent columns of one token and writes them as one pair: even g the token
-// 2c, odd g the token 2c + 1.
-template <int kMBlocks, class E>
-__device__ __forceinline__ void write_transposed(const marlin::FragC (&acc)[kMBlocks][4][2],
+// 16j + g + 8 (values 2, 3) of its kJ 16-column tiles, which start at column `first_col` --
+// the layout of s7's mma.sp accumulator, in either element type. Lanes g and g ^ 1 swap one
+// value each so that every lane holds two adjacent columns of one token and writes them as one
+// pair: even g the token 2c, odd g the token 2c + 1.
+template <int kMBlocks, int kJ, class E>
+__device__ __forceinline__ void write_transposed(const marlin::FragC (&acc)[kMBlocks][kJ][2],
                                                  typename E::scalar* __restrict__ C, int ldc, int rows_valid,
-                                                 int strip_col) {
+                                                 int first_col) {
   const int lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
   const bool odd = g & 1;
 #pragma unroll
@@ -194,14 +204,14 @@ __device__ __forceinline__ void write_transposed(const marlin::FragC (&acc)[kMBl
     for (int h = 0; h < 2; ++h) {
       const int row = 16 * m + 8 * h + 2 * c + odd;
 #pragma unroll
-      for (int j = 0; j < 4; ++j)
+      for (int j = 0; j < kJ; ++j)
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           const float first = acc[m][j][h].v[2 * r], second = acc[m][j][h].v[2 * r + 1];  // tokens 2c, 2c + 1
           const float theirs = __shfl_xor_sync(0xffffffffu, odd ? first : second, 4);
           const typename E::pair pair = odd ? E::round(theirs, second) : E::round(first, theirs);
           if (row < rows_valid)
-            *reinterpret_cast<typename E::pair*>(C + size_t(row) * ldc + strip_col + 16 * j + 8 * r + (g & ~1)) =
+            *reinterpret_cast<typename E::pair*>(C + size_t(row) * ldc + first_col + 16 * j + 8 * r + (g & ~1)) =
                 pair;
         }
     }

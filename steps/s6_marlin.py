@@ -96,6 +96,7 @@ class Marlin(PipelinedStep):
     # What sharing a column slice costs a block, in weight tiles (reference.marlin_layout.
     # stripe_length): storing its partials and counting itself, or reading everyone's.
     reduction_cost: float = 4.0
+    partial_floats = MAX_PARTIAL_FLOATS  # a workspace slot: the largest partial sums a block stores
 
     def __init__(self) -> None:
         self._workspaces = WorkspaceCache()
@@ -116,7 +117,7 @@ class Marlin(PipelinedStep):
     def workspace(self, device: int, N: int) -> ReductionWorkspace:
         """The zeroed workspace of CuPy's current stream (or capture) on `device`, serving N columns."""
         counters = max(MAX_SLABS * (N // MIN_TILE_N), 4096)
-        partials = 2 * max(self.sms or 0, sm_count(device)) * MAX_PARTIAL_FLOATS
+        partials = 2 * max(self.sms or 0, sm_count(device)) * self.partial_floats
         return self._workspaces.get(device, counters, partials)
 
     def schedule(
@@ -124,10 +125,10 @@ class Marlin(PipelinedStep):
     ):
         """(config, iters, blocks) of each launch's slab group, from the CPU model."""
         cfg = self.config(M, K, N, group_size, device, zero_points, bf16)
-        if 16 * cfg.m_blocks * cfg.tile_n > MAX_PARTIAL_FLOATS:  # neighbouring slots would overlap
+        if 16 * cfg.m_blocks * cfg.tile_n > self.partial_floats:  # neighbouring slots would overlap
             raise ValueError(
                 f"{self.name}: a {16 * cfg.m_blocks} x {cfg.tile_n} tile's partial sums exceed the workspace slot "
-                f"of {MAX_PARTIAL_FLOATS} floats; use TILE_N <= {MAX_PARTIAL_FLOATS // (16 * cfg.m_blocks)}"
+                f"of {self.partial_floats} floats; use TILE_N <= {self.partial_floats // (16 * cfg.m_blocks)}"
             )
         slabs = -(-M // (16 * cfg.m_blocks))
         k_tiles, n_tiles = K // cfg.tile_k, N // cfg.tile_n

@@ -17,6 +17,9 @@ does what (csrc/s8_hopper.cu draws it):
   m16n8k16 for launches of up to 16 rows and `wgmma` above, and hand each slot back on
   another mbarrier as soon as they are done with it (docs/rungs.md says why the instruction
   depends on the batch);
+* from 65 rows a slab is 128 rows and both consumer warpgroups multiply every tile, each half
+  its columns, with wgmma n128: the weights are read and dequantized once per 128 rows, and
+  the part of a wgmma's cost that does not grow with n is spread over twice the tokens;
 * the ring is as deep as shared memory allows (up to 8 slots, an even number so that each
   serves one consumer warpgroup, ~130 KB of weights in flight per SM), which is what the
   H200's bandwidth-latency product asks for;
@@ -51,6 +54,7 @@ from .step import SUPPORTED, Support
 TILE_K, TILE_N = 128, 256  # one ring slot: 8 k16 rows x 256 columns of weights
 THREADS = 384  # consumer warpgroups 0 and 1, producer warpgroup 2
 MAX_STAGES = 8
+SPLIT_COLUMNS_MIN_ROWS = 65  # from here a slab is 128 rows, both consumer warpgroups on every tile (csrc/s8_hopper.cu)
 MMA_SYNC_MAX_ROWS = 16  # launches of up to this many rows multiply with mma.sync, larger with wgmma (docs/rungs.md, s8: measured)
 REDUCE_BYTES = 4 * 32 * 32 * 4  # the warpgroups' hand-over buffer: one m-block of 4 warps
 
@@ -118,6 +122,8 @@ class Hopper(Marlin):
     threads = THREADS
     max_stages: int | None = MAX_STAGES  # tuning override of the ring depth
     mma_sync_max_rows: int = MMA_SYNC_MAX_ROWS  # tuning override of the instruction choice
+    split_columns_min_rows: int = SPLIT_COLUMNS_MIN_ROWS  # tuning override: from how many rows slabs are 128 rows
+    partial_floats = 128 * TILE_N  # a 128-row slab's partial sums
     dependent_launch: bool = True  # programmatic dependent launch (tuning override: False launches plainly)
 
     def available(self) -> Support:
@@ -138,12 +144,12 @@ class Hopper(Marlin):
     def config(
         self, M: int, K: int, N: int, group_size: int, device: int, zero_points: bool = False, bf16: bool = False
     ) -> HopperConfig:
-        """The variant for an M-row launch: slabs of up to 64 rows, the deepest even ring that fits
-        (or the variant a first-run check is probing)."""
+        """The variant for an M-row launch: slabs of up to 64 rows, or of 128 from 65 rows, the
+        deepest even ring that fits (or the variant a first-run check is probing)."""
         probed = _PROBED_VARIANT.get()
         if probed is not None:
             return probed
-        m_blocks = m_blocks_for(M)
+        m_blocks = 8 if M >= self.split_columns_min_rows else m_blocks_for(M)
         stage = HopperConfig.stage_bytes(m_blocks, group_size, zero_points)
         limit = max_dynamic_smem(device)
         stages = max(4, self.max_stages or MAX_STAGES)  # the kernel's ring needs four slots

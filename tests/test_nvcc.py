@@ -159,15 +159,22 @@ def test_every_shipped_variant_compiles_for_sm90_without_warnings_or_spills(tmp_
     assert not failures, "\n\n".join(failures)
 
 
-def test_every_shipped_s6_s7_tile_fits_the_partial_sum_slot():
-    """The global reduction gives each block MAX_PARTIAL_FLOATS floats per slot; a tile
-    whose partial sums were larger would overlap its neighbour's slot."""
-    from steps.s6_marlin import MAX_PARTIAL_FLOATS
+def test_every_shipped_striped_tile_fits_the_partial_sum_slot():
+    """The global reduction gives each block a slot of `partial_floats` floats (MAX_PARTIAL_FLOATS
+    for s6 and s7, a 128-row slab's for s8); a tile whose partial sums were larger would overlap
+    its neighbour's slot. s8's 128-row slabs (both consumer warpgroups on every tile) are shipped."""
+    from steps.registry import get
+    from steps.s8_hopper import TILE_N
 
+    s8_slabs = set()
     for source, defines in shipped_variants():
         d = dict(defines)
         if source in ("s6_marlin", "s7_sparse_marlin"):
-            assert 16 * d["M_BLOCKS"] * d["TILE_N"] <= MAX_PARTIAL_FLOATS, (source, d)
+            assert 16 * d["M_BLOCKS"] * d["TILE_N"] <= get(source).partial_floats, (source, d)
+        if source == "s8_hopper":
+            assert 16 * d["M_BLOCKS"] * TILE_N <= get(source).partial_floats, (source, d)
+            s8_slabs.add(16 * d["M_BLOCKS"])
+    assert s8_slabs == {16, 32, 48, 64, 128}
 
 
 @pytest.mark.parametrize("smem, sms", [(H100_SMEM, 132), (163 * 1024, 108), (99 * 1024, 84)], ids=["H100", "A100", "sm_86"])

@@ -15,7 +15,8 @@
 //        threads), each landing arrives on full[s]         weights as A (registers), the
 //                                                          activations as B (shared memory):
 //                                                          mma.sync m16n8k16 (<= 16 rows) or
-//                                                          wgmma m64 x (16 * M_BLOCKS) x k16
+//                                                          wgmma m64 x (16 * M_BLOCKS) x k16,
+//                                                          WGMMA_GROUPS k16 steps in flight
 //                                              <--       arrive on empty[s] once done with it
 //
 // The ring has STAGES slots of one 128 x 256 weight tile each (16 KB) plus its activations
@@ -40,6 +41,14 @@
 // n = 16 (64 at n = 64): at n = 16 its 32 wgmmas outlast the ~1000 cycles its bytes take to
 // arrive. The tile's 128-256 mma.sync m16n8k16 cost less, and skip the upper 8 tokens of a
 // slab that has none. From 17 rows up the two are level, and from 64 up wgmma is ahead.
+//
+// wgmma is asynchronous: a warpgroup issues one k16 step's wgmmas as a group, then loads and
+// dequantizes the next step while the tensor cores work. With one group queued behind the
+// running one (WGMMA_GROUPS 2) the queue may run dry during that load-and-dequantize when the
+// groups are short. Four groups in flight (their A registers stay live until wgmma.wait_group
+// retires them) were 2-15 % faster from 64 rows up in a same-run comparison, but at 32 rows,
+// where the groups are shortest, between 1.5 % slower and 5 % faster: the queue is not all of
+// the "fixed" cycles above (docs/rungs.md, round 6).
 //
 //   stage s (1024-byte aligned)
 //   +---------------------------+--------------------------+-----------+-------------+
@@ -70,6 +79,9 @@
 #endif
 #ifndef WGMMA
 #define WGMMA 1  // 1: the consumers multiply with wgmma m64 x (16 * M_BLOCKS) x k16; 0: with mma.sync m16n8k16
+#endif
+#ifndef WGMMA_GROUPS
+#define WGMMA_GROUPS 4  // wgmma groups (one per k16 step) a consumer warpgroup keeps in flight
 #endif
 #ifndef BF16
 #define BF16 0  // 1: bf16 activations, scales, zero points and output; 0: fp16
@@ -504,10 +516,10 @@ __device__ __forceinline__ void consume(const Ring& ring_in, const Problem& p, E
       if constexpr (WGMMA) {
         const unsigned b = stage + (step / 4) * SLAB_ROWS * 128 + (step % 4) * 32;
         multiply_wgmma(a, hopper::swizzled_operand(b), acc);
-        hopper::wgmma_wait<1>();  // the previous group is done: its registers and its slot are free
+        hopper::wgmma_wait<WGMMA_GROUPS - 1>();  // the oldest group is done: its registers are free
         // The previous tile's slot: one arrival per warp (its lanes run the wgmma instructions in
         // step), predicated rather than branched around (see mbarrier_arrive_if).
-        if (step == 0) hopper::mbarrier_arrive_if(ring.empty(held), held >= 0 && lane == 0);
+        if (step == WGMMA_GROUPS - 2) hopper::mbarrier_arrive_if(ring.empty(held), held >= 0 && lane == 0);
       } else {
         multiply_mma<decltype(upper)::value>(a, stage + (step / 4) * SLAB_ROWS * 128 + (b_lane ^ ((2 * step % 8) * 16)),
                                              SCALE_SUMS ? sums : acc);

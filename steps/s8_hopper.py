@@ -16,7 +16,7 @@ does what (csrc/s8_hopper.cu draws it):
   weights as the register operand, the activations from shared memory -- with `mma.sync`
   m16n8k16 for launches of up to 16 rows and `wgmma` above, and hand each slot back on
   another mbarrier as soon as they are done with it (docs/rungs.md says why the instruction
-  depends on the batch);
+  depends on the batch); a warpgroup keeps four k16 steps of wgmma in flight;
 * from 65 rows a slab is 128 rows and both consumer warpgroups multiply every tile, each half
   its columns, with wgmma n128: the weights are read and dequantized once per 128 rows, and
   the part of a wgmma's cost that does not grow with n is spread over twice the tokens;

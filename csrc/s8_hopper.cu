@@ -43,12 +43,11 @@
 // slab that has none. From 17 rows up the two are level, and from 64 up wgmma is ahead.
 //
 // wgmma is asynchronous: a warpgroup issues one k16 step's wgmmas as a group, then loads and
-// dequantizes the next step while the tensor cores work. With one group queued behind the
-// running one (WGMMA_GROUPS 2) the queue may run dry during that load-and-dequantize when the
-// groups are short. Four groups in flight (their A registers stay live until wgmma.wait_group
-// retires them) were 2-15 % faster from 64 rows up in a same-run comparison, but at 32 rows,
-// where the groups are shortest, between 1.5 % slower and 5 % faster: the queue is not all of
-// the "fixed" cycles above (docs/rungs.md, round 6).
+// dequantizes the next step while they run. With one group queued behind the running one
+// (WGMMA_GROUPS 2) the queue can run dry meanwhile. Four groups in flight (their A registers
+// stay live until wgmma.wait_group retires them) were 2-15 % faster from 64 rows up in a
+// same-run comparison, but at 32 rows, where groups are shortest, between 1.5 % slower and 5 %
+// faster: the queue is not all of the "fixed" cycles above (docs/rungs.md, round 6).
 //
 //   stage s (1024-byte aligned)
 //   +---------------------------+--------------------------+-----------+-------------+

@@ -51,9 +51,13 @@ nb.rung_status("s8_hopper")
 #   thread 0: 8 bulk copies of weights,   --->  ld.shared weight word, dequantize (rung 4)
 #     scale rows                                up to 16 rows: mma.sync m16n8k16 (rung 7's
 #   128 threads: cp.async activations,            transposed product); more: 4 x wgmma
-#     arrive on landing                           m64 n(16 m-blocks) k16, one group in flight
+#     arrive on landing                           m64 n(16 m-blocks) k16, 4 k16 steps in flight
 #                                         <---  arrive empty[s] once done with the slot
 # ```
+#
+# The two consumer warpgroups take the tiles in turn. From 65 rows a slab is 128 rows, and one
+# warpgroup's sums of a 256-column tile would not fit its registers; there both take every tile,
+# each half of its columns, with `wgmma` n128.
 #
 # Why not `wgmma` at every batch size? Measured, not assumed: with n = 16 a tile's 32 `wgmma`s
 # cost more than its bytes take to arrive, while its 128-256 `mma.sync`s do not (the Explanation
@@ -140,8 +144,15 @@ nb.measured("s8_hopper", below="s6_marlin")
 # and `MarlinLinear` takes it by itself on Hopper. A third consumer warpgroup (round 5) was
 # tried and was not faster.
 #
-# `docs/rungs.md` has the numbers, the misses and the next levers. (The outputs below were
-# computed by round 2's kernel.)
+# Round 6 looked above 64 rows, where the batch was cut into 64-row slabs: every weight tile
+# was read and dequantized once per 64 rows. Now both consumer warpgroups take every tile of a
+# 128-row slab, each half its columns, with twice as many tokens per `wgmma`. M = 128 on the
+# benchmark shape went from 0.92× to 1.14× over FP16, M = 256 from 0.71× to 0.89×, about 15 %
+# short of the prediction: the profile shows the tensor pipe two thirds busy with issue and
+# bytes to spare. Keeping four `wgmma` groups in flight instead of two bought 2-15 % in a
+# same-run comparison from 64 rows up, and nothing at 32 rows.
+#
+# `docs/rungs.md` has the numbers, the misses and the next levers.
 
 # %% [markdown]
 # ## The whole table

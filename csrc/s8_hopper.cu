@@ -79,11 +79,11 @@
 #ifndef WGMMA
 #define WGMMA 1  // 1: the consumers multiply with wgmma m64 x (16 * M_BLOCKS) x k16; 0: with mma.sync m16n8k16
 #endif
-#ifndef WGMMA_GROUPS
-#define WGMMA_GROUPS 4  // wgmma groups (one per k16 step) a consumer warpgroup keeps in flight
-#endif
 #ifndef BF16
 #define BF16 0  // 1: bf16 activations, scales, zero points and output; 0: fp16
+#endif
+#ifndef WGMMA_GROUPS  // k16 steps of wgmma in flight per warpgroup; 3 where ptxas spills with 4
+#define WGMMA_GROUPS (M_BLOCKS == 3 && !BF16 ? 3 : 4)
 #endif
 
 using Element = marlin::ElementOf<BF16 != 0>::type;

@@ -446,8 +446,19 @@ struct Flag {
   static constexpr bool value = kValue;
 };
 
+// A lane's words of one k16 step for its J_TILES tiles from shared memory, in one load: the
+// whole 16-byte word (s5's load_shared16), or with SPLIT_COLUMNS the 8 bytes of its tiles.
+__device__ __forceinline__ void load_step_words(unsigned smem, unsigned (&w)[J_TILES]) {
+  if constexpr (J_TILES == 4) {
+    const int4 v = marlin::load_shared16(smem);
+    w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
+  } else {
+    asm volatile("ld.shared.v2.b32 {%0,%1}, [%2];\n" : "=r"(w[0]), "=r"(w[1]) : "r"(smem));
+  }
+}
+
 // A warpgroup's sums of a column slice to the output: its warp's strip of the slice, from
-// column `offset` of the strip on, the slab's valid rows only.
+// column `offset` of the strip on (its first tile j's), the slab's valid rows only.
 __device__ __forceinline__ void write_slice(const Accumulators& acc, Element::scalar* __restrict__ C, const Problem& p,
                                             const marlin::StripeSegment& seg, int strip, int offset) {
   const int rows_valid = min(SLAB_ROWS, p.M - seg.slab * SLAB_ROWS);
@@ -463,18 +474,19 @@ __device__ __forceinline__ void consume(const Ring& ring_in, const Problem& p, E
   // every tile, a chain of some 20 dependent instructions in front of the tile's first load.
   const Ring ring{hopper::opaque(ring_in.base), hopper::opaque(ring_in.bars)};
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wg = warp / 4, strip = warp % 4;
+  // The first of the warpgroup's 16-column tiles j of each strip (SPLIT_COLUMNS: 2w; else 0).
   // A lane's weight word of a k16 step is 16 bytes, one 32-bit word per tile j, and so is its
-  // scale (zero point) word; with SPLIT_COLUMNS warpgroup w reads the half of each for its tiles.
-  const int half = SPLIT_COLUMNS ? 8 * wg : 0;
-  const unsigned w_lane = hopper::opaque(A_BYTES + strip * 512 + lane * 16 + half);
-  const unsigned s_lane = hopper::opaque(A_BYTES + W_BYTES + strip * 128 + (lane / 4) * 16 + half);
+  // scale (zero point) word: the warpgroup's words start 4 bytes a tile in.
+  const int first_j = SPLIT_COLUMNS ? J_TILES * wg : 0;
+  const unsigned w_lane = hopper::opaque(A_BYTES + strip * 512 + lane * 16 + 4 * first_j);
+  const unsigned s_lane = hopper::opaque(A_BYTES + W_BYTES + strip * 128 + (lane / 4) * 16 + 4 * first_j);
   // A lane's weight words of k16 step `step` and the scales (zero points) of its columns in
   // that step's group row.
   auto load_step = [&](unsigned stage, int step, StepWords& x) {
-    hopper::load_shared_words(stage + w_lane + step * W_ROW_BYTES, x.w);
+    load_step_words(stage + w_lane + step * W_ROW_BYTES, x.w);
     const unsigned s_row = stage + s_lane + (S_ROWS == 1 ? 0 : 16 * step / GROUP_SIZE) * S_ROW_BYTES;
-    hopper::load_shared_words(s_row, x.s);
-    if (ZERO_POINTS) hopper::load_shared_words(s_row + S_BYTES, x.z);
+    load_step_words(s_row, x.s);
+    if (ZERO_POINTS) load_step_words(s_row + S_BYTES, x.z);
     else
       for (unsigned& z : x.z) z = 0;
   };
@@ -566,7 +578,7 @@ __device__ __forceinline__ void consume(const Ring& ring_in, const Problem& p, E
       // eight strips, each adding its own partial sums and writing its own columns.
       if (marlin::add_partial_sums<FLAT_M_BLOCKS, 8>(flat(acc), partials, &counters[seg.slice], seg, p.iters, p.k_tiles,
                                                      4 * wg + strip, 0, hopper::NamedSync<1, CONSUMER_THREADS>{flag}))
-        write_slice(acc, C, p, seg, strip, 32 * wg);
+        write_slice(acc, C, p, seg, strip, 16 * first_j);
     } else {
       // Both warpgroups hold sums of the same columns: warpgroup 1 hands its to warpgroup 0
       // through shared memory, then warpgroup 0 alone adds the partial sums of the blocks
@@ -575,7 +587,7 @@ __device__ __forceinline__ void consume(const Ring& ring_in, const Problem& p, E
                                                                   hopper::NamedSync<1, CONSUMER_THREADS>{nullptr});
       if (wg == 0 && marlin::add_partial_sums<FLAT_M_BLOCKS, 4>(flat(acc), partials, &counters[seg.slice], seg, p.iters,
                                                                 p.k_tiles, strip, 0, hopper::NamedSync<2, 128>{flag}))
-        write_slice(acc, C, p, seg, strip, 0);
+        write_slice(acc, C, p, seg, strip, 16 * first_j);
     }
     t += seg.rows;
   }

@@ -176,16 +176,6 @@ __device__ __forceinline__ unsigned swizzled_chunk(int row, int chunk) {
   return (chunk / 8) * (kRows * 128) + row * 128 + (((chunk % 8) ^ (row & 7)) * 16);
 }
 
-// kWords 32-bit words (2 or 4) from shared memory in one load.
-template <int kWords>
-__device__ __forceinline__ void load_shared_words(unsigned smem, unsigned (&w)[kWords]) {
-  static_assert(kWords == 2 || kWords == 4, "8- or 16-byte loads");
-  if constexpr (kWords == 4)
-    asm volatile("ld.shared.v4.b32 {%0,%1,%2,%3}, [%4];\n" : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3]) : "r"(smem));
-  else
-    asm volatile("ld.shared.v2.b32 {%0,%1}, [%2];\n" : "=r"(w[0]), "=r"(w[1]) : "r"(smem));
-}
-
 // The output of the transposed product (wgmma's D = W^T A^T): a lane (g, c) of warp w holds,
 // in acc[m][j][h], tokens 16m + 8h + 2c and + 1 of columns 16j + g (values 0, 1) and
 // 16j + g + 8 (values 2, 3) of its kJ 16-column tiles, which start at column `first_col` --

@@ -5,13 +5,20 @@
 
 A variant is `base` (the shipped kernel and choices), an ablation -- `stream-only` (the
 consumers wait for each slot and hand it straight back, so the time is what the producer
-and the ring deliver: the kernel's floor as built) or `compute-only` (the producer hands
+and the ring deliver: the kernel's floor as built), `compute-only` (the producer hands
 over slots without copying weights or scales into them, so the time is what the consumers
-cost when their data is always there) -- `src:NAME` (the kernel compiled from
+cost when their data is always there), `no-reduce` (every block writes its sums straight to
+the output, wrongly, without the partial sums across blocks: what the global reduction
+costs) or `launch-only` (the blocks return once their barriers are set up: the fixed cost
+of launching this kernel) -- `src:NAME` (the kernel compiled from
 csrc/NAME.cu, e.g. an earlier commit's s8_hopper.cu written there), or `attr=value`
 (a tuning attribute of the step, e.g. mma_sync_max_rows, max_stages); or several of these
 joined by commas, e.g. `stream-only,max_stages=4`. Each variant's output is
-compared with the first's: `bitwise` where the arithmetic is the same. Weights are random
+compared with the first's: `bitwise` where the arithmetic is the same. With --between,
+every launch (FP16's too) follows a kernel that rewrites the activations in place and
+knows nothing of dependent launches, as a GEMM in a model follows a norm or an activation:
+then no launch overlaps the one before it, and the printed times are the GEMM's alone
+(the in-between kernel's own time, measured alone, subtracted). Weights are random
 words (speed does not depend on them); correctness is the tests' business. With
 --profile each variant runs once between cudaProfilerStart/Stop, for
 `ncu --profile-from-start off` (scripts/ncu_source_summary.py reads its source page). With
@@ -38,6 +45,8 @@ _WAIT = "    hopper::mbarrier_wait(ring.full(slot), phase);\n"
 _EXPECT = "  hopper::mbarrier_arrive_expect_bytes(ring.full(s), W_BYTES + S_BYTES + Z_BYTES);\n"
 _WEIGHTS = "#pragma unroll\n  for (int r = 0; r < K16_STEPS; ++r)\n"
 _SCALES = "#pragma unroll\n  for (int r = 0; r < S_ROWS; ++r) {\n"
+_REDUCE = "  if (seg.contributors == 1) return true;\n"
+_ROLES = "  if (threadIdx.x >= s8::CONSUMER_THREADS) {\n"
 # Each ablation: text of csrc/s8_hopper.cu and what replaces it.
 ABLATIONS = {
     "stream-only": {_WAIT: _WAIT + "    hopper::mbarrier_arrive_if(ring.empty(slot), lane == 0);\n    return;\n"},
@@ -46,6 +55,8 @@ ABLATIONS = {
         _WEIGHTS: "  if (false)\n" + _WEIGHTS,
         _SCALES: "  if (false)\n" + _SCALES,
     },
+    "no-reduce": {_REDUCE: "  return true;\n"},
+    "launch-only": {_ROLES: "  if (M > 0) return;\n" + _ROLES},
 }
 
 
@@ -105,6 +116,7 @@ def main() -> int:
     p.add_argument("--M", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--variants", nargs="+", default=["base", "stream-only"])
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--between", action="store_true", help="a non-dependent kernel before every launch (see above)")
     p.add_argument("--soak", type=float, default=0.0, help="seconds of replay per variant with nvidia-smi sampling")
     args = p.parse_args()
 
@@ -127,7 +139,7 @@ def main() -> int:
         for a in (p for p in parts[v] if p in ABLATIONS):
             names[v] = write_ablation_source(a, names[v])
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
-    print(f"device: {torch.cuda.get_device_name(0)}; group 128; fp16")
+    print(f"device: {torch.cuda.get_device_name(0)}; group 128; fp16" + ("; after a non-dependent kernel" if args.between else ""))
     print(f"{'KxN':>12} {'M':>4} {'variant':32s} {'us':>8} {'fp16':>8} {'x':>6} {'iqr%':>5} {'GB/s':>6} vs first")
     for shape in args.shapes:
         K, N = map(int, shape.split("x"))
@@ -136,10 +148,12 @@ def main() -> int:
         step.workspace(0, N)
         for M in args.M:
             A = torch.randn(M, K, dtype=torch.float16, device="cuda")
-            t16 = None
+            t16, before, before_us = None, (lambda: A.mul_(1.0)) if args.between else (lambda: None), 0.0
+            if args.between:
+                before_us = measure(lambda i: before(), 1).median_us
             if not args.profile:
                 W16 = [torch.randn(K, N, dtype=torch.float16, device="cuda") * 0.01 for _ in range(2)]
-                t16 = measure(lambda i: torch.matmul(A, W16[i % 2]), 2).median_us
+                t16 = measure(lambda i: (before(), torch.matmul(A, W16[i % 2])), 2).median_us - before_us
                 del W16
             first = None
             for variant in args.variants:
@@ -169,9 +183,10 @@ def main() -> int:
                     else:
                         diff = (out.float() - first.float()).abs().max().item()
                         check = "bitwise" if torch.equal(out, first) else f"max diff {diff:.3g}"
-                    t = measure(lambda i: step(A, packs[i % len(packs)], out=out), len(packs))
-                    print(f"{shape:>12} {M:4d} {variant:32s} {t.median_us:8.1f} {t16:8.1f} {t16 / t.median_us:6.2f} "
-                          f"{t.spread_pct:5.1f} {nbytes / t.median_us / 1e3:6.0f} {check}", flush=True)
+                    t = measure(lambda i: (before(), step(A, packs[i % len(packs)], out=out)), len(packs))
+                    us = t.median_us - before_us
+                    print(f"{shape:>12} {M:4d} {variant:32s} {us:8.1f} {t16:8.1f} {t16 / us:6.2f} "
+                          f"{t.spread_pct:5.1f} {nbytes / us / 1e3:6.0f} {check}", flush=True)
                     if args.soak:
                         print(f"{'':>17} soak: {soak(lambda i: step(A, packs[i % len(packs)], out=out), len(packs), args.soak)}",
                               flush=True)

@@ -115,6 +115,21 @@ __device__ __forceinline__ int partial_slot(int block, int iters, int slice_t0) 
   return block * iters >= slice_t0 ? 0 : 1;
 }
 
+// A contributor counts itself in its slice's counter, once every thread of `sync` has stored
+// its partial sums and made them visible, and learns whether it arrived last; the last resets the
+// counter, so the workspace stays zeroed for the next launch. Every thread of `sync` gets the
+// answer (thread 0's count, by its vote).
+template <class Sync>
+__device__ __forceinline__ bool arrives_last(int* counter, int contributors, const Sync& sync) {
+  sync.sync();
+  int arrived = 0;
+  if (threadIdx.x == 0)
+    asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;\n" : "=r"(arrived) : "l"(counter) : "memory");
+  const bool is_last = threadIdx.x == 0 && arrived == contributors - 1;
+  if (is_last) asm volatile("st.relaxed.gpu.global.b32 [%0], %1;\n" ::"l"(counter), "r"(0) : "memory");
+  return sync.any(is_last);
+}
+
 // The global reduction of a shared column slice, without waiting: every contributor
 // stores its fp32 partial sums in its slot and counts itself in the slice's counter; the
 // one that arrives last adds all partials in ascending block order (a fixed order, so
@@ -142,13 +157,7 @@ __device__ __forceinline__ bool add_partial_sums(FragC (&acc)[kMBlocks][4][2], f
       for (int v = 0; v < 32; ++v) __stcg(mine + 32 * (32 * m + v), acc[m][v / 8][(v / 4) % 2].v[v % 4]);
     __threadfence();
   }
-  sync.sync();
-  int arrived = 0;
-  if (threadIdx.x == 0)
-    asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;\n" : "=r"(arrived) : "l"(counter) : "memory");
-  const bool is_last = threadIdx.x == 0 && arrived == s.contributors - 1;
-  if (is_last) asm volatile("st.relaxed.gpu.global.b32 [%0], %1;\n" ::"l"(counter), "r"(0) : "memory");
-  if (!sync.any(is_last)) return false;
+  if (!arrives_last(counter, s.contributors, sync)) return false;
   if (k_warp == 0) {
     zero_accumulators<kMBlocks>(acc);
     const int slice_t0 = s.slice * k_tiles, end = s.first_block + s.contributors;

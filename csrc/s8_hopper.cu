@@ -26,10 +26,10 @@
 // tile, so they work on two slots at once and each warp waits and releases once per 8 steps
 // (taking alternate k16 steps of one tile, as s6's two k-warps do, was 4-14 % slower: more
 // waits and releases per weight, and all 8 warps stalled on the same slot). At the end of a
-// column slice they add their sums through shared memory; the slice's partial sums are then
-// combined across blocks exactly as in s6 (no block waits; the last to arrive adds all in
-// block order), so results stay bit-identical run to run. From 65 rows on both warpgroups take
-// every tile instead, each half of its columns (SPLIT_COLUMNS, below).
+// column slice they add their sums through shared memory; the slice's partial sums, of only the
+// tokens the launch has, are then added across blocks as in s6 (no block waits; the last to
+// arrive adds all in block order), so results stay bit-identical run to run. From 65 rows on
+// both warpgroups take every tile instead, each half of its columns (SPLIT_COLUMNS, below).
 //
 // The consumers are the rung's cost at M <= 16, and they must be well below the byte floor,
 // not just at it: producer and consumers each near the floor, coupled through a finite ring,
@@ -466,6 +466,82 @@ __device__ __forceinline__ void write_slice(const Accumulators& acc, Element::sc
                                                        seg.col * TILE_N + 64 * strip + offset);
 }
 
+// The slice's partial sums across blocks: s6's no-wait reduction (each contributor stores its
+// fp32 partials and counts itself in the slice's counter; the last to arrive adds them all in
+// ascending block order and writes the output), storing and reading only the tokens the launch
+// has. s6 stores each warp's 32 registers a lane whole, [value][lane], which at M = 1 is sixteen
+// times the bytes that matter, and its last block reads them two contributors at a time: on a
+// narrow layer (4096 columns: eight blocks share a slice) four round trips to L2 of 32 KB each,
+// at the end of every launch. Here a lane's values lie at position 8 c + g of their 32-float
+// rows rather than at its lane number 4 g + c, so that the lanes holding the same tokens (the
+// same c) share one 32-byte sector: at M = 1 a contributor stores, and the last block reads, 1 KB
+// instead of 16, and on the mma.sync path (decode) four contributors' loads are in flight at
+// once. Returns whether this block writes the slice; `unit` is the warp's place in the slot (its
+// strip, or with SPLIT_COLUMNS its warpgroup's strip).
+//
+//   slot:  [unit][m][v = 8 j + 4 h + r][8 c + g]  holds acc[m][j][h].v[r] of lane 4 g + c,
+//          which is token 16 m + 8 h + 2 c + r % 2 of the slab
+template <class Sync>
+__device__ __forceinline__ bool add_partials_by_token(Accumulators& acc, float* __restrict__ partials, int* counter,
+                                                      const marlin::StripeSegment& seg, const Problem& p, int unit,
+                                                      const Sync& sync) {
+  if (seg.contributors == 1) return true;
+  constexpr int SLOT_FLOATS = 128 * TILE_N;  // a block's slot: a 128-row slab (steps/s8_hopper.py, partial_floats)
+  constexpr int VALUES = J_TILES * 8;        // a lane's values of one m-block
+  static_assert((SPLIT_COLUMNS ? 8 : 4) * M_BLOCKS * VALUES * 32 <= SLOT_FLOATS, "the partial sums fit the slot");
+  const int lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+  const int rows_valid = min(SLAB_ROWS, p.M - seg.slab * SLAB_ROWS);
+  const int lane_offset = unit * M_BLOCKS * VALUES * 32 + 8 * c + g;
+  // Whether the slab has the lane's token (m, h, r). On the wgmma path (17 rows and more) the
+  // slab goes whole: there a test per value makes ptxas spill registers, and it would save little.
+  auto has = [&](int m, int h, int r) { return WGMMA || 16 * m + 8 * h + 2 * c + r % 2 < rows_valid; };
+  auto offset = [](int m, int j, int h, int r) { return (m * VALUES + 8 * j + 4 * h + r) * 32; };
+  // f(j, h, r) for each of a lane's values of one m-block, unrolled.
+  auto each_value = [](auto f) {
+#pragma unroll
+    for (int j = 0; j < J_TILES; ++j)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) f(j, h, r);
+  };
+  float* mine = partials + size_t(2 * blockIdx.x + seg.slot) * SLOT_FLOATS + lane_offset;
+#pragma unroll
+  for (int m = 0; m < M_BLOCKS; ++m)
+    each_value([&](int j, int h, int r) {
+      if (has(m, h, r)) __stcg(mine + offset(m, j, h, r), acc[m][j][h].v[r]);
+    });
+  __threadfence();
+  if (!marlin::arrives_last(counter, seg.contributors, sync)) return false;
+
+  marlin::zero_accumulators<FLAT_M_BLOCKS>(flat(acc));
+  const int slice_t0 = seg.slice * p.k_tiles, end = seg.first_block + seg.contributors;
+  // Contributors whose loads are in flight together, one m-block at a time: four on the mma.sync
+  // path (128 floats a lane), one on the wgmma path, where more spill registers.
+  constexpr int AHEAD = WGMMA ? 1 : 4;
+  for (int b0 = seg.first_block; b0 < end; b0 += AHEAD) {
+#pragma unroll
+    for (int m = 0; m < M_BLOCKS; ++m) {
+      FragC theirs[AHEAD][J_TILES][2];
+#pragma unroll
+      for (int i = 0; i < AHEAD; ++i) {
+        const int b = b0 + i;
+        const float* from =
+            partials + size_t(2 * b + marlin::partial_slot(b, p.iters, slice_t0)) * SLOT_FLOATS + lane_offset;
+        each_value([&](int j, int h, int r) {
+          theirs[i][j][h].v[r] = b < end && has(m, h, r) ? __ldcg(from + offset(m, j, h, r)) : 0.f;
+        });
+      }
+#pragma unroll
+      for (int i = 0; i < AHEAD; ++i) {  // in ascending block order, as s6 adds them
+        if (b0 + i >= end) continue;
+        each_value([&](int j, int h, int r) { acc[m][j][h].v[r] += theirs[i][j][h].v[r]; });
+      }
+    }
+  }
+  return true;
+}
+
 __device__ __forceinline__ void consume(const Ring& ring_in, const Problem& p, Element::scalar* __restrict__ C,
                                         int* __restrict__ counters, float* __restrict__ partials, float* red,
                                         volatile int* flag) {
@@ -574,10 +650,10 @@ __device__ __forceinline__ void consume(const Ring& ring_in, const Problem& p, E
 
     // The slice's end, as in s4 and s6 but on named barriers, so that the producer runs on.
     if constexpr (SPLIT_COLUMNS) {
-      // The warpgroups hold sums of different columns: to s6's global reduction they are
-      // eight strips, each adding its own partial sums and writing its own columns.
-      if (marlin::add_partial_sums<FLAT_M_BLOCKS, 8>(flat(acc), partials, &counters[seg.slice], seg, p.iters, p.k_tiles,
-                                                     4 * wg + strip, 0, hopper::NamedSync<1, CONSUMER_THREADS>{flag}))
+      // The warpgroups hold sums of different columns: each warp adds its own columns' partial
+      // sums and writes them.
+      if (add_partials_by_token(acc, partials, &counters[seg.slice], seg, p, 4 * wg + strip,
+                                hopper::NamedSync<1, CONSUMER_THREADS>{flag}))
         write_slice(acc, C, p, seg, strip, 16 * first_j);
     } else {
       // Both warpgroups hold sums of the same columns: warpgroup 1 hands its to warpgroup 0
@@ -585,8 +661,8 @@ __device__ __forceinline__ void consume(const Ring& ring_in, const Problem& p, E
       // sharing the slice, while warpgroup 1 runs on into its next tiles.
       marlin::reduce_k_warp_partials<FLAT_M_BLOCKS, 4, CONSUMERS>(flat(acc), red, wg, strip,
                                                                   hopper::NamedSync<1, CONSUMER_THREADS>{nullptr});
-      if (wg == 0 && marlin::add_partial_sums<FLAT_M_BLOCKS, 4>(flat(acc), partials, &counters[seg.slice], seg, p.iters,
-                                                                p.k_tiles, strip, 0, hopper::NamedSync<2, 128>{flag}))
+      if (wg == 0 &&
+          add_partials_by_token(acc, partials, &counters[seg.slice], seg, p, strip, hopper::NamedSync<2, 128>{flag}))
         write_slice(acc, C, p, seg, strip, 16 * first_j);
     }
     t += seg.rows;

@@ -26,7 +26,9 @@ does what (csrc/s8_hopper.cu draws it):
 * each launch is a programmatic dependent launch (steps/_dependent_launch.py): the kernel
   starts while the previous one in the stream finishes and requests its first ring of
   weights, which no kernel writes, before it waits for that one; on a 4096 x 4096 layer
-  that is most of the fixed cost of a launch (docs/rungs.md, round 4).
+  that is most of the fixed cost of a launch (docs/rungs.md, round 4);
+* the blocks sharing a column slice store and read only the partial sums of the tokens the
+  launch has (1 KB a block at M = 1, not 16: docs/rungs.md, round 7).
 
 Numerics: fp32 accumulation and fp32 partial sums added in block order, so results are
 bit-identical run to run. The wgmma path multiplies s6's dequantized weights (one rounding of

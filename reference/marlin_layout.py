@@ -296,21 +296,32 @@ def partial_slot(block: int, iters: int, slice_t0: int) -> int:
 
 @functools.lru_cache(maxsize=4096)
 def stripe_length(total_tiles: int, k_tiles: int, sms: int, reduction_cost: float = 0.0) -> int:
-    """Tiles per block: an even share over the SMs, but no fewer than keep a slice's
-    contributors at MAX_SLICE_BLOCKS (a slice spans k_tiles consecutive tiles, so at most
-    ceil(k_tiles / iters) + 1 blocks touch it).
+    """Tiles per block: an even share over the SMs, lengthened until no column slice has more
+    than MAX_SLICE_BLOCKS contributors (max_slice_contributors counts them exactly: a run
+    length that divides k_tiles gives each slice k_tiles / iters, one that does not may give
+    one more).
 
-    With reduction_cost > 0, a longer run (up to twice the even share) may win: each
-    block is charged its tiles plus reduction_cost tiles for every column slice it shares
-    with another block, and the length whose dearest block is cheapest is taken, the
-    shortest of equals. E.g. 96 slices of 16 tiles on 132 SMs: 12 tiles a block, two of
-    them shared, or 16 tiles and none."""
-    even_share = max(1, -(-total_tiles // sms), -(-k_tiles // (MAX_SLICE_BLOCKS - 1)))
+    With reduction_cost > 0, a longer run (up to twice that share) may win: each block is
+    charged its tiles plus reduction_cost tiles for every column slice it shares with
+    another block, and the length whose dearest block is cheapest is taken, the shortest of
+    equals. E.g. 96 slices of 16 tiles on 132 SMs: 12 tiles a block, two of them shared, or
+    16 tiles and none."""
+    share = max(1, -(-total_tiles // sms))
+    while max_slice_contributors(total_tiles, k_tiles, share) > MAX_SLICE_BLOCKS:
+        share += 1
     if reduction_cost <= 0:
-        return even_share
-    candidates = range(even_share, 2 * even_share + 1)
+        return share
+    candidates = range(share, 2 * share + 1)
     costs = [_dearest_block(total_tiles, k_tiles, iters, reduction_cost) for iters in candidates]
     return candidates[int(np.argmin(costs))]
+
+
+def max_slice_contributors(total_tiles: int, k_tiles: int, iters: int) -> int:
+    """The most blocks that share one column slice when each block takes `iters` tiles
+    (the kernel's first_block .. last block of a slice, marlin::stripe_segment)."""
+    first_tile = np.arange(0, total_tiles, k_tiles)
+    last_tile = np.minimum(first_tile + k_tiles, total_tiles) - 1
+    return int(np.max(last_tile // iters - first_tile // iters + 1))
 
 
 def _dearest_block(total_tiles: int, k_tiles: int, iters: int, reduction_cost: float) -> float:

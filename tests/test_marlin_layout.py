@@ -267,6 +267,25 @@ def test_stripe_length_trades_tiles_against_shared_slices(problem):
     assert dearest(cost) <= dearest(0.0)
 
 
+@given(schedules)
+def test_max_slice_contributors_counts_the_schedule(problem):
+    """The model's count of the blocks sharing a slice is the schedule's busiest slice, and the
+    run length keeps it within MAX_SLICE_BLOCKS."""
+    slabs, k_tiles, n_tiles, sms, cost = problem
+    iters, schedule = ml.striped_schedule(slabs, k_tiles, n_tiles, sms, cost)
+    busiest = max(s.contributors for segments in schedule for s in segments)
+    assert ml.max_slice_contributors(slabs * n_tiles * k_tiles, k_tiles, iters) == busiest <= ml.MAX_SLICE_BLOCKS
+
+
+def test_stripe_length_counts_contributors_exactly():
+    """Llama-2-7B's 4096 x 4096 in 128 x 256 tiles (16 slices of 32 k-tiles) on 132 SMs: runs of
+    4 tiles give each slice exactly 8 contributors, so 128 blocks share the layer (a bound of
+    ceil(32 / 4) + 1 = 9 once ruled them out, leaving it 64 blocks of 8 tiles)."""
+    assert ml.max_slice_contributors(16 * 32, 32, 4) == 8
+    assert ml.max_slice_contributors(16 * 32, 32, 5) == 8
+    assert ml.stripe_length(16 * 32, 32, 132, reduction_cost=4.0) == 4
+
+
 def test_stripe_length_prefers_whole_slices_when_sharing_costs_more():
     """96 slices of 16 tiles on 132 SMs (Llama-2-7B's 4096 x 12288 with 256 x 128 tiles):
     the even share, 12 tiles, makes every block share two slices; 16 makes none."""

@@ -63,8 +63,9 @@ nb.rung_status("s8_hopper")
 # cost more than its bytes take to arrive, while its 128-256 `mma.sync`s do not (the Explanation
 # below, and `docs/rungs.md`).
 #
-# The schedule (SM-striped runs of tiles), the partial sums, the workspace and the numerics are
-# rung 6's: the same error-bound constant, and bit-identical repeats.
+# The schedule (SM-striped runs of tiles), the workspace and the numerics are rung 6's: the same
+# error-bound constant, and bit-identical repeats. The partial sums across blocks are added as
+# in rung 6, but only the tokens the launch has are stored and read.
 
 # %%
 nb.show_source("csrc/s8_hopper.cu", "__device__ __forceinline__ void produce(")
@@ -151,6 +152,19 @@ nb.measured("s8_hopper", below="s6_marlin")
 # short of the prediction: the profile shows the tensor pipe two thirds busy with issue and
 # bytes to spare. Keeping four `wgmma` groups in flight instead of two bought 2-15 % in a
 # same-run comparison from 64 rows up, and nothing at 32 rows.
+#
+# Round 7 went back to the narrow layers, by leaving parts of the kernel out (`no-reduce`,
+# `launch-only` in `scripts/s8_variants.py`) and by timing each launch after a kernel that
+# knows nothing of dependent launches, as a GEMM in a model follows a norm or an activation.
+# Adding the partial sums across blocks cost about 2 µs of a 4096 × 4096 layer's 7: the blocks
+# now store, and the last one reads, only the tokens the launch has (1 KB a block at M = 1
+# instead of 16). And that layer had run on 64 of the 132 SMs: the schedule's bound on the
+# blocks sharing a slice assumed one more than the exact count. Counted exactly it runs on 128.
+# After another kernel, as in a model, it went from 9.6 to 8.4 µs at M = 1 (11.0 to 9.7 at 16
+# rows); in the benchmark, where each launch overlaps the one before, it is level at M = 1 and
+# half a microsecond slower at 16 rows, because there the idle half of the GPU had let the next
+# launch start early, and now the last block reads eight contributors' partial sums, not four. The same measurement shows what the benchmark does
+# not: in a model, rung 8 at 16 rows costs more per launch than rung 6.
 #
 # `docs/rungs.md` has the numbers, the misses and the next levers.
 

@@ -7,8 +7,9 @@ In the benchmark every launch follows a launch of the same kernel, so rung 8's p
 dependent launch overlaps each one's start with the previous one's end. In a model a GEMM
 follows a norm, an activation or attention, kernels that never let their dependents start
 early. Here the second mode ("after") puts a kernel that rewrites the activations in place
-(A *= 1) before every launch, FP16's too, and subtracts that kernel's own time: what is left
-is the GEMM's cost in a model. Weights rotate past L2 as in the benchmark (gpu_tune.rotated_packs).
+(gpu_tune.model_predecessor) before every launch, FP16's too, and subtracts that kernel's own
+time: what is left is the GEMM's cost in a model. Weights rotate past L2 as in the benchmark
+(gpu_tune.rotated_packs).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def main() -> int:
     import cupy
     import torch
 
-    from gpu_tune import rotated_packs
+    from gpu_tune import model_predecessor, rotated_packs
     from steps.harness.timing import measure
     from steps.registry import get
 
@@ -48,8 +49,7 @@ def main() -> int:
             A = torch.randn(M, K, dtype=torch.float16, device="cuda")
             out = torch.empty(M, N, dtype=torch.float16, device="cuda")
             for mode in ("b2b", "after"):
-                before = (lambda: A.mul_(1.0)) if mode == "after" else (lambda: None)
-                before_us = measure(lambda i: before(), 1).median_us if mode == "after" else 0.0
+                before, before_us = model_predecessor(A, mode == "after")
                 t16 = measure(lambda i: (before(), torch.matmul(A, W16[i % 2])), 2).median_us - before_us
                 cells = []
                 for r, ps in packs.items():

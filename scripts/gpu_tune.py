@@ -62,6 +62,18 @@ def rotated_packs(name: str, K: int, N: int, group: int, l2_bytes: int, cupy, dt
     ]
 
 
+def model_predecessor(A, on: bool):
+    """(launch, its own time in us): with `on`, a kernel that rewrites the activations A in place
+    (A *= 1) and knows nothing of programmatic dependent launches, to put before each timed
+    launch, as a GEMM in a model follows a norm or an activation; without, nothing and 0."""
+    from steps.harness.timing import measure
+
+    if not on:
+        return (lambda: None), 0.0
+    launch = lambda: A.mul_(1.0)  # noqa: E731
+    return launch, measure(lambda i: launch(), 1).median_us
+
+
 @contextlib.contextmanager
 def attributes(step, values: dict):
     """The step with its tuning attributes set to `values` inside the block, restored after."""

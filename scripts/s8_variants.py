@@ -106,7 +106,7 @@ def main() -> int:
     import torch
 
     import steps.s8_hopper as s8
-    from gpu_tune import attributes, rotated_packs
+    from gpu_tune import attributes, model_predecessor, rotated_packs
     from steps._cuda import get_kernel
     from steps.harness.timing import measure
     from steps.registry import get
@@ -148,9 +148,8 @@ def main() -> int:
         step.workspace(0, N)
         for M in args.M:
             A = torch.randn(M, K, dtype=torch.float16, device="cuda")
-            t16, before, before_us = None, (lambda: A.mul_(1.0)) if args.between else (lambda: None), 0.0
-            if args.between:
-                before_us = measure(lambda i: before(), 1).median_us
+            t16 = None
+            before, before_us = model_predecessor(A, args.between)
             if not args.profile:
                 W16 = [torch.randn(K, N, dtype=torch.float16, device="cuda") * 0.01 for _ in range(2)]
                 t16 = measure(lambda i: (before(), torch.matmul(A, W16[i % 2])), 2).median_us - before_us

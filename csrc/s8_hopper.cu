@@ -131,7 +131,8 @@ constexpr int S_BYTES = S_ROWS * S_ROW_BYTES, Z_BYTES = ZERO_POINTS ? S_BYTES : 
 constexpr int STAGE_BYTES = (A_BYTES + W_BYTES + S_BYTES + Z_BYTES + 1023) / 1024 * 1024;
 constexpr int REDUCE_BYTES = 4 * 32 * 32 * 4;  // one m-block of one warpgroup's accumulators
 // Dynamic shared memory: 1024 bytes of slack to align the ring (wgmma's swizzle atoms), the
-// ring, the warpgroups' hand-over buffer, two mbarriers per slot and a flag word.
+// ring, the warpgroups' hand-over buffer, two mbarriers per slot and two words: the vote of
+// NamedSync::any and thread 0's count at its first segment's arrival (end_first_segment).
 [[maybe_unused]] constexpr int TOTAL_SMEM = 1024 + STAGES * STAGE_BYTES + REDUCE_BYTES + 16 * STAGES + 16;
 #ifdef LAUNCH_SMEM_BYTES  // the host's launch figures, checked against the kernel's own
 static_assert(LAUNCH_THREADS == THREADS, "the host launches a different number of threads");
@@ -322,7 +323,7 @@ __device__ __forceinline__ void add_scaled_sums(Accumulators& sums, const unsign
 
 struct Ring {
   unsigned base;  // shared address of slot 0
-  unsigned bars;  // full[0..STAGES), then empty[0..STAGES), then a flag word
+  unsigned bars;  // full[0..STAGES), then empty[0..STAGES), then the two words
 
   __device__ __forceinline__ unsigned slot(int s) const { return base + s * STAGE_BYTES; }
   __device__ __forceinline__ unsigned full(int s) const { return bars + 8 * s; }
@@ -470,81 +471,182 @@ __device__ __forceinline__ void write_slice(const Accumulators& acc, Element::sc
 // fp32 partials and counts itself in the slice's counter; the last to arrive adds them all in
 // ascending block order and writes the output), storing and reading only the tokens the launch
 // has. s6 stores each warp's 32 registers a lane whole, [value][lane], which at M = 1 is sixteen
-// times the bytes that matter, and its last block reads them two contributors at a time: on a
-// narrow layer (4096 columns: eight blocks share a slice) four round trips to L2 of 32 KB each,
-// at the end of every launch. Here a lane's values lie at position 8 c + g of their 32-float
-// rows rather than at its lane number 4 g + c, so that the lanes holding the same tokens (the
-// same c) share one 32-byte sector: at M = 1 a contributor stores, and the last block reads, 1 KB
-// instead of 16, and on the mma.sync path (decode) four contributors' loads are in flight at
-// once. Returns whether this block writes the slice; `unit` is the warp's place in the slot (its
-// strip, or with SPLIT_COLUMNS its warpgroup's strip).
+// times the bytes that matter, and its last block reads them two contributors at a time. Here a
+// lane's values lie at position 8 c + g of their 32-float rows rather than at its lane number
+// 4 g + c, so that the lanes holding the same tokens (the same c) share one 32-byte sector: at
+// M = 1 a contributor stores, and the last block reads, 1 KB instead of 16, and on the mma.sync
+// path (decode) four contributors' loads are in flight at once. `unit` is the warp's place in
+// the slot (its strip, or with SPLIT_COLUMNS its warpgroup's strip).
 //
 //   slot:  [unit][m][v = 8 j + 4 h + r][8 c + g]  holds acc[m][j][h].v[r] of lane 4 g + c,
 //          which is token 16 m + 8 h + 2 c + r % 2 of the slab
-template <class Sync>
-__device__ __forceinline__ bool add_partials_by_token(Accumulators& acc, float* __restrict__ partials, int* counter,
-                                                      const marlin::StripeSegment& seg, const Problem& p, int unit,
-                                                      const Sync& sync) {
-  if (seg.contributors == 1) return true;
-  constexpr int SLOT_FLOATS = 128 * TILE_N;  // a block's slot: a 128-row slab (steps/s8_hopper.py, partial_floats)
-  constexpr int VALUES = J_TILES * 8;        // a lane's values of one m-block
+struct PartialSums {
+  static constexpr int SLOT_FLOATS = 128 * TILE_N;  // a block's slot: a 128-row slab (steps/s8_hopper.py, partial_floats)
+  static constexpr int VALUES = J_TILES * 8;        // a lane's values of one m-block
   static_assert((SPLIT_COLUMNS ? 8 : 4) * M_BLOCKS * VALUES * 32 <= SLOT_FLOATS, "the partial sums fit the slot");
-  const int lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
-  const int rows_valid = min(SLAB_ROWS, p.M - seg.slab * SLAB_ROWS);
-  const int lane_offset = unit * M_BLOCKS * VALUES * 32 + 8 * c + g;
+  float* __restrict__ workspace;
+  const marlin::StripeSegment& seg;
+  const Problem& p;
+  int lane_offset, rows_valid, c;
+
+  __device__ __forceinline__ PartialSums(float* workspace_, const marlin::StripeSegment& seg_, const Problem& p_, int unit)
+      : workspace(workspace_), seg(seg_), p(p_) {
+    const int lane = threadIdx.x % 32, g = lane / 4;
+    c = lane % 4;
+    lane_offset = unit * M_BLOCKS * VALUES * 32 + 8 * c + g;
+    rows_valid = min(SLAB_ROWS, p.M - seg.slab * SLAB_ROWS);
+  }
   // Whether the slab has the lane's token (m, h, r). On the wgmma path (17 rows and more) the
   // slab goes whole: there a test per value makes ptxas spill registers, and it would save little.
-  auto has = [&](int m, int h, int r) { return WGMMA || 16 * m + 8 * h + 2 * c + r % 2 < rows_valid; };
-  auto offset = [](int m, int j, int h, int r) { return (m * VALUES + 8 * j + 4 * h + r) * 32; };
+  __device__ __forceinline__ bool has(int m, int h, int r) const {
+    return WGMMA || 16 * m + 8 * h + 2 * c + r % 2 < rows_valid;
+  }
+  static __device__ __forceinline__ int offset(int m, int j, int h, int r) { return (m * VALUES + 8 * j + 4 * h + r) * 32; }
   // f(j, h, r) for each of a lane's values of one m-block, unrolled.
-  auto each_value = [](auto f) {
+  template <class F>
+  static __device__ __forceinline__ void each_value(F f) {
 #pragma unroll
     for (int j = 0; j < J_TILES; ++j)
 #pragma unroll
       for (int h = 0; h < 2; ++h)
 #pragma unroll
         for (int r = 0; r < 4; ++r) f(j, h, r);
-  };
-  float* mine = partials + size_t(2 * blockIdx.x + seg.slot) * SLOT_FLOATS + lane_offset;
-#pragma unroll
-  for (int m = 0; m < M_BLOCKS; ++m)
-    each_value([&](int j, int h, int r) {
-      if (has(m, h, r)) __stcg(mine + offset(m, j, h, r), acc[m][j][h].v[r]);
-    });
-  __threadfence();
-  if (!marlin::arrives_last(counter, seg.contributors, sync)) return false;
+  }
 
-  marlin::zero_accumulators<FLAT_M_BLOCKS>(flat(acc));
-  const int slice_t0 = seg.slice * p.k_tiles, end = seg.first_block + seg.contributors;
-  // Contributors whose loads are in flight together, one m-block at a time: four on the mma.sync
-  // path (128 floats a lane), one on the wgmma path, where more spill registers.
-  constexpr int AHEAD = WGMMA ? 1 : 4;
-  for (int b0 = seg.first_block; b0 < end; b0 += AHEAD) {
+  __device__ __forceinline__ void store(const Accumulators& acc) const {
+    float* mine = workspace + size_t(2 * blockIdx.x + seg.slot) * SLOT_FLOATS + lane_offset;
 #pragma unroll
-    for (int m = 0; m < M_BLOCKS; ++m) {
-      FragC theirs[AHEAD][J_TILES][2];
+    for (int m = 0; m < M_BLOCKS; ++m)
+      each_value([&](int j, int h, int r) {
+        if (has(m, h, r)) __stcg(mine + offset(m, j, h, r), acc[m][j][h].v[r]);
+      });
+  }
+
+  // acc = every contributor's partials (this block's own among them), added in ascending block
+  // order whoever reads them, so the sum is the same bits run to run. Four contributors' loads
+  // are in flight together on the mma.sync path (128 floats a lane), one on the wgmma path,
+  // where more spill registers. A thread reads back only what it stored itself: its own store
+  // is visible to it without a fence.
+  __device__ __forceinline__ void add_all(Accumulators& acc) const {
+    marlin::zero_accumulators<FLAT_M_BLOCKS>(flat(acc));
+    const int slice_t0 = seg.slice * p.k_tiles, end = seg.first_block + seg.contributors;
+    constexpr int AHEAD = WGMMA ? 1 : 4;
+    for (int b0 = seg.first_block; b0 < end; b0 += AHEAD) {
 #pragma unroll
-      for (int i = 0; i < AHEAD; ++i) {
-        const int b = b0 + i;
-        const float* from =
-            partials + size_t(2 * b + marlin::partial_slot(b, p.iters, slice_t0)) * SLOT_FLOATS + lane_offset;
-        each_value([&](int j, int h, int r) {
-          theirs[i][j][h].v[r] = b < end && has(m, h, r) ? __ldcg(from + offset(m, j, h, r)) : 0.f;
-        });
-      }
+      for (int m = 0; m < M_BLOCKS; ++m) {
+        FragC theirs[AHEAD][J_TILES][2];
 #pragma unroll
-      for (int i = 0; i < AHEAD; ++i) {  // in ascending block order, as s6 adds them
-        if (b0 + i >= end) continue;
-        each_value([&](int j, int h, int r) { acc[m][j][h].v[r] += theirs[i][j][h].v[r]; });
+        for (int i = 0; i < AHEAD; ++i) {
+          const int b = b0 + i;
+          const float* from =
+              workspace + size_t(2 * b + marlin::partial_slot(b, p.iters, slice_t0)) * SLOT_FLOATS + lane_offset;
+          each_value([&](int j, int h, int r) {
+            theirs[i][j][h].v[r] = b < end && has(m, h, r) ? __ldcg(from + offset(m, j, h, r)) : 0.f;
+          });
+        }
+#pragma unroll
+        for (int i = 0; i < AHEAD; ++i) {
+          if (b0 + i >= end) continue;
+          each_value([&](int j, int h, int r) { acc[m][j][h].v[r] += theirs[i][j][h].v[r]; });
+        }
       }
     }
   }
+};
+
+// The slice counter under the PTX memory model, at gpu scope. s6 counts in with one
+// acquire-release atomic and waits for its answer: a fence for the partials' stores, then the
+// atomic's round trip, at every slice end, while the block's next tiles wait. Rung 8 waits
+// less (round 8, docs/rungs.md):
+//
+//  * A run's first segment is the bottom of a slice whose top belongs to the previous block's
+//    run, which reaches it only at its end: here the block is almost never the last to arrive.
+//    It stores, counts in with a release (no acquire: it reads nothing yet) and goes on to its
+//    next tiles; thread 0 looks at the atomic's answer only at the end of the run, and in the
+//    rare case that it was the last, the block adds the slice then.
+//  * At a run's final segment the others have often all arrived already (those that started
+//    the slice's bottom at the start of their runs). Thread 0 reads the counter before the
+//    slice's last hand-over, and if every other contributor is in, the block is the last without
+//    counting: no fence and no atomic, only the read of their partials after an acquire fence.
+//
+// Exactly one block writes each slice: a block that finds contributors - 1 others in never
+// counts, so none of those saw contributors - 1 before its own arrival; otherwise all count and
+// the one that found contributors - 1 writes. The writer resets the counter (no one counts after
+// it), so the workspace stays zeroed for the next launch. No block ever waits for another.
+//
+// Each piece runs in the threads where `pred` holds, predicated inside the instruction rather
+// than branched around: a branch here made ptxas compute the wgmma descriptors of the tile loop
+// outside the uniform datapath (32 more instructions a tile) and spill registers.
+__device__ __forceinline__ int peek_count_if(const int* counter, bool pred) {  // may be stale: it only grows
+  int count = 0;
+  asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %2, 0;\n @p ld.relaxed.gpu.global.b32 %0, [%1];\n}\n"
+               : "+r"(count)
+               : "l"(counter), "r"(int(pred))
+               : "memory");
+  return count;
+}
+__device__ __forceinline__ int count_in_if(int* counter, bool pred) {  // the count before this arrival
+  int count = 0;
+  asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %2, 0;\n @p atom.release.gpu.global.add.s32 %0, [%1], 1;\n}\n"
+               : "+r"(count)
+               : "l"(counter), "r"(int(pred))
+               : "memory");
+  return count;
+}
+__device__ __forceinline__ void acquire_fence_if(bool pred) {
+  asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %0, 0;\n @p fence.acq_rel.gpu;\n}\n" ::"r"(int(pred)) : "memory");
+}
+__device__ __forceinline__ void reset_count_if(int* counter, bool pred) {
+  asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %1, 0;\n @p st.relaxed.gpu.global.b32 [%0], 0;\n}\n" ::"l"(counter),
+               "r"(int(pred))
+               : "memory");
+}
+
+// A final segment's end. `seen` is thread 0's earlier look at the counter. Returns whether this
+// block writes the slice (then acc holds the sum).
+template <class Sync>
+__device__ __forceinline__ bool end_final_segment(Accumulators& acc, const PartialSums& partials, int* counter,
+                                                  int seen, const Sync& sync) {
+  const bool all_in = threadIdx.x == 0 && seen == partials.seg.contributors - 1;
+  acquire_fence_if(all_in);  // before this thread's stores, so that it waits for none of them
+  partials.store(acc);
+  if (sync.any(all_in)) {
+    reset_count_if(counter, threadIdx.x == 0);
+  } else if (!marlin::arrives_last(counter, partials.seg.contributors, sync)) {
+    return false;
+  }
+  partials.add_all(acc);
+  return true;
+}
+
+// A first segment's end: store, count in, go on. Thread 0 keeps the count before its arrival in
+// shared memory (`count_word`) rather than in a register live across the run's tiles, which made
+// ptxas spill in the variants that hold the most accumulators.
+template <class Sync>
+__device__ __forceinline__ void end_first_segment(const Accumulators& acc, const PartialSums& partials, int* counter,
+                                                  volatile int* count_word, const Sync& sync) {
+  partials.store(acc);
+  sync.sync();  // every thread's stores before thread 0's release
+  const int count = count_in_if(counter, threadIdx.x == 0);
+  if (threadIdx.x == 0) *count_word = count;
+}
+
+// At the end of the run: if the first segment's arrival was the last, add and return true.
+template <class Sync>
+__device__ __forceinline__ bool first_segment_was_last(Accumulators& acc, const PartialSums& partials, int* counter,
+                                                       int count, const Sync& sync) {
+  const bool last = threadIdx.x == 0 && count == partials.seg.contributors - 1;
+  sync.sync();  // no thread still reads the final segment's vote (NamedSync::any)
+  acquire_fence_if(last);
+  reset_count_if(counter, last);
+  if (!sync.any(last)) return false;
+  partials.add_all(acc);
   return true;
 }
 
 __device__ __forceinline__ void consume(const Ring& ring_in, const Problem& p, Element::scalar* __restrict__ C,
-                                        int* __restrict__ counters, float* __restrict__ partials, float* red,
-                                        volatile int* flag) {
+                                        int* __restrict__ counters, float* __restrict__ workspace, float* red,
+                                        volatile int* words) {
   // The ring's addresses and the lane's offsets into a slot, each computed once and kept in a
   // register (hopper::opaque): otherwise ptxas recomputes them from the thread and block ids
   // every tile, a chain of some 20 dependent instructions in front of the tile's first load.
@@ -627,6 +729,7 @@ __device__ __forceinline__ void consume(const Ring& ring_in, const Problem& p, E
   hopper::wait_for_previous_grid();
   for (int t = p.t0; t < p.t1;) {
     const marlin::StripeSegment seg = marlin::stripe_segment(t, p.t1, p.k_tiles, p.n_tiles, p.iters);
+    const bool final_segment = t + seg.rows == p.t1;
     marlin::zero_accumulators<FLAT_M_BLOCKS>(flat(acc));
     marlin::zero_accumulators<FLAT_M_BLOCKS>(flat(sums));
     for (unsigned& scale : sums_scale) scale = 0;
@@ -640,6 +743,8 @@ __device__ __forceinline__ void consume(const Ring& ring_in, const Problem& p, E
     };
     if (upper) run(Flag<true>{});
     else run(Flag<false>{});
+    // The look at a final segment's counter, on its way while the warpgroups hand over their sums.
+    const int seen = peek_count_if(&counters[seg.slice], final_segment && seg.contributors > 1 && threadIdx.x == 0);
     if constexpr (SCALE_SUMS) add_scaled_sums<true>(sums, sums_scale, acc, false);  // the warpgroup's last tile
     if (WGMMA) {
       hopper::wgmma_wait<0>();
@@ -649,23 +754,42 @@ __device__ __forceinline__ void consume(const Ring& ring_in, const Problem& p, E
     }
 
     // The slice's end, as in s4 and s6 but on named barriers, so that the producer runs on.
+    // Returns whether the calling warps write the slice now.
+    auto slice_end = [&](int unit, const auto& sync) {
+      if (seg.contributors == 1) return true;
+      const PartialSums partials(workspace, seg, p, unit);
+      if (final_segment) return end_final_segment(acc, partials, &counters[seg.slice], seen, sync);
+      end_first_segment(acc, partials, &counters[seg.slice], words + 1, sync);
+      return false;
+    };
     if constexpr (SPLIT_COLUMNS) {
       // The warpgroups hold sums of different columns: each warp adds its own columns' partial
       // sums and writes them.
-      if (add_partials_by_token(acc, partials, &counters[seg.slice], seg, p, 4 * wg + strip,
-                                hopper::NamedSync<1, CONSUMER_THREADS>{flag}))
-        write_slice(acc, C, p, seg, strip, 16 * first_j);
+      if (slice_end(4 * wg + strip, hopper::NamedSync<1, CONSUMER_THREADS>{words})) write_slice(acc, C, p, seg, strip, 16 * first_j);
     } else {
       // Both warpgroups hold sums of the same columns: warpgroup 1 hands its to warpgroup 0
       // through shared memory, then warpgroup 0 alone adds the partial sums of the blocks
       // sharing the slice, while warpgroup 1 runs on into its next tiles.
       marlin::reduce_k_warp_partials<FLAT_M_BLOCKS, 4, CONSUMERS>(flat(acc), red, wg, strip,
                                                                   hopper::NamedSync<1, CONSUMER_THREADS>{nullptr});
-      if (wg == 0 &&
-          add_partials_by_token(acc, partials, &counters[seg.slice], seg, p, strip, hopper::NamedSync<2, 128>{flag}))
-        write_slice(acc, C, p, seg, strip, 16 * first_j);
+      if (wg == 0 && slice_end(strip, hopper::NamedSync<2, 128>{words})) write_slice(acc, C, p, seg, strip, 16 * first_j);
     }
     t += seg.rows;
+  }
+
+  // The run's first segment, if it shares its slice and was not also the run's last: its
+  // arrival's answer, and the slice, if that arrival was the last.
+  const marlin::StripeSegment first = marlin::stripe_segment(p.t0, p.t1, p.k_tiles, p.n_tiles, p.iters);
+  if (first.contributors > 1 && first.rows < p.t1 - p.t0) {
+    auto check = [&](int unit, const auto& sync) {
+      return first_segment_was_last(acc, PartialSums(workspace, first, p, unit), &counters[first.slice],
+                                    threadIdx.x == 0 ? words[1] : 0, sync);
+    };
+    if constexpr (SPLIT_COLUMNS) {
+      if (check(4 * wg + strip, hopper::NamedSync<1, CONSUMER_THREADS>{words})) write_slice(acc, C, p, first, strip, 16 * first_j);
+    } else {
+      if (wg == 0 && check(strip, hopper::NamedSync<2, 128>{words})) write_slice(acc, C, p, first, strip, 16 * first_j);
+    }
   }
 }
 
@@ -681,7 +805,7 @@ extern "C" __global__ void __launch_bounds__(s8::THREADS, 1)
   const s8::Ring ring{base, base + STAGES * s8::STAGE_BYTES + s8::REDUCE_BYTES};
   char* generic_base = reinterpret_cast<char*>(smem) + (base - raw);
   float* red = reinterpret_cast<float*>(generic_base + STAGES * s8::STAGE_BYTES);
-  volatile int* flag = reinterpret_cast<volatile int*>(generic_base + STAGES * s8::STAGE_BYTES + s8::REDUCE_BYTES +
+  volatile int* words = reinterpret_cast<volatile int*>(generic_base + STAGES * s8::STAGE_BYTES + s8::REDUCE_BYTES +
                                                        16 * STAGES);
   if (threadIdx.x == 0) {
     for (int s = 0; s < STAGES; ++s) {
@@ -698,6 +822,6 @@ extern "C" __global__ void __launch_bounds__(s8::THREADS, 1)
     s8::produce(ring, s8::Problem(M, K, N, iters), A, B, S, Z);
   } else {
     hopper::claim_registers<s8::CONSUMER_REGISTERS>();
-    s8::consume(ring, s8::Problem(M, K, N, iters), C, counters, partials, red, flag);
+    s8::consume(ring, s8::Problem(M, K, N, iters), C, counters, partials, red, words);
   }
 }

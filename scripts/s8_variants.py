@@ -9,8 +9,10 @@ and the ring deliver: the kernel's floor as built), `compute-only` (the producer
 over slots without copying weights or scales into them, so the time is what the consumers
 cost when their data is always there), `no-reduce` (every block writes its sums straight to
 the output, wrongly, without the partial sums across blocks: what the global reduction
-costs) or `launch-only` (the blocks return once their barriers are set up: the fixed cost
-of launching this kernel) -- `src:NAME` (the kernel compiled from
+costs), `launch-only` (the blocks return once their barriers are set up: the fixed cost
+of launching this kernel) or `first-arrives-last` (a check: each run's first segment counts
+in after a long wait, so the path where that late arrival adds the slice runs; its output
+must equal base's bit for bit) -- `src:NAME` (the kernel compiled from
 csrc/NAME.cu, e.g. an earlier commit's s8_hopper.cu written there), or `attr=value`
 (a tuning attribute of the step, e.g. mma_sync_max_rows, max_stages); or several of these
 joined by commas, e.g. `stream-only,max_stages=4`. Each variant's output is
@@ -47,6 +49,7 @@ _WEIGHTS = "#pragma unroll\n  for (int r = 0; r < K16_STEPS; ++r)\n"
 _SCALES = "#pragma unroll\n  for (int r = 0; r < S_ROWS; ++r) {\n"
 _REDUCE = "  if (seg.contributors == 1) return true;\n"
 _ROLES = "  if (threadIdx.x >= s8::CONSUMER_THREADS) {\n"
+_FIRST = "  partials.store(acc);\n  sync.sync();  // every thread's stores before thread 0's release\n"
 # Each ablation: text of csrc/s8_hopper.cu and what replaces it.
 ABLATIONS = {
     "stream-only": {_WAIT: _WAIT + "    hopper::mbarrier_arrive_if(ring.empty(slot), lane == 0);\n    return;\n"},
@@ -57,6 +60,9 @@ ABLATIONS = {
     },
     "no-reduce": {_REDUCE: "  return true;\n"},
     "launch-only": {_ROLES: "  if (M > 0) return;\n" + _ROLES},
+    # A check, not a timing: every run's first segment waits ~0.2 ms before it stores and counts in,
+    # so its arrival comes last and the block adds that slice at the end of its run.
+    "first-arrives-last": {_FIRST: "  for (const long long t0 = clock64(); clock64() - t0 < 400000;) {\n  }\n" + _FIRST},
 }
 
 

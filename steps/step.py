@@ -77,6 +77,10 @@ class Step:
     # (K, N) multiples the rung's layout runs at every batch size (from its _supports rules);
     # pack pads other weights up to one of them (steps/_padding.py).
     shape_multiples: tuple[tuple[int, int], ...] = ((1, 1),)
+    # (rung, first row, last row): launches of that many rows that MarlinLinear hands to another
+    # rung, which reads this rung's packed arrays unchanged and was measured faster for them in a
+    # model (steps/torch/layer.py, launch_rung); None when this rung runs every launch itself.
+    hands_rows_to: tuple[str, int, int] | None = None
 
     # -- what the rung accepts -------------------------------------------------------
     def supports(self, M: int, K: int, N: int, group_size: int) -> Support:

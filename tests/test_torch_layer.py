@@ -28,7 +28,7 @@ from reference.formats import (  # noqa: E402
 from reference.quant import expand_groups  # noqa: E402
 from reference.sparse_marlin import prune_quantized_2_4  # noqa: E402
 from steps._arrays import to_host  # noqa: E402
-from steps.torch.layer import MarlinLinear, int4_matmul, replace_linear_layers, select_step  # noqa: E402
+from steps.torch.layer import MarlinLinear, int4_matmul, launch_rung, replace_linear_layers, select_step  # noqa: E402
 
 seeds = st.integers(0, 2**32 - 1)
 
@@ -339,6 +339,28 @@ def test_rung_that_cannot_run_here_is_named_with_the_reason():
         MarlinLinear(qw, step="s9_imaginary")
 
 
+def test_launch_rung_hands_rows_over_only_where_the_other_rung_reads_the_same_arrays(monkeypatch):
+    """Rung 8 hands launches of 9-16 rows to rung 6 (Step.hands_rows_to), but only for weights
+    that both pack to the same padded shape and whose dtype and zero points rung 6 takes."""
+    s6, s8 = steps.get("s6_marlin"), steps.get("s8_hopper")
+    monkeypatch.setattr(type(s6), "available", lambda self: steps.step.SUPPORTED)
+    monkeypatch.setattr(type(s6), "check_first_run", lambda self, *args: None)
+    first, last = s8.hands_rows_to[1:]
+    for M in (first - 1, first, last, last + 1):
+        expected = s6 if first <= M <= last else s8
+        assert launch_rung(s8, M, 4096, 11008, 128, "float16", False, 0) is expected
+        assert launch_rung(s8, M, 4096, 11008, 128, "bfloat16", True, 0) is expected
+    assert s6.padded_shape(1024, 384, 128) != s8.padded_shape(1024, 384, 128)
+    assert launch_rung(s8, 16, 1024, 384, 128, "float16", False, 0) is s8  # 384 columns: s8 pads to 512, s6 does not
+    assert launch_rung(s6, 16, 4096, 4096, 128, "float16", False, 0) is s6  # rung 6 hands nothing over
+
+    def refused(self, *args):
+        raise steps._first_run.VariantRefused("refused here")
+
+    monkeypatch.setattr(type(s6), "check_first_run", refused)
+    assert launch_rung(s8, 16, 4096, 4096, 128, "float16", False, 0) is s8
+
+
 def test_bad_checkpoint_tensors_are_refused():
     qw = ref.random_quantized_weight(np.random.default_rng(11), 128, 16)
     t = torch_gptq(qw)
@@ -403,6 +425,25 @@ def test_cuda_awq_layer_with_zero_points_runs_on_the_top_dense_rung(g):
     assert layer.step == top_dense_rung()
     x = activations(rng, 16, qw.K, "cuda")
     assert excess(layer(x), x, qw, layer.step) <= 1.0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("zero_point", [False, True])
+def test_cuda_layer_runs_each_launch_on_the_rung_that_takes_its_rows(zero_point):
+    """On Hopper the layer is packed for rung 8; launches of 9-16 rows run rung 6's kernel on
+    those arrays, bit for bit rung 6's own product, and the others rung 8's."""
+    top = steps.get(top_dense_rung())
+    if top.hands_rows_to is None:
+        pytest.skip(f"{top.name} runs every launch itself")
+    rng = np.random.default_rng(17)
+    qw = ref.random_quantized_weight(rng, 1024, 512, 128, symmetric=not zero_point)
+    layer = MarlinLinear(qw, device="cuda")
+    other, first, last = top.hands_rows_to
+    for M, name in ((first - 1, top.name), (first, other), (last, other), (last + 1, top.name)):
+        x = activations(rng, M, qw.K, "cuda")
+        rung = steps.get(name)
+        alone = torch.as_tensor(rung(x, rung.pack(qw)), device="cuda")
+        assert torch.equal(layer(x), alone), (M, name)
 
 
 @pytest.mark.gpu

@@ -2,7 +2,10 @@
 
 A MarlinLinear holds one linear layer's weights quantized to 4 bits and packed once, at
 construction, for the fastest rung of the ladder that runs the layer on its device
-(s6_marlin on a GPU once it exists, s0_numpy on the CPU). It is built from an nn.Linear
+(s8_hopper on Hopper, s6_marlin on other GPUs, s0_numpy on the CPU). A rung may hand the
+launches of some batch sizes to another that reads its packed arrays unchanged and was
+measured faster for them in a model (Step.hands_rows_to: rung 8 hands 9-16 rows to rung 6),
+so each launch runs on the faster of the two. It is built from an nn.Linear
 (quantized with the reference quantizer) or from the tensors of a GPTQ or AWQ checkpoint,
 including GPTQ act-order, which it runs by gathering the activations' columns into the
 weight's group order before the product (reference/formats.py explains why that is exact).
@@ -129,6 +132,29 @@ def select_step(qw: QuantizedWeight, device: torch.device, name: str | None = No
     )
 
 
+def launch_rung(rung: Step, M: int, K: int, N: int, group_size: int, dtype: str, zero_points: bool, device: int) -> Step:
+    """The rung that runs an M-row launch on `rung`'s packed arrays: `rung` itself, or the rung it
+    hands such launches to (Step.hands_rows_to) when that one runs here, packs this weight to the
+    same padded shape (the arrays are then its own) and takes its dtype and zero points."""
+    handover = rung.hands_rows_to
+    if handover is None or not handover[1] <= M <= handover[2]:
+        return rung
+    other = get(handover[0])
+    if (
+        other.padded_shape(K, N, group_size) != rung.padded_shape(K, N, group_size)
+        or not other.supports(M, K, N, group_size)
+        or dtype not in other.activation_dtypes
+        or (zero_points and not other.supports_zero_points)
+        or not other.available()
+    ):
+        return rung
+    try:
+        other.check_first_run(K, N, group_size, zero_points, dtype, device)
+    except VariantRefused:
+        return rung
+    return other
+
+
 @functools.cache
 def _warn_reference_path(rung: str) -> None:
     """Said once per process: a CPU layer is correct but slow, and why."""
@@ -207,8 +233,10 @@ def int4_matmul(
     if rung.host_arrays:
         packed = Packed(step, K, N, group_size, {n: _host_view(a, d) for n, (a, d) in named.items()}, dtype)
         return torch_from_host(rung(to_host(x), packed))
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    rung = launch_rung(rung, x.shape[0], K, N, group_size, dtype, "zeros" in named, index)
     with caller_stream(x):  # DLPack views made on torch's current stream: no cross-stream sync
-        packed = Packed(step, K, N, group_size, {n: as_cupy(a) for n, (a, _) in named.items()}, dtype)
+        packed = Packed(rung.name, K, N, group_size, {n: as_cupy(a) for n, (a, _) in named.items()}, dtype)
     return rung(x, packed)
 
 

@@ -123,6 +123,12 @@ def test_e2e_report_is_generated_from_the_json_lines_and_reproducible(tmp_path):
     assert "| 8 | s6_marlin | 508.0 |" in first_md and "1.97×" in first_md
     write_e2e(tmp_path)
     assert (tmp_path / "README.md").read_text() == first_md and (tmp_path / "e2e.png").read_bytes() == first_png
+    # A second run of the same configuration on the same day is a table of its own, with its own FP16 rows.
+    (tmp_path / "rerun.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_e2e(tmp_path)
+    md = (tmp_path / "README.md").read_text()
+    assert "(`rerun.jsonl`)" in md and "(`run.jsonl`)" in md and md.count("| 8 | fp16 |") == 2
+    assert all(table.count("| 8 | fp16 |") == 1 for table in md.split("**Test GPU**")[1:])
 
 
 def _agg_formats():

@@ -424,14 +424,17 @@ E2E_COLUMNS = ("batch", "model", "step_us", "tokens_per_s", "speedup_vs_fp16", "
 
 def write_e2e(e2e_dir: Path) -> None:
     """docs/results/e2e/README.md and e2e.png from the `python -m steps e2e` JSON lines there."""
-    rows = [json.loads(line) for path in sorted(e2e_dir.glob("*.jsonl")) for line in path.read_text().splitlines() if line.strip()]
+    files = {path.name: path for path in sorted(e2e_dir.glob("*.jsonl"))}
+    rows = [(name, json.loads(line)) for name, path in files.items() for line in path.read_text().splitlines() if line.strip()]
     if not rows:
         return
+    # One table per file and day: a file holds one run (or runs of one session), and two runs of one
+    # day with the same configuration would otherwise share a table, each with its own FP16 row.
     runs: dict[tuple, list[dict]] = defaultdict(list)
-    for r in rows:
+    for name, r in rows:
         runs[(r["gpu"], r["dims"], r["layers"], r["group_size"], r.get("sparse", False), r.get("compiled", False),
               r.get("fused", False), r.get("decode_attention", "transformers"), r.get("tp", 1),
-              r["date"][:10])].append(r)  # fmt: skip
+              r["date"][:10], name)].append(r)  # fmt: skip
     parts = [
         "# End-to-end decoding",
         "",
@@ -441,13 +444,14 @@ def write_e2e(e2e_dir: Path) -> None:
         "",
         "![decode speedup over FP16 by batch size](e2e.png)",
     ]
-    for (gpu, dims, layers, g, sparse, compiled, fused, attention, tp, date), rs in sorted(runs.items()):
+    for (gpu, dims, layers, g, sparse, compiled, fused, attention, tp, date, name), rs in sorted(runs.items()):
         weights = f", tensor-parallel over {tp} GPUs" if tp > 1 else ""
         weights += ", 2:4-sparse weights" if sparse else ""
         weights += ", q|k|v and gate|up fused" if fused else ""
         weights += ATTENTION_TITLES[attention]
         weights += ", decoder under torch.compile" if compiled else ""
-        parts += ["", f"**{gpu}**, Llama-2 {dims} dimensions, {layers} layers, group size {g}{weights}, measured {date}", ""]
+        parts += ["", f"**{gpu}**, Llama-2 {dims} dimensions, {layers} layers, group size {g}{weights}, measured {date} "
+                  f"(`{name}`)", ""]
         parts.append("| " + " | ".join(E2E_COLUMNS) + " |")
         parts.append("|---|---|" + "---:|" * (len(E2E_COLUMNS) - 2))
         for r in sorted(rs, key=lambda r: (r["batch"], r["model"] != "fp16", r["model"])):
@@ -458,10 +462,10 @@ def write_e2e(e2e_dir: Path) -> None:
 
     fig, (ax,) = _figure(1, 9.5, 4)
     gpus = sorted({key[0] for key in runs})
-    # One curve per configuration: a run that crossed midnight (UTC) is two tables but one curve.
+    # One curve per configuration: the runs of its files and days together.
     configs: dict[tuple, list[dict]] = defaultdict(list)
     for key, rs in sorted(runs.items()):
-        configs[key[:-1]] += rs
+        configs[key[:-2]] += rs
     curves = {
         f"{dims}, {layers} layers, g{g}{f', TP {tp}' if tp > 1 else ''}{', 2:4' if sparse else ''}{', fused' if fused else ''}"
         f"{ATTENTION_TITLES[attention].replace(' decode', '')}{', compiled' if compiled else ''}, "

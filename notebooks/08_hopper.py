@@ -166,6 +166,15 @@ nb.measured("s8_hopper", below="s6_marlin")
 # launch start early, and now the last block reads eight contributors' partial sums, not four. The same measurement shows what the benchmark does
 # not: in a model, rung 8 at 16 rows costs more per launch than rung 6.
 #
+# Round 8 shortened the waits at a slice's end. A run's first segment is the bottom of a slice
+# whose top another block reaches only at the end of its own run, so there the block almost never
+# arrives last: it now stores its partial sums, counts itself in and goes on to its next tiles,
+# and looks at the count's answer only when its run is done. At a run's final segment the other
+# blocks have often all arrived already; thread 0 reads the counter while the warpgroups hand
+# over their sums, and if everyone else is in, the block adds the slice without a fence or an
+# atomic of its own. Exactly one block still writes each slice, in the same order, so the
+# outputs are bit for bit the same as before.
+#
 # `docs/rungs.md` has the numbers, the misses and the next levers.
 
 # %% [markdown]

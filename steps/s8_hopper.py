@@ -29,6 +29,9 @@ does what (csrc/s8_hopper.cu draws it):
   that is most of the fixed cost of a launch (docs/rungs.md, round 4);
 * the blocks sharing a column slice store and read only the partial sums of the tokens the
   launch has (1 KB a block at M = 1, not 16: docs/rungs.md, round 7).
+* at a slice's end a block waits only for what it needs now: at its run's first slice it
+  counts in and goes on, looking at the answer when the run is done; at its last, if every
+  other block is in already, it adds the slice without counting (docs/rungs.md, round 8).
 
 Numerics: fp32 accumulation and fp32 partial sums added in block order, so results are
 bit-identical run to run. The wgmma path multiplies s6's dequantized weights (one rounding of

@@ -562,8 +562,8 @@ struct PartialSums {
 //  * A run's first segment is the bottom of a slice whose top belongs to the previous block's
 //    run, which reaches it only at its end: here the block is almost never the last to arrive.
 //    It stores, counts in with a release (no acquire: it reads nothing yet) and goes on to its
-//    next tiles; thread 0 looks at the atomic's answer only at the end of the run, and in the
-//    rare case that it was the last, the block adds the slice then.
+//    next tiles without a vote; thread 0 parks the atomic's answer, which the block looks at
+//    only at the end of the run, and in the rare case that it was the last adds the slice then.
 //  * At a run's final segment the others have often all arrived already (those that started
 //    the slice's bottom at the start of their runs). Thread 0 reads the counter before the
 //    slice's last hand-over, and if every other contributor is in, the block is the last without
@@ -576,7 +576,7 @@ struct PartialSums {
 //
 // Each piece runs in the threads where `pred` holds, predicated inside the instruction rather
 // than branched around: a branch here made ptxas compute the wgmma descriptors of the tile loop
-// outside the uniform datapath (32 more instructions a tile) and spill registers.
+// outside the uniform datapath (about 30 more instructions a tile) and spill registers.
 __device__ __forceinline__ int peek_count_if(const int* counter, bool pred) {  // may be stale: it only grows
   int count = 0;
   asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %2, 0;\n @p ld.relaxed.gpu.global.b32 %0, [%1];\n}\n"
@@ -613,6 +613,9 @@ __device__ __forceinline__ bool end_final_segment(Accumulators& acc, const Parti
   if (sync.any(all_in)) {
     reset_count_if(counter, threadIdx.x == 0);
   } else if (!marlin::arrives_last(counter, partials.seg.contributors, sync)) {
+    // arrives_last's barrier orders every thread's stores before thread 0's acquire-release
+    // atomic, which is cumulative (the PTX memory model; cooperative groups' grid barrier and
+    // CUTLASS's stream-K barrier rely on the same): s6's fence in every thread is not needed.
     return false;
   }
   partials.add_all(acc);

@@ -346,19 +346,20 @@ def test_launch_rung_hands_rows_over_only_where_the_other_rung_reads_the_same_ar
     monkeypatch.setattr(type(s6), "available", lambda self: steps.step.SUPPORTED)
     monkeypatch.setattr(type(s6), "check_first_run", lambda self, *args: None)
     first, last = s8.hands_rows_to[1:]
+    gpu = torch.device("cuda", 0)
     for M in (first - 1, first, last, last + 1):
         expected = s6 if first <= M <= last else s8
-        assert launch_rung(s8, M, 4096, 11008, 128, "float16", False, 0) is expected
-        assert launch_rung(s8, M, 4096, 11008, 128, "bfloat16", True, 0) is expected
+        assert launch_rung(s8, M, 4096, 11008, 128, "float16", False, gpu) is expected
+        assert launch_rung(s8, M, 4096, 11008, 128, "bfloat16", True, gpu) is expected
     assert s6.padded_shape(1024, 384, 128) != s8.padded_shape(1024, 384, 128)
-    assert launch_rung(s8, 16, 1024, 384, 128, "float16", False, 0) is s8  # 384 columns: s8 pads to 512, s6 does not
-    assert launch_rung(s6, 16, 4096, 4096, 128, "float16", False, 0) is s6  # rung 6 hands nothing over
+    assert launch_rung(s8, 16, 1024, 384, 128, "float16", False, gpu) is s8  # 384 columns: s8 pads to 512, s6 does not
+    assert launch_rung(s6, 16, 4096, 4096, 128, "float16", False, gpu) is s6  # rung 6 hands nothing over
 
     def refused(self, *args):
         raise steps._first_run.VariantRefused("refused here")
 
     monkeypatch.setattr(type(s6), "check_first_run", refused)
-    assert launch_rung(s8, 16, 4096, 4096, 128, "float16", False, 0) is s8
+    assert launch_rung(s8, 16, 4096, 4096, 128, "float16", False, gpu) is s8
 
 
 def test_bad_checkpoint_tensors_are_refused():

@@ -35,7 +35,7 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -59,8 +59,23 @@ SPARSE_RUNGS = frozenset({"s7_sparse_marlin"})
 # -- choosing a rung ------------------------------------------------------------------------------
 
 
-def _why_not(step: Step, device: torch.device, qw: QuantizedWeight, sparse: bool) -> str:
-    """Why `step` cannot run this weight on `device` ("" when it can)."""
+@dataclass(frozen=True)
+class _Weight:
+    """What choosing a rung needs to know of a weight."""
+
+    K: int
+    N: int
+    group_size: int
+    zero_points: bool
+    dtype: str
+
+    @classmethod
+    def of(cls, qw: QuantizedWeight) -> _Weight:
+        return cls(qw.K, qw.N, qw.group_size, qw.zeros is not None, qw.dtype.name)
+
+
+def _why_not(step: Step, device: torch.device, w: _Weight, sparse: bool, M: int = 1) -> str:
+    """Why `step` cannot run this weight's M-row products on `device` ("" when it can)."""
     if step.name in SPARSE_RUNGS and not sparse:
         return "it prunes the weight 2:4, a different function; build the layer with sparse=True for that"
     if device.type == "cpu" and step.device != "cpu":
@@ -72,23 +87,23 @@ def _why_not(step: Step, device: torch.device, qw: QuantizedWeight, sparse: bool
     available = step.available()
     if not available:
         return available.reason
-    supported = step.supports(1, qw.K, qw.N, qw.group_size)
+    supported = step.supports(M, w.K, w.N, w.group_size)
     if not supported:
         return supported.reason
-    if qw.zeros is not None and not step.supports_zero_points:
+    if w.zero_points and not step.supports_zero_points:
         return "it supports symmetric weights only and this weight has zero points"
-    if qw.dtype.name not in step.activation_dtypes:
-        return f"it computes in {' or '.join(step.activation_dtypes)}, not {qw.dtype.name}"
+    if w.dtype not in step.activation_dtypes:
+        return f"it computes in {' or '.join(step.activation_dtypes)}, not {w.dtype}"
     return ""
 
 
-def _first_run_refusal(step: Step, device: torch.device, qw: QuantizedWeight) -> str:
+def _first_run_refusal(step: Step, device: torch.device, w: _Weight) -> str:
     """Why `step`'s kernel for this weight is refused on `device` by its first-run check ("" if not)."""
     if device.type != "cuda":
         return ""
     index = device.index if device.index is not None else torch.cuda.current_device()
     try:
-        step.check_first_run(qw.K, qw.N, qw.group_size, qw.zeros is not None, qw.dtype.name, index)
+        step.check_first_run(w.K, w.N, w.group_size, w.zero_points, w.dtype, index)
     except VariantRefused as e:
         return str(e)
     return ""
@@ -115,11 +130,11 @@ def select_step(qw: QuantizedWeight, device: torch.device, name: str | None = No
     else:
         ladder = [s for s in reversed(STEPS) if s.chosen_by_default]
         candidates = sorted(ladder, key=lambda s: not (sparse and s.name in SPARSE_RUNGS))  # stable: ladder order otherwise
-    reasons, refused = [], []
+    reasons, refused, weight = [], [], _Weight.of(qw)
     for step in candidates:
-        why = _why_not(step, device, qw, sparse)
+        why = _why_not(step, device, weight, sparse)
         if not why:
-            why = _first_run_refusal(step, device, qw)
+            why = _first_run_refusal(step, device, weight)
             if not why:
                 if refused:  # a rung that would have run failed its first-run check: say so, once
                     _say_fallback(step, refused)
@@ -132,25 +147,19 @@ def select_step(qw: QuantizedWeight, device: torch.device, name: str | None = No
     )
 
 
-def launch_rung(rung: Step, M: int, K: int, N: int, group_size: int, dtype: str, zero_points: bool, device: int) -> Step:
+def launch_rung(
+    rung: Step, M: int, K: int, N: int, group_size: int, dtype: str, zero_points: bool, device: torch.device
+) -> Step:
     """The rung that runs an M-row launch on `rung`'s packed arrays: `rung` itself, or the rung it
-    hands such launches to (Step.hands_rows_to) when that one runs here, packs this weight to the
-    same padded shape (the arrays are then its own) and takes its dtype and zero points."""
+    hands such launches to (Step.hands_rows_to) when that one packs this weight to the same padded
+    shape (the arrays are then its own) and select_step's checks would let it run the weight."""
     handover = rung.hands_rows_to
     if handover is None or not handover[1] <= M <= handover[2]:
         return rung
-    other = get(handover[0])
-    if (
-        other.padded_shape(K, N, group_size) != rung.padded_shape(K, N, group_size)
-        or not other.supports(M, K, N, group_size)
-        or dtype not in other.activation_dtypes
-        or (zero_points and not other.supports_zero_points)
-        or not other.available()
-    ):
+    other, weight = get(handover[0]), _Weight(K, N, group_size, zero_points, dtype)
+    if other.padded_shape(K, N, group_size) != rung.padded_shape(K, N, group_size):
         return rung
-    try:
-        other.check_first_run(K, N, group_size, zero_points, dtype, device)
-    except VariantRefused:
+    if _why_not(other, device, weight, sparse=False, M=M) or _first_run_refusal(other, device, weight):
         return rung
     return other
 
@@ -233,8 +242,7 @@ def int4_matmul(
     if rung.host_arrays:
         packed = Packed(step, K, N, group_size, {n: _host_view(a, d) for n, (a, d) in named.items()}, dtype)
         return torch_from_host(rung(to_host(x), packed))
-    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    rung = launch_rung(rung, x.shape[0], K, N, group_size, dtype, "zeros" in named, index)
+    rung = launch_rung(rung, x.shape[0], K, N, group_size, dtype, "zeros" in named, x.device)
     with caller_stream(x):  # DLPack views made on torch's current stream: no cross-stream sync
         packed = Packed(rung.name, K, N, group_size, {n: as_cupy(a) for n, (a, _) in named.items()}, dtype)
     return rung(x, packed)

@@ -4,28 +4,35 @@
         --variants base stream-only mma_sync_max_rows=64
 
 A variant is `base` (the shipped kernel and choices), an ablation -- `stream-only` (the
-consumers wait for each slot and hand it straight back, so the time is what the producer
-and the ring deliver: the kernel's floor as built), `compute-only` (the producer hands
-over slots without copying weights or scales into them, so the time is what the consumers
-cost when their data is always there), `no-reduce` (every block writes its sums straight to
-the output, wrongly, without the partial sums across blocks: what the global reduction
-costs), `launch-only` (the blocks return once their barriers are set up: the fixed cost
-of launching this kernel) or `first-arrives-last` (a check: each run's first segment counts
-in after a long wait, so the path where that late arrival adds the slice runs; its output
-must equal base's bit for bit) -- `src:NAME` (the kernel compiled from
-csrc/NAME.cu, e.g. an earlier commit's s8_hopper.cu written there), or `attr=value`
-(a tuning attribute of the step, e.g. mma_sync_max_rows, max_stages); or several of these
-joined by commas, e.g. `stream-only,max_stages=4`. Each variant's output is
-compared with the first's: `bitwise` where the arithmetic is the same. With --between,
-every launch (FP16's too) follows a kernel that rewrites the activations in place and
-knows nothing of dependent launches, as a GEMM in a model follows a norm or an activation:
-then no launch overlaps the one before it, and the printed times are the GEMM's alone
-(the in-between kernel's own time, measured alone, subtracted). Weights are random
-words (speed does not depend on them); correctness is the tests' business. With
---profile each variant runs once between cudaProfilerStart/Stop, for
-`ncu --profile-from-start off` (scripts/ncu_source_summary.py reads its source page). With
---soak S each variant is also replayed for S seconds while nvidia-smi samples the SM clock,
-the power draw and the clock-limit reasons (is the kernel slowed by its power draw?).
+consumers wait for each slot and hand it straight back, so the time is what the producer and
+the ring deliver: the kernel's floor as built), `compute-only` (the producer hands over
+slots without copying weights or scales into them, so the time is what the consumers cost
+when their data is always there), `no-dequant` (the consumers multiply the raw weight words
+instead of dequantizing them: what the kernel would take with consumers that much faster),
+`no-activation-copies` (the producer's threads copy no activations and only arrive: what
+their copies cost), `busy-stream` (stream-only, but each consumer warp then does about a
+tile's worth of dequantization's arithmetic with no memory access: does arithmetic alone
+slow the stream?), `early-release` (each consumer warp hands a slot back as soon as its data
+has landed and then works on it, wrongly, while the producer may refill it: what the kernel
+would take if the consumers held no slot while they work), `no-reduce` (every block writes
+its sums straight to the output, wrongly, without the partial sums across blocks: what the
+global reduction costs), `launch-only` (the blocks return once their barriers are set up:
+the fixed cost of launching this kernel) or `first-arrives-last` (a check: each run's first
+segment counts in after a long wait, so the path where that late arrival adds the slice
+runs; its output must equal base's bit for bit) -- `src:NAME` (the kernel compiled from
+csrc/NAME.cu, e.g. an earlier commit's s8_hopper.cu written there), or `attr=value` (a
+tuning attribute of the step, e.g. mma_sync_max_rows, max_stages); or several of these
+joined by commas, e.g. `stream-only,max_stages=4`. Each variant's output is compared with
+the first's: `bitwise` where the arithmetic is the same. With --between, every launch
+(FP16's too) follows a kernel that rewrites the activations in place and knows nothing of
+dependent launches, as a GEMM in a model follows a norm or an activation: then no launch
+overlaps the one before it, and the printed times are the GEMM's alone (the in-between
+kernel's own time, measured alone, subtracted). Weights are random words (speed does not
+depend on them); correctness is the tests' business. With --profile each variant runs once
+between cudaProfilerStart/Stop, for `ncu --profile-from-start off`
+(scripts/ncu_source_summary.py reads its source page). With --soak S each variant, and FP16
+cuBLAS, is also replayed for S seconds while nvidia-smi samples the SM clock, the power draw
+and the clock-limit reasons (is the kernel slowed by its power draw?).
 """
 
 from __future__ import annotations
@@ -49,6 +56,19 @@ _WEIGHTS = "#pragma unroll\n  for (int r = 0; r < K16_STEPS; ++r)\n"
 _SCALES = "#pragma unroll\n  for (int r = 0; r < S_ROWS; ++r) {\n"
 _REDUCE = "  if (seg.contributors == 1) return true;\n"
 _ROLES = "  if (threadIdx.x >= s8::CONSUMER_THREADS) {\n"
+_DEQUANT = "    if constexpr (kScaled) marlin::dequantize_tile<ZERO_POINTS != 0, Element>(x.w[j], x.s[j], left, right, x.z[j]);\n"
+_HOLD_WGMMA = "      held = slot;\n"
+_RELEASE_MMA = "      __syncwarp();  // every lane's reads of the slot are done: one arrival releases them all\n"
+_ARRIVE_MMA = "      hopper::mbarrier_arrive_if(ring.empty(slot), lane == 0);\n"
+# About a tile's worth of the dequantization's arithmetic (~300 instructions a warp), with no memory access.
+_ALU = (
+    "    float f0 = lane, f1 = f0 + 1, f2 = f0 + 2, f3 = f0 + 3;\n"
+    "    for (int i = 0; i < 75; ++i)\n"
+    '      asm volatile("fma.rn.f32 %0, %0, %0, %0; fma.rn.f32 %1, %1, %1, %1; fma.rn.f32 %2, %2, %2, %2; "\n'
+    '                   "fma.rn.f32 %3, %3, %3, %3;" : "+f"(f0), "+f"(f1), "+f"(f2), "+f"(f3));\n'
+    '    if (f0 + f1 + f2 + f3 == 1.2345f) acc[0][0][0].v[0] = 1.f;\n'
+)
+_ACTIVATIONS = "      marlin::cp_async16_zfill(a_here + 1024 * c,"
 _FIRST = "  partials.store(acc);\n  sync.sync();  // every thread's stores before thread 0's release\n"
 # Each ablation: text of csrc/s8_hopper.cu and what replaces it.
 ABLATIONS = {
@@ -59,6 +79,15 @@ ABLATIONS = {
         _SCALES: "  if (false)\n" + _SCALES,
     },
     "no-reduce": {_REDUCE: "  return true;\n"},
+    "no-activation-copies": {_ACTIVATIONS: "      if (false)\n" + _ACTIVATIONS},
+    "busy-stream": {_WAIT: _WAIT + "    hopper::mbarrier_arrive_if(ring.empty(slot), lane == 0);\n" + _ALU + "    return;\n"},
+    # Results are garbage: the producer may refill a slot while the consumers still read it.
+    "early-release": {
+        _WAIT: _WAIT + "    hopper::mbarrier_arrive_if(ring.empty(slot), lane == 0);\n",
+        _HOLD_WGMMA: "      held = -1;\n",
+        _RELEASE_MMA + _ARRIVE_MMA: _RELEASE_MMA,
+    },
+    "no-dequant": {_DEQUANT: "    left = right = FragB{{x.w[j], x.w[j]}};\n    if constexpr (false)\n" + _DEQUANT},
     "launch-only": {_ROLES: "  if (M > 0) return;\n" + _ROLES},
     # A check, not a timing: every run's first segment waits ~0.2 ms before it stores and counts in,
     # so its arrival comes last and the block adds that slice at the end of its run.
@@ -66,13 +95,18 @@ ABLATIONS = {
 }
 
 
-def write_ablation_source(name: str, of: str = "s8_hopper") -> str:
-    """csrc/<of>.cu with ablation `name` applied, as csrc/<of>_<name>.cu; its kernel source name."""
-    source = (ROOT / "csrc" / f"{of}.cu").read_text()
+def ablated(name: str, source: str, of: str = "s8_hopper") -> str:
+    """`source` (the text of csrc/<of>.cu) with ablation `name` applied."""
     for old, new in ABLATIONS[name].items():
         if source.count(old) != 1:
             raise SystemExit(f"csrc/{of}.cu changed: update the {name} ablation's anchors")
         source = source.replace(old, new)
+    return source
+
+
+def write_ablation_source(name: str, of: str = "s8_hopper") -> str:
+    """csrc/<of>.cu with ablation `name` applied, as csrc/<of>_<name>.cu; its kernel source name."""
+    source = ablated(name, (ROOT / "csrc" / f"{of}.cu").read_text(), of)
     stem = f"{of}_{name.replace('-', '_')}"
     path = ROOT / "csrc" / f"{stem}.cu"
     path.write_text(source)
@@ -159,6 +193,9 @@ def main() -> int:
             if not args.profile:
                 W16 = [torch.randn(K, N, dtype=torch.float16, device="cuda") * 0.01 for _ in range(2)]
                 t16 = measure(lambda i: (before(), torch.matmul(A, W16[i % 2])), 2).median_us - before_us
+                if args.soak:
+                    print(f"{shape:>12} {M:4d} {'fp16 (cuBLAS)':32s} {t16:8.1f}", flush=True)
+                    print(f"{'':>17} soak: {soak(lambda i: torch.matmul(A, W16[i % 2]), 2, args.soak)}", flush=True)
                 del W16
             first = None
             for variant in args.variants:

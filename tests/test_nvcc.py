@@ -187,3 +187,16 @@ def test_every_configuration_fits_the_shared_memory_of_its_gpu(smem, sms):
     assert "s8_hopper" in names or smem < H100_SMEM  # the Hopper rung fits its own GPU
     for name, cfg in configs:
         assert cfg.smem_bytes <= smem, (name, cfg, cfg.smem_bytes)
+
+
+def test_every_ablation_of_rung_8_still_finds_its_place_in_the_kernel():
+    """scripts/s8_variants.py edits csrc/s8_hopper.cu by exact text; a kernel change that moves
+    that text must update the ablation, not silently break the tool."""
+    import sys
+
+    sys.path.insert(0, str(CSRC.parent / "scripts"))
+    import s8_variants
+
+    source = (CSRC / "s8_hopper.cu").read_text()
+    for name in s8_variants.ABLATIONS:
+        assert s8_variants.ablated(name, source) != source, name

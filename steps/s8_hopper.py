@@ -131,9 +131,9 @@ class Hopper(Marlin):
     partial_floats = 128 * TILE_N  # a 128-row slab's partial sums
     dependent_launch: bool = True  # programmatic dependent launch (tuning override: False launches plainly)
     # From 9 to 16 rows the mma.sync path multiplies both halves of a slab's tokens (twice the
-    # tensor instructions and scale folds of 8 rows), where rung 6's m16 product takes 16 tokens
-    # for the cost of 8; measured after another kernel, as in a model, rung 6 was level or ahead
-    # on every Llama-2 layer at 16 rows (docs/rungs.md, round 8). It reads these arrays unchanged.
+    # tensor instructions and scale folds of 8 rows). Measured after another kernel, as in a model,
+    # rung 6 was level or ahead on every Llama-2 layer at 16 rows (docs/rungs.md, round 8; why is
+    # not established, round 9). It reads these arrays unchanged.
     hands_rows_to = ("s6_marlin", 9, 16)
 
     def available(self) -> Support:

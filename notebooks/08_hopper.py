@@ -175,6 +175,16 @@ nb.measured("s8_hopper", below="s6_marlin")
 # atomic of its own. Exactly one block still writes each slice, in the same order, so the
 # outputs are bit for bit the same as before.
 #
+# Round 9 changed nothing in the kernel and found where the rest of the time goes at 16 rows or
+# fewer. The producer alone streams the benchmark shape in 65 µs, the consumers alone take 56, the
+# kernel 84. Neither the slots the consumers hold nor the power cap explains the difference (at
+# M = 1 the clock drops 3 %). What does: every tile waits for the activation copies of all 128
+# producer threads, and while the consumers' warps issue arithmetic on the same schedulers, each
+# of those threads gets its turn later. Leaving the copies out (a wrong result, a right timing)
+# takes the kernel to 73.5 µs. Copying the tile from one thread instead, with one bulk copy per
+# row, made each copy wait for the one before, which was slower from 8 rows. Letting memory run
+# ahead of the ring into L2 made everything slower: L2 then looked up every weight twice.
+#
 # `docs/rungs.md` has the numbers, the misses and the next levers.
 
 # %% [markdown]
@@ -189,5 +199,7 @@ nb.benchmark("s8_hopper", below="s6_marlin", preset="llama-7b")
 # * Read `docs/results/tuning/*s8v*`: the producer designs, the ablations and the instruction
 #   choice, side by side. `scripts/s8_variants.py` reruns them on a Hopper GPU, and
 #   `stream-only` shows what the ring alone delivers.
+# * Compare `stream-only` with `busy-stream` and `busy-stream,no-activation-copies`: arithmetic
+#   that touches no memory still slows the weights down, through the producer's threads.
 # * Count the instructions between two `HGMMA`s in the machine code:
 #   `cuobjdump -sass` of `nvcc -cubin -gencode=arch=compute_90a,code=sm_90a csrc/s8_hopper.cu`.

@@ -675,7 +675,7 @@ __device__ __forceinline__ void consume(const Ring& ring_in, const Problem& p, E
   // (l / 8) % 2 of its k16 step (matrices 0-3: tokens 0-7 x k 0-7, 0-7 x 8-15, 8-15 x 0-7,
   // 8-15 x 8-15) in the swizzled atoms. Step `step` reads the tile's 8-k chunks 2 step and
   // 2 step + 1: atom column (2 step) / 8, and chunk bits that the swizzle's XOR with the row
-  // (l % 8) leaves alone; b_lane holds the rest.
+  // (l % 8) leaves alone; b_lane holds the rest (reference/hopper_tiles.py replays these reads).
   const int b_row = lane % 8 + 8 * (lane / 16);
   const unsigned b_lane = hopper::opaque(b_row * 128 + ((((lane / 8) % 2) ^ (lane % 8)) * 16));
   Accumulators acc;

@@ -1,0 +1,29 @@
+"""Rung 8's activation tile: where the producer's copies put each value, and what each
+consumer lane's ldmatrix then reads (reference/hopper_tiles.py)."""
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from reference import hopper_tiles as tiles
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 3), st.sampled_from([1, 2, 4]), st.integers(0, 2**32 - 1))
+def test_every_lane_reads_its_mma_fragments_from_the_swizzled_tile(M, k_tiles, m_blocks, seed):
+    A = np.random.default_rng(seed).integers(0, 2**16, (M, 128 * k_tiles), dtype=np.uint16)
+    slab_rows = 16 * m_blocks
+    for slab in range(-(-M // slab_rows)):
+        for k_tile in range(k_tiles):
+            tile = tiles.cp_async_tile(A, slab, k_tile, slab_rows)
+            for step in range(8):
+                for m_block in range(m_blocks):
+                    got = tiles.ldmatrix_fragments(tile, tiles.ldmatrix_addresses(slab_rows, step, m_block))
+                    assert np.array_equal(got, tiles.expected_fragments(A, slab, k_tile, slab_rows, step, m_block))
+
+
+def test_each_value_of_the_tile_is_stored_once():
+    """The swizzle is a permutation of each atom column's 16-byte chunks."""
+    for rows in (16, 32, 64, 128):
+        offsets = sorted(tiles.swizzled_offset(rows, r, c) for r in range(rows) for c in range(16))
+        assert offsets == list(range(0, rows * 256, 16))

@@ -10,8 +10,9 @@ rows past the batch zero-filled (`cp_async_tile`, the kernel's hopper::swizzled_
 On the mma.sync path (up to 16 rows) each consumer lane points ldmatrix at one row of one
 8 x 8 matrix: k16 step `step` reads the tile's 8-k chunks 2 step and 2 step + 1, which the
 kernel finds by XOR-ing the step's chunk into a per-lane offset (`ldmatrix_addresses`).
-`ldmatrix_fragments` replays the instruction; tests/test_hopper_tiles.py checks that every
-lane receives exactly the B fragments of mma.m16n8k16 for its tokens and k.
+Replayed through rung 7's model of the instruction (`reference.sparse_marlin.ldmatrix_x4`),
+tests/test_hopper_tiles.py checks that every lane receives exactly the B fragments of
+mma.m16n8k16 for its tokens and k.
 """
 
 from __future__ import annotations
@@ -50,18 +51,6 @@ def ldmatrix_addresses(slab_rows: int, step: int, m_block: int) -> np.ndarray:
     b_row = lane % 8 + 8 * (lane // 16)
     b_lane = b_row * ATOM_BYTES + ((((lane // 8) % 2) ^ (lane % 8)) * CHUNK)
     return (step // 4) * slab_rows * ATOM_BYTES + (b_lane ^ ((2 * step % 8) * CHUNK)) + m_block * 16 * ATOM_BYTES
-
-
-def ldmatrix_fragments(tile: np.ndarray, addresses: np.ndarray) -> np.ndarray:
-    """ldmatrix.x4 (not transposed): lanes 8i..8i+7 name the eight 16-byte rows of matrix i;
-    lane t receives, in register i, the 32-bit word t % 4 of row t / 4 of matrix i.
-    Returns [lane][register] of uint32."""
-    words = np.zeros((32, 4), np.uint32)
-    for i in range(4):
-        for t in range(32):
-            row = addresses[8 * i + t // 4]
-            words[t, i] = tile[row + 4 * (t % 4) : row + 4 * (t % 4) + 4].view(np.uint32)[0]
-    return words
 
 
 def expected_fragments(A: np.ndarray, slab: int, k_tile: int, slab_rows: int, step: int, m_block: int) -> np.ndarray:

@@ -577,30 +577,28 @@ struct PartialSums {
 // Each piece runs in the threads where `pred` holds, predicated inside the instruction rather
 // than branched around: a branch here made ptxas compute the wgmma descriptors of the tile loop
 // outside the uniform datapath (about 30 more instructions a tile) and spill registers.
+// INSTRUCTION, run where the operand PRED (an int) is nonzero.
+#define S8_WHERE(PRED, INSTRUCTION) "{\n .reg .pred p;\n setp.ne.b32 p, " PRED ", 0;\n @p " INSTRUCTION ";\n}\n"
 __device__ __forceinline__ int peek_count_if(const int* counter, bool pred) {  // may be stale: it only grows
   int count = 0;
-  asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %2, 0;\n @p ld.relaxed.gpu.global.b32 %0, [%1];\n}\n"
-               : "+r"(count)
-               : "l"(counter), "r"(int(pred))
-               : "memory");
+  asm volatile(S8_WHERE("%2", "ld.relaxed.gpu.global.b32 %0, [%1]") : "+r"(count) : "l"(counter), "r"(int(pred)) : "memory");
   return count;
 }
 __device__ __forceinline__ int count_in_if(int* counter, bool pred) {  // the count before this arrival
   int count = 0;
-  asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %2, 0;\n @p atom.release.gpu.global.add.s32 %0, [%1], 1;\n}\n"
+  asm volatile(S8_WHERE("%2", "atom.release.gpu.global.add.s32 %0, [%1], 1")
                : "+r"(count)
                : "l"(counter), "r"(int(pred))
                : "memory");
   return count;
 }
 __device__ __forceinline__ void acquire_fence_if(bool pred) {
-  asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %0, 0;\n @p fence.acq_rel.gpu;\n}\n" ::"r"(int(pred)) : "memory");
+  asm volatile(S8_WHERE("%0", "fence.acq_rel.gpu")::"r"(int(pred)) : "memory");
 }
 __device__ __forceinline__ void reset_count_if(int* counter, bool pred) {
-  asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %1, 0;\n @p st.relaxed.gpu.global.b32 [%0], 0;\n}\n" ::"l"(counter),
-               "r"(int(pred))
-               : "memory");
+  asm volatile(S8_WHERE("%1", "st.relaxed.gpu.global.b32 [%0], 0")::"l"(counter), "r"(int(pred)) : "memory");
 }
+#undef S8_WHERE
 
 // A final segment's end. `seen` is thread 0's earlier look at the counter. Returns whether this
 // block writes the slice (then acc holds the sum).

@@ -725,6 +725,14 @@ __device__ __forceinline__ void consume(const Ring& ring_in, const Problem& p, E
     }
   };
 
+  // f(unit, sync) in the warps that add a slice's partial sums across blocks, each its place
+  // `unit` in the partial-sum slot, on the barrier of those warps; false in the others. With
+  // SPLIT_COLUMNS every warp adds its own columns; otherwise warpgroup 0 alone.
+  auto in_adding_warps = [&](auto f) {
+    if constexpr (SPLIT_COLUMNS) return f(4 * wg + strip, hopper::NamedSync<1, CONSUMER_THREADS>{words});
+    else return wg == 0 && f(strip, hopper::NamedSync<2, 128>{words});
+  };
+
   // The output, the counters and the partial sums are the previous kernel's too (programmatic
   // dependent launch: see produce).
   hopper::wait_for_previous_grid();
@@ -763,18 +771,14 @@ __device__ __forceinline__ void consume(const Ring& ring_in, const Problem& p, E
       end_first_segment(acc, partials, &counters[seg.slice], words + 1, sync);
       return false;
     };
-    if constexpr (SPLIT_COLUMNS) {
-      // The warpgroups hold sums of different columns: each warp adds its own columns' partial
-      // sums and writes them.
-      if (slice_end(4 * wg + strip, hopper::NamedSync<1, CONSUMER_THREADS>{words})) write_slice(acc, C, p, seg, strip, 16 * first_j);
-    } else {
-      // Both warpgroups hold sums of the same columns: warpgroup 1 hands its to warpgroup 0
-      // through shared memory, then warpgroup 0 alone adds the partial sums of the blocks
-      // sharing the slice, while warpgroup 1 runs on into its next tiles.
+    // With SPLIT_COLUMNS the warpgroups hold sums of different columns, which each warp adds and
+    // writes itself. Otherwise both hold sums of the same columns: warpgroup 1 hands its to
+    // warpgroup 0 through shared memory, then warpgroup 0 alone adds the partial sums of the
+    // blocks sharing the slice, while warpgroup 1 runs on into its next tiles.
+    if constexpr (!SPLIT_COLUMNS)
       marlin::reduce_k_warp_partials<FLAT_M_BLOCKS, 4, CONSUMERS>(flat(acc), red, wg, strip,
                                                                   hopper::NamedSync<1, CONSUMER_THREADS>{nullptr});
-      if (wg == 0 && slice_end(strip, hopper::NamedSync<2, 128>{words})) write_slice(acc, C, p, seg, strip, 16 * first_j);
-    }
+    if (in_adding_warps(slice_end)) write_slice(acc, C, p, seg, strip, 16 * first_j);
     t += seg.rows;
   }
 
@@ -786,11 +790,7 @@ __device__ __forceinline__ void consume(const Ring& ring_in, const Problem& p, E
       return first_segment_was_last(acc, PartialSums(workspace, first, p, unit), &counters[first.slice],
                                     threadIdx.x == 0 ? words[1] : 0, sync);
     };
-    if constexpr (SPLIT_COLUMNS) {
-      if (check(4 * wg + strip, hopper::NamedSync<1, CONSUMER_THREADS>{words})) write_slice(acc, C, p, first, strip, 16 * first_j);
-    } else {
-      if (wg == 0 && check(strip, hopper::NamedSync<2, 128>{words})) write_slice(acc, C, p, first, strip, 16 * first_j);
-    }
+    if (in_adding_warps(check)) write_slice(acc, C, p, first, strip, 16 * first_j);
   }
 }
 

@@ -6,7 +6,8 @@ and whatever does not depend on the earlier kernel (rung 8 requests its first we
 and wait in `griddepcontrol.wait` for the rest. Inside a captured CUDA graph the launch
 becomes a programmatic edge, so a decode step's back-to-back layers overlap one's tail with
 the next one's start. CuPy's launch call has no launch attributes, so this calls the
-driver's cuLaunchKernelEx directly.
+driver's cuLaunchKernelEx directly, which also passes arguments CuPy cannot: tensor maps
+(steps/_tensor_map.py), 128 bytes by value.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import functools
 from typing import Any
 
 import numpy as np
+
+from ._tensor_map import TensorMap
 
 PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CUlaunchAttributeID, cuda.h
 
@@ -45,20 +48,22 @@ def _driver() -> Any:
     return lib
 
 
-def _argument(x: Any) -> ctypes._SimpleCData:
+def _argument(x: Any) -> ctypes._SimpleCData | TensorMap:
     import cupy
 
+    if isinstance(x, TensorMap):
+        return x
     if isinstance(x, cupy.ndarray):
         return ctypes.c_void_p(x.data.ptr)
     if isinstance(x, np.int32):
         return ctypes.c_int32(int(x))
-    raise TypeError(f"a dependent launch passes CuPy arrays and numpy.int32 values, got {type(x).__name__}")
+    raise TypeError(f"a driver launch passes CuPy arrays, numpy.int32 values and tensor maps, got {type(x).__name__}")
 
 
-def launch_dependent(kernel: Any, blocks: int, threads: int, args: tuple, shared_mem: int) -> None:
+def launch_dependent(kernel: Any, blocks: int, threads: int, args: tuple, shared_mem: int, dependent: bool = True) -> None:
     """kernel((blocks,), (threads,), args, shared_mem=shared_mem) on CuPy's current stream, as a
-    programmatic dependent launch. The kernel must run griddepcontrol.wait before it touches
-    anything the previous kernel in the stream may write."""
+    programmatic dependent launch (or, with dependent False, a plain one). The kernel must run
+    griddepcontrol.wait before it touches anything the previous kernel in the stream may write."""
     import cupy
 
     values = [_argument(a) for a in args]
@@ -71,7 +76,7 @@ def launch_dependent(kernel: Any, blocks: int, threads: int, args: tuple, shared
         shared_mem=shared_mem,
         stream=cupy.cuda.get_current_stream().ptr,
         attrs=ctypes.pointer(attribute),
-        num_attrs=1,
+        num_attrs=int(dependent),
     )
     driver = _driver()
     status = driver.cuLaunchKernelEx(ctypes.byref(config), kernel.kernel.ptr, pointers, None)

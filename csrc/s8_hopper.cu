@@ -9,10 +9,11 @@
 //      producer warpgroup (warpgroup 2, 40 regs)        consumer warpgroups 0 and 1 (232 registers)
 //      ------------------------------------------       --------------------------------------------
 //      wait  empty[s]                                    wait  full[s]
-//      bulk-copy 8 x 2 KB of weights, scale rows   -->   ld.shared the lane's 16-byte weight word,
-//        (thread 0; bytes reported to full[s])            dequantize (s4's lop3 trick, unchanged),
-//      cp.async the activation tile (all 128           multiply the transposed product, the
-//        threads), each landing arrives on full[s]         weights as A (registers), the
+//      thread 0: weights (one tensor-map copy,     -->   ld.shared the lane's 16-byte weight word,
+//        8 x 2 KB), scale rows, the activation           dequantize (s4's lop3 trick, unchanged),
+//        tile (two tensor-map copies), their bytes       multiply the transposed product, the
+//        reported to full[s]; at 49-64 rows the          weights as A (registers), the
+//        128 threads cp.async the activations
 //                                                          activations as B (shared memory):
 //                                                          mma.sync m16n8k16 (<= 16 rows) or
 //                                                          wgmma m64 x (16 * M_BLOCKS) x k16,
@@ -57,10 +58,12 @@
 //   | swizzle: wgmma's B)       | warp w reads 512 B)      | columns   |             |
 //   +---------------------------+--------------------------+-----------+-------------+
 //
-// The activation tile rides cp.async rather than a tensor-map copy: building a tensor map
-// needs the driver API per call (A's address changes), and the activations come from L2
-// (every block reads the same rows), a quarter of a tile's bytes or less up to M = 16. The
-// weights, which are what streams from memory, take the copy engine.
+// Tensor maps (steps/_tensor_map.py, built on the host, passed by value) let one instruction of
+// one thread copy a whole tile: the weights' 8 k16 rows, which lie a row of the MARLIN layout
+// apart, and the activation tile in wgmma's 128-byte-swizzled atoms, zero-filled past the batch.
+// Each bulk copy costs thread 0 tens of nanoseconds in sequence, and the 128 producer threads'
+// cp.asyncs, which each tile used to wait for, were delayed by the consumers' arithmetic
+// (docs/rungs.md, round 9).
 #include "s6_stripes.cuh"  // rungs 4-6: fragments, dequantization, cp.async, the striped schedule
 #include "s8_hopper.cuh"
 
@@ -81,6 +84,12 @@
 #endif
 #ifndef BF16
 #define BF16 0  // 1: bf16 activations, scales, zero points and output; 0: fp16
+#endif
+#ifndef TMA_WEIGHTS  // 1: a tile's weights in one tensor-map copy (8 k16 rows of 2 KB); 0: eight bulk copies
+#define TMA_WEIGHTS 1
+#endif
+#ifndef TMA_ACTIVATIONS  // 1: thread 0 copies the activation tile by tensor map; 0: the producer's 128 threads, cp.async
+#define TMA_ACTIVATIONS (M_BLOCKS != 4)  // with 4 m-blocks (wgmma) ptxas then spilled 32 bytes in the consumers
 #endif
 #ifndef WGMMA_GROUPS  // k16 steps of wgmma in flight per warpgroup; 3 where ptxas spills with 4
 #define WGMMA_GROUPS (M_BLOCKS == 3 && !BF16 ? 3 : 4)
@@ -156,8 +165,9 @@ constexpr int PRODUCER_THREADS = THREADS - CONSUMER_THREADS;
 constexpr int A_CHUNKS_PER_THREAD = SLAB_ROWS * TILE_K / 8 / PRODUCER_THREADS;  // 16-byte chunks
 static_assert(A_CHUNKS_PER_THREAD * PRODUCER_THREADS == SLAB_ROWS * TILE_K / 8 && PRODUCER_THREADS == 128,
               "the producer warpgroup's threads split the activation tile evenly, 16 threads a row");
-// The expect-bytes arrival, then one cp.async arrival per producer thread.
-constexpr int FULL_ARRIVALS = 1 + PRODUCER_THREADS;
+// The constants' expect-bytes arrival, then the activations': thread 0's expect-bytes arrival for its
+// tensor-map copies, or one cp.async arrival per producer thread.
+constexpr int FULL_ARRIVALS = 1 + (TMA_ACTIVATIONS ? 1 : PRODUCER_THREADS);
 constexpr int EMPTY_ARRIVALS = SPLIT_COLUMNS ? 8 : 4;  // one per warp that consumed the slot
 
 // ---------------------------------------------------------------------------------
@@ -372,15 +382,22 @@ struct TileCursor {
 // (and zero points) to the copy engine.
 __device__ __forceinline__ void copy_constants(const Ring& ring, int s, const TileCursor& at, const Problem& p,
                                                const int4* __restrict__ B, const int4* __restrict__ S,
-                                               const int4* __restrict__ Z, unsigned long long policy) {
+                                               const int4* __restrict__ Z, const hopper::TensorMap& w_map,
+                                               unsigned long long policy) {
   const unsigned stage = ring.slot(s);
   hopper::mbarrier_arrive_expect_bytes(ring.full(s), W_BYTES + S_BYTES + Z_BYTES);
-  // Weights: k16 row r of the tile is 2 KB contiguous in the MARLIN layout (K/16 rows of 2N words).
-  const char* w = reinterpret_cast<const char*>(B) + size_t(at.k_tile) * K16_STEPS * p.N * 8 + size_t(at.col) * W_ROW_BYTES;
+  // Weights: k16 row r of the tile is 2 KB contiguous in the MARLIN layout (K/16 rows of 2N words);
+  // w_map sees those rows as K/16 rows of N 8-byte elements, and its box is a tile's 8 rows x 256.
+  if constexpr (TMA_WEIGHTS) {
+    hopper::tensor_copy_evict_first(stage + A_BYTES, w_map, at.col * (W_ROW_BYTES / 8), at.k_tile * K16_STEPS,
+                                    ring.full(s), policy);
+  } else {
+    const char* w = reinterpret_cast<const char*>(B) + size_t(at.k_tile) * K16_STEPS * p.N * 8 + size_t(at.col) * W_ROW_BYTES;
 #pragma unroll
-  for (int r = 0; r < K16_STEPS; ++r)
-    hopper::bulk_copy_evict_first(stage + A_BYTES + r * W_ROW_BYTES, w + size_t(r) * p.N * 8, W_ROW_BYTES, ring.full(s),
-                                  policy);
+    for (int r = 0; r < K16_STEPS; ++r)
+      hopper::bulk_copy_evict_first(stage + A_BYTES + r * W_ROW_BYTES, w + size_t(r) * p.N * 8, W_ROW_BYTES, ring.full(s),
+                                    policy);
+  }
   // Scales (and zero points): the tile's group rows, 512 bytes of each.
   const int group_row = GROUP_SIZE == -1 ? 0 : at.k_tile * TILE_K / GROUP_SIZE;
 #pragma unroll
@@ -392,16 +409,30 @@ __device__ __forceinline__ void copy_constants(const Ring& ring, int s, const Ti
   }
 }
 
+// Thread 0 with TMA_ACTIVATIONS: the slab's activation tile, one tensor-map copy per 64 k (an
+// atom column of 128-byte-swizzled rows, the layout both multiply paths read), rows past the batch
+// filled with zeros by the copy engine.
+__device__ __forceinline__ void copy_activations(const Ring& ring, int s, const TileCursor& at,
+                                                 const hopper::TensorMap& a_map) {
+  const unsigned stage = ring.slot(s), full = ring.full(s);
+  hopper::mbarrier_arrive_expect_bytes(full, A_BYTES);
+#pragma unroll
+  for (int atom = 0; atom < TILE_K / 64; ++atom)
+    hopper::tensor_copy(stage + atom * SLAB_ROWS * 128, a_map, at.k_tile * TILE_K + 64 * atom, at.slab * SLAB_ROWS, full);
+}
+
 __device__ __forceinline__ void produce(const Ring& ring, const Problem& p, const int4* __restrict__ A,
                                         const int4* __restrict__ B, const int4* __restrict__ S,
-                                        const int4* __restrict__ Z) {
+                                        const int4* __restrict__ Z, const hopper::TensorMap& a_map,
+                                        const hopper::TensorMap& w_map) {
   const int thread = threadIdx.x - CONSUMER_THREADS;
   const unsigned long long policy = marlin::make_evict_first_policy();
   const int tiles = p.t1 - p.t0;
   if (thread == 0) {
     TileCursor ahead(p);
-    for (int i = 0; i < min(tiles, STAGES); ++i, ahead.next(p)) copy_constants(ring, i, ahead, p, B, S, Z, policy);
+    for (int i = 0; i < min(tiles, STAGES); ++i, ahead.next(p)) copy_constants(ring, i, ahead, p, B, S, Z, w_map, policy);
   }
+  if (TMA_ACTIVATIONS && thread != 0) return;  // thread 0 copies the activations as well
   hopper::wait_for_previous_grid();
 
   // This thread's chunks of the activation tile: 16-byte chunk `chunk` of rows first_row + 8 c.
@@ -418,7 +449,11 @@ __device__ __forceinline__ void produce(const Ring& ring, const Problem& p, cons
     const int s = i % STAGES;
     if (i >= STAGES) {
       hopper::mbarrier_wait(ring.empty(s), (i / STAGES - 1) & 1);
-      if (thread == 0) copy_constants(ring, s, at, p, B, S, Z, policy);
+      if (thread == 0) copy_constants(ring, s, at, p, B, S, Z, w_map, policy);
+    }
+    if constexpr (TMA_ACTIVATIONS) {
+      copy_activations(ring, s, at, a_map);
+      continue;
     }
     // Activations: rows past the batch zero-filled (their source clamped to a valid address).
     const int row0 = at.slab * SLAB_ROWS, rows_valid = min(SLAB_ROWS, p.M - row0);
@@ -694,7 +729,7 @@ __device__ __forceinline__ void consume(const Ring& ring_in, const Problem& p, E
   auto tile = [&](auto upper) {
     const unsigned stage = ring.slot(slot);
     hopper::mbarrier_wait(ring.full(slot), phase);
-    if (WGMMA) hopper::fence_async_proxy();  // the producer's cp.async activations, for wgmma's reads
+    if (WGMMA && !TMA_ACTIVATIONS) hopper::fence_async_proxy();  // the producer's cp.async activations, for wgmma's reads
     StepWords x[2];
     load_step(stage, 0, x[0]);
     if constexpr (SCALE_SUMS) add_scaled_sums<decltype(upper)::value>(sums, sums_scale, acc, true);
@@ -799,7 +834,8 @@ __device__ __forceinline__ void consume(const Ring& ring_in, const Problem& p, E
 extern "C" __global__ void __launch_bounds__(s8::THREADS, 1)
     s8_hopper(const int4* __restrict__ A, const int4* __restrict__ B, const int4* __restrict__ S,
               const int4* __restrict__ Z, Element::scalar* __restrict__ C, int M, int K, int N,
-              int* __restrict__ counters, float* __restrict__ partials, int iters) {
+              int* __restrict__ counters, float* __restrict__ partials, int iters,
+              const __grid_constant__ hopper::TensorMap a_map, const __grid_constant__ hopper::TensorMap w_map) {
   extern __shared__ int4 smem[];
   const unsigned raw = marlin::smem_address(smem);
   const unsigned base = (raw + 1023u) & ~1023u;
@@ -820,7 +856,7 @@ extern "C" __global__ void __launch_bounds__(s8::THREADS, 1)
 
   if (threadIdx.x >= s8::CONSUMER_THREADS) {
     hopper::release_registers<s8::PRODUCER_REGISTERS>();
-    s8::produce(ring, s8::Problem(M, K, N, iters), A, B, S, Z);
+    s8::produce(ring, s8::Problem(M, K, N, iters), A, B, S, Z, a_map, w_map);
   } else {
     hopper::claim_registers<s8::CONSUMER_REGISTERS>();
     s8::consume(ring, s8::Problem(M, K, N, iters), C, counters, partials, red, words);

@@ -105,6 +105,33 @@ __device__ __forceinline__ void bulk_copy(unsigned dst, const void* src, unsigne
                : "memory");
 }
 
+// A tensor map (the driver's CUtensorMap, 128 bytes, built on the host by cuTensorMapEncodeTiled):
+// a global tensor's address, sizes and strides, the box one copy moves and the swizzle it writes
+// into shared memory. Passed by value as a __grid_constant__ kernel parameter, so the copy
+// engine reads it from the parameter space. Elements past the tensor's end arrive as zeros.
+struct alignas(64) TensorMap {
+  unsigned long long opaque[16];
+};
+
+// The box at element coordinates (x, y) of `map` (x the contiguous dimension) into shared memory
+// at `dst`, its bytes reported to `bar`.
+__device__ __forceinline__ void tensor_copy(unsigned dst, const TensorMap& map, int x, int y, unsigned bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(
+          dst),
+      "l"(reinterpret_cast<unsigned long long>(&map)), "r"(x), "r"(y), "r"(bar)
+      : "memory");
+}
+
+__device__ __forceinline__ void tensor_copy_evict_first(unsigned dst, const TensorMap& map, int x, int y, unsigned bar,
+                                                        unsigned long long policy) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1, {%2, "
+      "%3}], [%4], %5;\n" ::"r"(dst),
+      "l"(reinterpret_cast<unsigned long long>(&map)), "r"(x), "r"(y), "r"(bar), "l"(policy)
+      : "memory");
+}
+
 // Arrive on `bar` once every cp.async this thread has issued so far has landed, without
 // waiting for them here (.noinc: the barrier's expected count already includes this arrival).
 __device__ __forceinline__ void cp_async_arrive(unsigned bar) {

@@ -9,30 +9,31 @@ the ring deliver: the kernel's floor as built), `compute-only` (the producer han
 slots without copying weights or scales into them, so the time is what the consumers cost
 when their data is always there), `no-dequant` (the consumers multiply the raw weight words
 instead of dequantizing them: what the kernel would take with consumers that much faster),
-`no-activation-copies` (the producer's threads copy no activations and only arrive: what
-their copies cost), `busy-stream` (stream-only, but each consumer warp then does about a
-tile's worth of dequantization's arithmetic with no memory access: does arithmetic alone
-slow the stream?), `early-release` (each consumer warp hands a slot back as soon as its data
-has landed and then works on it, wrongly, while the producer may refill it: what the kernel
-would take if the consumers held no slot while they work), `no-reduce` (every block writes
-its sums straight to the output, wrongly, without the partial sums across blocks: what the
-global reduction costs), `launch-only` (the blocks return once their barriers are set up:
-the fixed cost of launching this kernel) or `first-arrives-last` (a check: each run's first
-segment counts in after a long wait, so the path where that late arrival adds the slice
-runs; its output must equal base's bit for bit) -- `src:NAME` (the kernel compiled from
-csrc/NAME.cu, e.g. an earlier commit's s8_hopper.cu written there), or `attr=value` (a
-tuning attribute of the step, e.g. mma_sync_max_rows, max_stages); or several of these
-joined by commas, e.g. `stream-only,max_stages=4`. Each variant's output is compared with
-the first's: `bitwise` where the arithmetic is the same. With --between, every launch
-(FP16's too) follows a kernel that rewrites the activations in place and knows nothing of
-dependent launches, as a GEMM in a model follows a norm or an activation: then no launch
-overlaps the one before it, and the printed times are the GEMM's alone (the in-between
-kernel's own time, measured alone, subtracted). Weights are random words (speed does not
-depend on them); correctness is the tests' business. With --profile each variant runs once
-between cudaProfilerStart/Stop, for `ncu --profile-from-start off`
-(scripts/ncu_source_summary.py reads its source page). With --soak S each variant, and FP16
-cuBLAS, is also replayed for S seconds while nvidia-smi samples the SM clock, the power draw
-and the clock-limit reasons (is the kernel slowed by its power draw?).
+`no-activation-copies` (where the producer's 128 threads copy the activations with cp.async,
+at 49-64 rows or with tma_activations=0: they copy none and only arrive, what their copies
+cost), `busy-stream` (stream-only, but each consumer warp then does about a tile's worth of
+dequantization's arithmetic with no memory access: does arithmetic alone slow the stream?),
+`early-release` (each consumer warp hands a slot back as soon as its data has landed and
+then works on it, wrongly, while the producer may refill it: what the kernel would take if
+the consumers held no slot while they work), `no-reduce` (every block writes its sums
+straight to the output, wrongly, without the partial sums across blocks: what the global
+reduction costs), `launch-only` (the blocks return once their barriers are set up: the fixed
+cost of launching this kernel) or `first-arrives-last` (a check: each run's first segment
+counts in after a long wait, so the path where that late arrival adds the slice runs; its
+output must equal base's bit for bit) -- `src:NAME` (the kernel compiled from csrc/NAME.cu,
+e.g. an earlier commit's s8_hopper.cu written there), or `attr=value` (a tuning attribute of
+the step, e.g. mma_sync_max_rows, max_stages); or several of these joined by commas, e.g.
+`stream-only,max_stages=4`. Each variant's output is compared with the first's: `bitwise`
+where the arithmetic is the same. With --between, every launch (FP16's too) follows a kernel
+that rewrites the activations in place and knows nothing of dependent launches, as a GEMM in
+a model follows a norm or an activation: then no launch overlaps the one before it, and the
+printed times are the GEMM's alone (the in-between kernel's own time, measured alone,
+subtracted). Weights are random words (speed does not depend on them); correctness is the
+tests' business. With --profile each variant runs once between cudaProfilerStart/Stop, for
+`ncu --profile-from-start off` (scripts/ncu_source_summary.py reads its source page). With
+--soak S each variant, and FP16 cuBLAS, is also replayed for S seconds while nvidia-smi
+samples the SM clock, the power draw and the clock-limit reasons (is the kernel slowed by
+its power draw?).
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 _WAIT = "    hopper::mbarrier_wait(ring.full(slot), phase);\n"
 _EXPECT = "  hopper::mbarrier_arrive_expect_bytes(ring.full(s), W_BYTES + S_BYTES + Z_BYTES);\n"
-_WEIGHTS = "#pragma unroll\n  for (int r = 0; r < K16_STEPS; ++r)\n"
+_WEIGHTS = "#pragma unroll\n    for (int r = 0; r < K16_STEPS; ++r)\n"
+_TMA_WEIGHTS = "    hopper::tensor_copy_evict_first(stage + A_BYTES, w_map,"
 _SCALES = "#pragma unroll\n  for (int r = 0; r < S_ROWS; ++r) {\n"
 _REDUCE = "  if (seg.contributors == 1) return true;\n"
 _ROLES = "  if (threadIdx.x >= s8::CONSUMER_THREADS) {\n"
@@ -75,7 +77,8 @@ ABLATIONS = {
     "stream-only": {_WAIT: _WAIT + "    hopper::mbarrier_arrive_if(ring.empty(slot), lane == 0);\n    return;\n"},
     "compute-only": {
         _EXPECT: "  hopper::mbarrier_arrive_expect_bytes(ring.full(s), 0);\n",
-        _WEIGHTS: "  if (false)\n" + _WEIGHTS,
+        _WEIGHTS: "    if (false)\n" + _WEIGHTS,
+        _TMA_WEIGHTS: "    if (false)\n" + _TMA_WEIGHTS,
         _SCALES: "  if (false)\n" + _SCALES,
     },
     "no-reduce": {_REDUCE: "  return true;\n"},

@@ -147,10 +147,10 @@ class Marlin(PipelinedStep):
             )
             args = (A[r0:r1], packed.arrays["qweight"], packed.arrays["scales"], zeros_or_scales(packed), out[r0:r1],
                     i32(r1 - r0), i32(K), i32(N), ws.counters, ws.partials, i32(iters))
-            self.start(self.kernel(cfg, packed.device), blocks, args, cfg.smem_bytes)
+            self.start(self.kernel(cfg, packed.device), blocks, args, cfg)
 
-    def start(self, kernel: Any, blocks: int, args: tuple, smem_bytes: int) -> None:
-        """Launch one slab group's kernel on CuPy's current stream."""
-        kernel((blocks,), (self.threads,), args, shared_mem=smem_bytes)
+    def start(self, kernel: Any, blocks: int, args: tuple, cfg: Any) -> None:
+        """Launch one slab group's kernel (variant `cfg`) on CuPy's current stream."""
+        kernel((blocks,), (self.threads,), args, shared_mem=cfg.smem_bytes)
 
 

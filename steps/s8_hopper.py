@@ -8,8 +8,9 @@ dequantization and s6's striped schedule and no-wait global reduction, and chang
 does what (csrc/s8_hopper.cu draws it):
 
 * a producer warpgroup feeds a ring of 128 x 256 weight tiles: one thread hands each tile's
-  weights and scales to the bulk copy engine (eight 2 KB copies, completion counted in bytes
-  on an mbarrier), all 128 threads copy the activation tile with cp.async; it never
+  weights (one tensor-map copy of its eight 2 KB rows), scales and activations (one tensor-map
+  copy per 64 k, in wgmma's swizzled atoms) to the copy engine, completion counted in bytes on
+  an mbarrier (at 49-64 rows all 128 threads copy the activation tile with cp.async); it never
   multiplies;
 * two consumer warpgroups (with the producer's spare registers, `setmaxnreg`) take the
   tiles in turn, dequantize into registers and multiply the transposed product -- the
@@ -50,6 +51,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._cuda import get_kernel, gpu_support, has_wgmma
+from . import _tensor_map as tensor_map
 from ._dependent_launch import launch_dependent
 from .s4_marlin_layout import m_blocks_for
 from .s5_async_pipeline import _PROBED_VARIANT, max_dynamic_smem
@@ -75,6 +77,8 @@ class HopperConfig:
     zero_points: bool
     bf16: bool
     wgmma: bool = True  # the consumers' instruction: wgmma, or mma.sync m16n8k16
+    tma_weights: bool = True  # a tile's weights in one tensor-map copy (else eight bulk copies)
+    tma_activations: bool = True  # thread 0 copies the activations by tensor map (else 128 threads' cp.async)
     tile_k = TILE_K
     tile_n = TILE_N
 
@@ -103,6 +107,8 @@ class HopperConfig:
             ("ZERO_POINTS", int(self.zero_points)),
             ("BF16", int(self.bf16)),
             ("WGMMA", int(self.wgmma)),
+            ("TMA_WEIGHTS", int(self.tma_weights)),
+            ("TMA_ACTIVATIONS", int(self.tma_activations)),
             ("LAUNCH_THREADS", THREADS),
             ("LAUNCH_SMEM_BYTES", self.smem_bytes),
         )
@@ -130,6 +136,10 @@ class Hopper(Marlin):
     split_columns_min_rows: int = SPLIT_COLUMNS_MIN_ROWS  # tuning override: from how many rows slabs are 128 rows
     partial_floats = 128 * TILE_N  # a 128-row slab's partial sums
     dependent_launch: bool = True  # programmatic dependent launch (tuning override: False launches plainly)
+    tma_weights: bool = True  # tuning override: False copies a tile's weights in eight bulk copies
+    # Tuning override: False copies the activations with the producer's 128 threads. With 4 m-blocks
+    # (49-64 rows) they always do: with the tensor map ptxas spilled 32 bytes in those consumers.
+    tma_activations: bool = True
     # From 9 to 16 rows the mma.sync path multiplies both halves of a slab's tokens (twice the
     # tensor instructions and scale folds of 8 rows). Measured after another kernel, as in a model,
     # rung 6 was level or ahead on every Llama-2 layer at 16 rows (docs/rungs.md, round 8; why is
@@ -166,19 +176,23 @@ class Hopper(Marlin):
         while stages > 4 and HopperConfig.fixed_bytes(stages) + stages * stage > limit:
             stages -= 1
         stages -= stages % 2  # each slot serves one of the two consumer warpgroups (csrc/s8_hopper.cu)
-        cfg = HopperConfig(m_blocks, stages, group_size, zero_points, bf16, wgmma=M > self.mma_sync_max_rows)
+        wgmma = M > self.mma_sync_max_rows
+        cfg = HopperConfig(m_blocks, stages, group_size, zero_points, bf16, wgmma, self.tma_weights,
+                           self.tma_activations and m_blocks != 4)
         if cfg.smem_bytes > limit:
             raise ValueError(f"{self.name}: a 4-slot ring needs {cfg.smem_bytes} bytes of shared memory, this GPU has {limit}")
         return cfg
 
-    def start(self, kernel: Any, blocks: int, args: tuple, smem_bytes: int) -> None:
+    def start(self, kernel: Any, blocks: int, args: tuple, cfg: HopperConfig) -> None:
         """Launch as a programmatic dependent launch: the kernel requests its first weight tiles
         while the kernel before it in the stream finishes, and waits for that one before it reads
-        the activations or writes the output (csrc/s8_hopper.cu, produce)."""
-        if self.dependent_launch:
-            launch_dependent(kernel, blocks, self.threads, args, smem_bytes)
-        else:
-            super().start(kernel, blocks, args, smem_bytes)
+        the activations or writes the output (csrc/s8_hopper.cu, produce). The kernel's last two
+        arguments are the tensor maps of the activations (boxes of a slab's rows x 64 k, 128-byte
+        swizzle) and of the weights (a tile's 8 k16 rows x 2 KB), steps/_tensor_map.py."""
+        A, qweight, M, K, N = args[0], args[1], int(args[5]), int(args[6]), int(args[7])
+        a_map = tensor_map.tiled(tensor_map.UINT16, A.data.ptr, M, K, 2 * K, (16 * cfg.m_blocks, 64), tensor_map.SWIZZLE_128B)
+        w_map = tensor_map.tiled(tensor_map.UINT64, qweight.data.ptr, K // 16, N, 8 * N, (8, TILE_N), tensor_map.SWIZZLE_NONE)
+        launch_dependent(kernel, blocks, self.threads, (*args, a_map, w_map), cfg.smem_bytes, self.dependent_launch)
 
     def kernel(self, cfg: HopperConfig, device: int) -> Any:
         """The compiled variant `cfg`, checked against the reference the first time it runs on

@@ -13,6 +13,12 @@ kernel finds by XOR-ing the step's chunk into a per-lane offset (`ldmatrix_addre
 Replayed through rung 7's model of the instruction (`reference.sparse_marlin.ldmatrix_x4`),
 tests/test_hopper_tiles.py checks that every lane receives exactly the B fragments of
 mma.m16n8k16 for its tokens and k.
+
+With tensor maps (TMA_ACTIVATIONS, TMA_WEIGHTS) thread 0 writes the same bytes with the copy
+engine: the activation tile as two boxes of SLAB_ROWS rows x 64 values with the copy engine's
+128-byte swizzle (`tensor_map_tile`, out-of-bounds rows zero), and a weight tile, 8 k16 rows of
+the MARLIN layout 8 N bytes apart, as one box of 8 rows x 256 eight-byte elements
+(`tensor_map_weights`) instead of eight 2 KB bulk copies (`bulk_copy_weights`).
 """
 
 from __future__ import annotations
@@ -66,3 +72,36 @@ def expected_fragments(A: np.ndarray, slab: int, k_tile: int, slab_rows: int, st
             if token < A.shape[0]:
                 words[t, reg] = A[token, k0 + k : k0 + k + 2].view(np.uint32)[0]
     return words
+
+
+def tensor_map_box(A: np.ndarray, x: int, y: int, box_rows: int, box_values: int) -> np.ndarray:
+    """The copy engine's box at element coordinates (x, y) of A (x along a row) with its 128-byte
+    swizzle: box row r, 16-byte chunk c goes to byte r * 128 + (c ^ (r % 8)) * 16 of the
+    (1024-byte-aligned) destination; elements past A's end arrive as zeros."""
+    assert box_values * A.itemsize == ATOM_BYTES, "the 128-byte swizzle takes rows of 128 bytes"
+    box = np.zeros((box_rows, box_values), A.dtype)
+    part = A[y : y + box_rows, x : x + box_values]
+    box[: part.shape[0], : part.shape[1]] = part
+    raw, out = box.view(np.uint8).reshape(box_rows, ATOM_BYTES), np.zeros(box_rows * ATOM_BYTES, np.uint8)
+    for r in range(box_rows):
+        for c in range(ATOM_BYTES // CHUNK):
+            dst = r * ATOM_BYTES + (c ^ (r % 8)) * CHUNK
+            out[dst : dst + CHUNK] = raw[r, c * CHUNK : (c + 1) * CHUNK]
+    return out
+
+
+def tensor_map_tile(A: np.ndarray, slab: int, k_tile: int, slab_rows: int) -> np.ndarray:
+    """The activation tile as thread 0 copies it: one box per atom column (copy_activations)."""
+    return np.concatenate([tensor_map_box(A, k_tile * 128 + 64 * a, slab * slab_rows, slab_rows, 64) for a in range(2)])
+
+
+def bulk_copy_weights(words: np.ndarray, k_tile: int, col: int) -> np.ndarray:
+    """A weight tile by eight bulk copies. words: the MARLIN layout, K/16 rows of 2 N int32."""
+    rows = words.view(np.uint8)
+    return np.concatenate([rows[8 * k_tile + r, 2048 * col : 2048 * (col + 1)] for r in range(8)])
+
+
+def tensor_map_weights(words: np.ndarray, k_tile: int, col: int) -> np.ndarray:
+    """A weight tile by one tensor-map copy: the layout as K/16 rows of N 8-byte elements, a box
+    of 8 rows x 256 at (col * 256, k_tile * 8), no swizzle."""
+    return words.view(np.uint64)[8 * k_tile : 8 * k_tile + 8, 256 * col : 256 * (col + 1)].copy().view(np.uint8).reshape(-1)

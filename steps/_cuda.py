@@ -137,6 +137,7 @@ class CudaStep(Step):
 
     device = "cuda"
     checks_each_variant = False
+    out_vector_bytes = 4  # the kernels read A in 16-byte vectors and write C in vectors of this many bytes
 
     def available(self) -> Support:
         return gpu_support()
@@ -145,9 +146,15 @@ class CudaStep(Step):
         import cupy
 
         with cupy.cuda.Device(packed.device), caller_stream(A):
+            # Views on the caller's stream: a torch tensor's DLPack export orders itself on it.
+            A_view, out_view = as_cupy(A), as_cupy(out)
+            if A_view.data.ptr % 16:
+                raise ValueError("A must start on a 16-byte boundary (it is a view at an odd offset); pass a fresh contiguous copy")
+            if out_view.data.ptr % self.out_vector_bytes:
+                raise ValueError(f"out must start on a {self.out_vector_bytes}-byte boundary; pass a fresh contiguous array")
             if not self.checks_each_variant:
                 self.first_run_check("rung", packed.device, self._probe_rung)
-            self._launch(as_cupy(A), packed, as_cupy(out))
+            self._launch(A_view, packed, out_view)
 
     def first_run_check(self, variant: Hashable, device: int, probe: Callable[[int], str]) -> None:
         """Return when `variant` of this rung has passed its first-run check on `device`'s kind

@@ -39,14 +39,6 @@ def group_shift(K: int, group_size: int) -> int:
     return max(group_rows(group_size, K) - 1, 1).bit_length()
 
 
-def check_alignment(A: Any, out: Any, out_bytes: int) -> None:
-    """The kernels read A in 16-byte vectors and write C in `out_bytes`-byte vectors."""
-    if A.data.ptr % 16:
-        raise ValueError("A must start on a 16-byte boundary (it is a view at an odd offset); pass a fresh contiguous copy")
-    if out.data.ptr % out_bytes:
-        raise ValueError(f"out must start on a {out_bytes}-byte boundary; pass a fresh contiguous array")
-
-
 def block_m(M: int) -> int:
     """Rows of A per block: 16 covers a decode-sized batch without idle rows, 64 reuses weights more."""
     return 16 if M <= 16 else 64
@@ -76,6 +68,7 @@ class SmemTiling(CudaStep):
     idea = "Blocks stage tiles of A and the int4 weights in shared memory with coalesced 16-byte loads, dequantize each weight once, and reuse it from registers across many FP32 FMAs."
     error_c = 4.0
     shape_multiples = (VECTOR_LOAD_MULTIPLES,)
+    out_vector_bytes = 8  # four fp16 outputs per store
 
     def _supports(self, M: int, K: int, N: int, group_size: int) -> Support:
         vectors = vector_load_support(K, N)
@@ -89,7 +82,6 @@ class SmemTiling(CudaStep):
         return plain_int4_layout(qw)
 
     def _launch(self, A: Any, packed: Packed, out: Any) -> None:
-        check_alignment(A, out, 8)
         M = A.shape[0]
         K, N = packed.K, packed.N
         bm = block_m(M)

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 import reference as ref
 import steps
 from steps._arrays import to_gpu, to_host
+from steps._cuda import CudaStep
 
 
 def _params():
@@ -199,6 +200,24 @@ def test_bad_inputs_get_clear_errors(step):
     else:
         with pytest.raises(ValueError, match=f"{step.name} computes in float16; this weight's scales are bfloat16"):
             step.pack(ref.random_quantized_weight(rng, K, N, 128, dtype=bf16))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("step", [p for p in ALL_STEPS if isinstance(p.values[0], CudaStep)])
+def test_arrays_at_an_odd_offset_are_refused_by_name(step):
+    """A view that starts 2 bytes into a buffer is C-contiguous, but the CuPy rungs' vector
+    loads and copies (and rung 8's tensor maps) need aligned starts: refused, never a fault."""
+    rng = np.random.default_rng(5)
+    M, K, N = 3, 256, 256
+    packed = step.pack(ref.random_quantized_weight(rng, K, N, 128))
+    A = rng.standard_normal((M, K)).astype(np.float16)
+    shifted = to_gpu(np.zeros(M * K + 1, np.float16))[1:].reshape(M, K)
+    shifted[...] = to_gpu(A)
+    with pytest.raises(ValueError, match="A must start on a 16-byte boundary"):
+        step(shifted, packed)
+    out = to_gpu(np.zeros(M * N + 1, np.float16))[1:].reshape(M, N)
+    with pytest.raises(ValueError, match="out must start on a .*-byte boundary"):
+        step(to_gpu(A), packed, out=out)
 
 
 @pytest.mark.parametrize("step", ALL_STEPS)

@@ -39,6 +39,10 @@ nb.rung_status("s8_hopper")
 #   contiguous block of memory and reports its bytes to an mbarrier. In the MARLIN layout, a
 #   k16 row of a 256-column tile is 2 KB of contiguous memory, so a 128 × 256 tile takes eight
 #   copies instead of 1024 per-thread ones.
+# * **tensor maps** (`cp.async.bulk.tensor`): the same engine, told a 2-D tensor's shape and
+#   strides once (a 128-byte descriptor built on the host), moves a whole box with one
+#   instruction: the tile's eight 2 KB rows at once, or the activation tile straight into the
+#   swizzled layout the consumers read, with zeros for rows past the batch.
 # * **`wgmma`**: 4 warps issue one asynchronous matrix product. Rung 4's dequantized fragments
 #   become its register operand, and the activations are read from shared memory.
 #
@@ -48,10 +52,10 @@ nb.rung_status("s8_hopper")
 # ```
 #   producer warpgroup                          consumer warpgroups 0, 1
 #   wait empty[s]                               wait full[s]
-#   thread 0: 8 bulk copies of weights,   --->  ld.shared weight word, dequantize (rung 4)
-#     scale rows                                up to 16 rows: mma.sync m16n8k16 (rung 7's
-#   128 threads: cp.async activations,            transposed product); more: 4 x wgmma
-#     arrive on landing                           m64 n(16 m-blocks) k16, 4 k16 steps in flight
+#   thread 0: one tensor-map copy of      --->  ld.shared weight word, dequantize (rung 4)
+#     weights, scale rows, two tensor-map       up to 16 rows: mma.sync m16n8k16 (rung 7's
+#     copies of activations (49-64 rows:          transposed product); more: 4 x wgmma
+#     the 128 threads cp.async those)             m64 n(16 m-blocks) k16, 4 k16 steps in flight
 #                                         <---  arrive empty[s] once done with the slot
 # ```
 #
@@ -185,6 +189,16 @@ nb.measured("s8_hopper", below="s6_marlin")
 # row, made each copy wait for the one before, which was slower from 8 rows. Letting memory run
 # ahead of the ring into L2 made everything slower: L2 then looked up every weight twice.
 #
+# Round 10 built that copy with a *tensor map*: a descriptor of a 2-D tensor, encoded on the host,
+# with which one instruction moves a whole box. The activation tile now arrives in two copies,
+# already swizzled, with zeros for the rows past the batch, and a tile's eight weight rows in one.
+# The surprise was which of the two mattered. The activations' map alone gained 3 µs at M = 1, the
+# weights' map alone 12: thread 0's nine copies a tile, each waiting for the one before, had used
+# more than half of the ~540 ns that each tile may take, and any delay of that thread from the
+# consumers' arithmetic made the tile late. With both, the benchmark shape runs at 72-73 µs up to
+# 8 rows (3.5× over FP16), within 3 µs of the producer alone, and from 16 rows the consumers are
+# the limit.
+#
 # `docs/rungs.md` has the numbers, the misses and the next levers.
 
 # %% [markdown]
@@ -201,5 +215,7 @@ nb.benchmark("s8_hopper", below="s6_marlin", preset="llama-7b")
 #   `stream-only` shows what the ring alone delivers.
 # * Compare `stream-only` with `busy-stream` and `busy-stream,no-activation-copies`: arithmetic
 #   that touches no memory still slows the weights down, through the producer's threads.
+# * Time `base tma_weights=0 tma_activations=0` with `scripts/s8_variants.py`: each copy path
+#   back to round 9's, one at a time, with bit-identical outputs.
 # * Count the instructions between two `HGMMA`s in the machine code:
 #   `cuobjdump -sass` of `nvcc -cubin -gencode=arch=compute_90a,code=sm_90a csrc/s8_hopper.cu`.

@@ -142,8 +142,9 @@ class Hopper(Marlin):
     tma_activations: bool = True
     # From 9 to 16 rows the mma.sync path multiplies both halves of a slab's tokens (twice the
     # tensor instructions and scale folds of 8 rows). Measured after another kernel, as in a model,
-    # rung 6 was level or ahead on every Llama-2 layer at 16 rows (docs/rungs.md, round 8; why is
-    # not established, round 9). It reads these arrays unchanged.
+    # rung 6 was level or ahead on every Llama-2 layer at 16 rows (docs/rungs.md, round 8); with
+    # tensor-map copies rung 8 is ahead on the wide 70B layers, rung 6 still on the 7B ones (round
+    # 10). It reads these arrays unchanged.
     hands_rows_to = ("s6_marlin", 9, 16)
 
     def available(self) -> Support:

@@ -11,18 +11,24 @@ from reference.marlin_layout import pack_marlin_weights
 from reference.sparse_marlin import ldmatrix_x4
 
 
-@settings(max_examples=30, deadline=None)
-@given(st.integers(1, 40), st.integers(1, 3), st.sampled_from([1, 2, 4]), st.integers(0, 2**32 - 1))
-def test_every_lane_reads_its_mma_fragments_from_the_swizzled_tile(M, k_tiles, m_blocks, seed):
+def activation_tiles(M: int, k_tiles: int, m_blocks: int, seed: int):
+    """(A, slab, k_tile, slab rows) for every activation tile of random M x 128 k_tiles codes."""
     A = np.random.default_rng(seed).integers(0, 2**16, (M, 128 * k_tiles), dtype=np.uint16)
     slab_rows = 16 * m_blocks
     for slab in range(-(-M // slab_rows)):
         for k_tile in range(k_tiles):
-            tile = tiles.cp_async_tile(A, slab, k_tile, slab_rows)
-            for step in range(8):
-                for m_block in range(m_blocks):
-                    got = ldmatrix_x4(tile.view(np.uint32), tiles.ldmatrix_addresses(slab_rows, step, m_block) // 16)
-                    assert np.array_equal(got, tiles.expected_fragments(A, slab, k_tile, slab_rows, step, m_block))
+            yield A, slab, k_tile, slab_rows
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 3), st.sampled_from([1, 2, 4]), st.integers(0, 2**32 - 1))
+def test_every_lane_reads_its_mma_fragments_from_the_swizzled_tile(M, k_tiles, m_blocks, seed):
+    for A, slab, k_tile, slab_rows in activation_tiles(M, k_tiles, m_blocks, seed):
+        tile = tiles.cp_async_tile(A, slab, k_tile, slab_rows)
+        for step in range(8):
+            for m_block in range(m_blocks):
+                got = ldmatrix_x4(tile.view(np.uint32), tiles.ldmatrix_addresses(slab_rows, step, m_block) // 16)
+                assert np.array_equal(got, tiles.expected_fragments(A, slab, k_tile, slab_rows, step, m_block))
 
 
 def test_each_value_of_the_tile_is_stored_once():
@@ -35,12 +41,9 @@ def test_each_value_of_the_tile_is_stored_once():
 @settings(max_examples=30, deadline=None)
 @given(st.integers(1, 140), st.integers(1, 3), st.sampled_from([1, 2, 3, 4, 8]), st.integers(0, 2**32 - 1))
 def test_the_activation_tile_by_tensor_map_is_the_cp_async_tile(M, k_tiles, m_blocks, seed):
-    A = np.random.default_rng(seed).integers(0, 2**16, (M, 128 * k_tiles), dtype=np.uint16)
-    slab_rows = 16 * m_blocks
-    for slab in range(-(-M // slab_rows)):
-        for k_tile in range(k_tiles):
-            expected = tiles.cp_async_tile(A, slab, k_tile, slab_rows)
-            assert np.array_equal(tiles.tensor_map_tile(A, slab, k_tile, slab_rows), expected)
+    for A, slab, k_tile, slab_rows in activation_tiles(M, k_tiles, m_blocks, seed):
+        expected = tiles.cp_async_tile(A, slab, k_tile, slab_rows)
+        assert np.array_equal(tiles.tensor_map_tile(A, slab, k_tile, slab_rows), expected)
 
 
 @settings(max_examples=10, deadline=None)

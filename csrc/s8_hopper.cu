@@ -61,9 +61,9 @@
 // Tensor maps (steps/_tensor_map.py, built on the host, passed by value) let one instruction of
 // one thread copy a whole tile: the weights' 8 k16 rows, which lie a row of the MARLIN layout
 // apart, and the activation tile in wgmma's 128-byte-swizzled atoms, zero-filled past the batch.
-// Each bulk copy costs thread 0 tens of nanoseconds in sequence, and the 128 producer threads'
-// cp.asyncs, which each tile used to wait for, were delayed by the consumers' arithmetic
-// (docs/rungs.md, round 9).
+// Each bulk copy costs thread 0 tens of nanoseconds in sequence: eight weight rows a tile took
+// more than half of the time a tile may take on the benchmark shape, and the consumers'
+// arithmetic on the same schedulers stretched that chain further (docs/rungs.md, rounds 9-10).
 #include "s6_stripes.cuh"  // rungs 4-6: fragments, dequantization, cp.async, the striped schedule
 #include "s8_hopper.cuh"
 

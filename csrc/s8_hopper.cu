@@ -89,7 +89,7 @@
 #define TMA_WEIGHTS 1
 #endif
 #ifndef TMA_ACTIVATIONS  // 1: thread 0 copies the activation tile by tensor map; 0: the producer's 128 threads, cp.async
-#define TMA_ACTIVATIONS (M_BLOCKS != 4)  // with 4 m-blocks (wgmma) ptxas then spilled 32 bytes in the consumers
+#define TMA_ACTIVATIONS 1  // the host passes 0 with 4 m-blocks, where ptxas spilled (steps/s8_hopper.py, config)
 #endif
 #ifndef WGMMA_GROUPS  // k16 steps of wgmma in flight per warpgroup; 3 where ptxas spills with 4
 #define WGMMA_GROUPS (M_BLOCKS == 3 && !BF16 ? 3 : 4)

@@ -16,7 +16,9 @@ import functools
 
 UINT16, UINT64 = 1, 4  # CUtensorMapDataType, cuda.h
 SWIZZLE_NONE, SWIZZLE_128B = 0, 3  # CUtensorMapSwizzle
-_INTERLEAVE_NONE, _L2_PROMOTION_256B, _OOB_FILL_ZEROS = 0, 3, 0
+# No L2 promotion: rung 8 streams each weight byte once, and with 256-byte promotion the
+# tensor-map stream alone was 1.4-3.6 us slower on the ideal shape (docs/rungs.md, round 11).
+_INTERLEAVE_NONE, _L2_PROMOTION_NONE, _OOB_FILL_ZEROS = 0, 0, 0
 
 
 class TensorMap(ctypes.Structure):
@@ -45,7 +47,7 @@ def tiled(dtype: int, address: int, rows: int, columns: int, row_bytes: int, box
         ctypes.byref(tensor_map), dtype, 2, ctypes.c_void_p(address),
         (ctypes.c_uint64 * 2)(columns, rows), (ctypes.c_uint64 * 1)(row_bytes),
         (ctypes.c_uint32 * 2)(box[1], box[0]), (ctypes.c_uint32 * 2)(1, 1),
-        _INTERLEAVE_NONE, swizzle, _L2_PROMOTION_256B, _OOB_FILL_ZEROS,
+        _INTERLEAVE_NONE, swizzle, _L2_PROMOTION_NONE, _OOB_FILL_ZEROS,
     )  # fmt: skip
     if status != 0:
         raise RuntimeError(

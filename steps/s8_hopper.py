@@ -189,10 +189,15 @@ class Hopper(Marlin):
         while the kernel before it in the stream finishes, and waits for that one before it reads
         the activations or writes the output (csrc/s8_hopper.cu, produce). The kernel's last two
         arguments are the tensor maps of the activations (boxes of a slab's rows x 64 k, 128-byte
-        swizzle) and of the weights (a tile's 8 k16 rows x 2 KB), steps/_tensor_map.py."""
+        swizzle) and of the weights (a tile's 8 k16 rows x 2 KB), steps/_tensor_map.py. A variant
+        that copies without one gets empty bytes there, which it never reads, and saves the
+        driver call an encoding costs for a buffer not seen before."""
         A, qweight, M, K, N = args[0], args[1], int(args[5]), int(args[6]), int(args[7])
-        a_map = tensor_map.tiled(tensor_map.UINT16, A.data.ptr, M, K, 2 * K, (16 * cfg.m_blocks, 64), tensor_map.SWIZZLE_128B)
-        w_map = tensor_map.tiled(tensor_map.UINT64, qweight.data.ptr, K // 16, N, 8 * N, (8, TILE_N), tensor_map.SWIZZLE_NONE)
+        a_map, w_map = tensor_map.TensorMap(), tensor_map.TensorMap()
+        if cfg.tma_activations:
+            a_map = tensor_map.tiled(tensor_map.UINT16, A.data.ptr, M, K, 2 * K, (16 * cfg.m_blocks, 64), tensor_map.SWIZZLE_128B)
+        if cfg.tma_weights:
+            w_map = tensor_map.tiled(tensor_map.UINT64, qweight.data.ptr, K // 16, N, 8 * N, (8, TILE_N), tensor_map.SWIZZLE_NONE)
         launch_dependent(kernel, blocks, self.threads, (*args, a_map, w_map), cfg.smem_bytes, self.dependent_launch)
 
     def kernel(self, cfg: HopperConfig, device: int) -> Any:

@@ -56,7 +56,7 @@ from ._dependent_launch import launch_dependent
 from .s4_marlin_layout import m_blocks_for
 from .s5_async_pipeline import _PROBED_VARIANT, max_dynamic_smem
 from .s6_marlin import Marlin
-from .step import SUPPORTED, Support
+from .step import SUPPORTED, Handover, Support
 
 TILE_K, TILE_N = 128, 256  # one ring slot: 8 k16 rows x 256 columns of weights
 THREADS = 384  # consumer warpgroups 0 and 1, producer warpgroup 2
@@ -141,11 +141,12 @@ class Hopper(Marlin):
     # (49-64 rows) they always do: with the tensor map ptxas spilled 32 bytes in those consumers.
     tma_activations: bool = True
     # From 9 to 16 rows the mma.sync path multiplies both halves of a slab's tokens (twice the
-    # tensor instructions and scale folds of 8 rows). Measured after another kernel, as in a model,
-    # rung 6 was level or ahead on every Llama-2 layer at 16 rows (docs/rungs.md, round 8); with
-    # tensor-map copies rung 8 is ahead on the wide 70B layers, rung 6 still on the 7B ones (round
-    # 10). It reads these arrays unchanged.
-    hands_rows_to = ("s6_marlin", 9, 16)
+    # tensor instructions and scale folds of 8 rows), and after another kernel, as in a model, no
+    # dependent launch hides rung 8's fixed cost. Fitted over 17 layer shapes of 8-235 MB at 9 and
+    # 16 rows (docs/rungs.md, round 11): rung 6 6.2 us + 0.307 us/MB, rung 8 8.9 us + 0.241 us/MB,
+    # level at about 42 MB; measured, rung 6 was ahead up to 35 MB and rung 8 from 42 MB. Rung 6
+    # reads these arrays unchanged.
+    hands_rows_to = Handover("s6_marlin", 9, 16, below_bytes=36 << 20)
 
     def available(self) -> Support:
         base = gpu_support()

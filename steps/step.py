@@ -37,6 +37,22 @@ class Support:
 SUPPORTED = Support(True)
 
 
+@dataclass(frozen=True)
+class Handover:
+    """Launches of `first_row`-`last_row` rows of a weight under `below_bytes` packed int4 bytes
+    (K x N / 2, padded), which MarlinLinear runs on rung `to`: it reads the handing rung's packed
+    arrays unchanged and was measured faster for them in a model (steps/torch/layer.py,
+    launch_rung)."""
+
+    to: str
+    first_row: int
+    last_row: int
+    below_bytes: int
+
+    def applies(self, M: int, K: int, N: int) -> bool:
+        return self.first_row <= M <= self.last_row and K * N // 2 < self.below_bytes
+
+
 @dataclass
 class Packed:
     """A rung's one-time layout of a QuantizedWeight, on the rung's device."""
@@ -77,10 +93,9 @@ class Step:
     # (K, N) multiples the rung's layout runs at every batch size (from its _supports rules);
     # pack pads other weights up to one of them (steps/_padding.py).
     shape_multiples: tuple[tuple[int, int], ...] = ((1, 1),)
-    # (rung, first row, last row): launches of that many rows that MarlinLinear hands to another
-    # rung, which reads this rung's packed arrays unchanged and was measured faster for them in a
-    # model (steps/torch/layer.py, launch_rung); None when this rung runs every launch itself.
-    hands_rows_to: tuple[str, int, int] | None = None
+    # The launches MarlinLinear hands to another rung (Handover), or None when this rung runs
+    # every launch itself.
+    hands_rows_to: Handover | None = None
 
     # -- what the rung accepts -------------------------------------------------------
     def supports(self, M: int, K: int, N: int, group_size: int) -> Support:

@@ -340,17 +340,24 @@ def test_rung_that_cannot_run_here_is_named_with_the_reason():
 
 
 def test_launch_rung_hands_rows_over_only_where_the_other_rung_reads_the_same_arrays(monkeypatch):
-    """Rung 8 hands launches of 9-16 rows to rung 6 (Step.hands_rows_to), but only for weights
-    that both pack to the same padded shape and whose dtype and zero points rung 6 takes."""
+    """Rung 8 hands launches of 9-16 rows of the smaller weights to rung 6 (Step.hands_rows_to),
+    but only for weights that both pack to the same padded shape and whose dtype and zero points
+    rung 6 takes."""
     s6, s8 = steps.get("s6_marlin"), steps.get("s8_hopper")
     monkeypatch.setattr(type(s6), "available", lambda self: steps.step.SUPPORTED)
     monkeypatch.setattr(type(s6), "check_first_run", lambda self, *args: None)
-    first, last = s8.hands_rows_to[1:]
+    handover = s8.hands_rows_to
+    first, last = handover.first_row, handover.last_row
     gpu = torch.device("cuda", 0)
     for M in (first - 1, first, last, last + 1):
         expected = s6 if first <= M <= last else s8
         assert launch_rung(s8, M, 4096, 11008, 128, "float16", False, gpu) is expected
         assert launch_rung(s8, M, 4096, 11008, 128, "bfloat16", True, gpu) is expected
+    # The size bound: K x N / 2 bytes just under it are handed over, at it are not.
+    K = 4096
+    N_under = (2 * handover.below_bytes // K - 1) // 256 * 256
+    assert launch_rung(s8, first, K, N_under, 128, "float16", False, gpu) is s6
+    assert launch_rung(s8, first, K, 2 * handover.below_bytes // K, 128, "float16", False, gpu) is s8
     assert s6.padded_shape(1024, 384, 128) != s8.padded_shape(1024, 384, 128)
     assert launch_rung(s8, 16, 1024, 384, 128, "float16", False, gpu) is s8  # 384 columns: s8 pads to 512, s6 does not
     assert launch_rung(s6, 16, 4096, 4096, 128, "float16", False, gpu) is s6  # rung 6 hands nothing over
@@ -439,7 +446,7 @@ def test_cuda_layer_runs_each_launch_on_the_rung_that_takes_its_rows(zero_point)
     rng = np.random.default_rng(17)
     qw = ref.random_quantized_weight(rng, 1024, 512, 128, symmetric=not zero_point)
     layer = MarlinLinear(qw, device="cuda")
-    other, first, last = top.hands_rows_to
+    other, first, last = top.hands_rows_to.to, top.hands_rows_to.first_row, top.hands_rows_to.last_row
     for M, name in ((first - 1, top.name), (first, other), (last, other), (last + 1, top.name)):
         x = activations(rng, M, qw.K, "cuda")
         rung = steps.get(name)

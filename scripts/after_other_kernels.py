@@ -10,6 +10,12 @@ early. Here the second mode ("after") puts a kernel that rewrites the activation
 (gpu_tune.model_predecessor) before every launch, FP16's too, and subtracts that kernel's own
 time: what is left is the GEMM's cost in a model. Weights rotate past L2 as in the benchmark
 (gpu_tune.rotated_packs).
+
+    python scripts/after_other_kernels.py --fit docs/results/tuning/<file>.txt
+
+reads such output back (any lines in its table format) and fits, per mode and batch size, each
+rung's time as a fixed cost plus a cost per MB of int4 weight, by least squares over the shapes,
+and where the first two rungs' lines cross: the weight size above which the second is faster.
 """
 
 from __future__ import annotations
@@ -22,7 +28,33 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 
+def fit(path: str) -> None:
+    """Print each rung's fixed cost and cost per MB, per mode and M, from printed output at `path`."""
+    import re
+
+    import numpy as np
+
+    rungs, rows = None, []
+    for line in Path(path).read_text().splitlines():
+        if line.split()[:1] == ["KxN"]:  # a table's header: this script's, or another's
+            rungs = line.split()[4:] if line.split()[:4] == ["KxN", "M", "mode", "fp16"] else None
+        m = re.match(r"\s*(\d+)x(\d+)\s+(\d+)\s+(\w+)\s+[\d.]+\s+(.*)$", line)
+        if m and rungs:
+            us = [float(u) for u in re.findall(r"([\d.]+) \(", m.group(5))]
+            rows.append((int(m.group(1)) * int(m.group(2)) / 2e6, int(m.group(3)), m.group(4), us, tuple(rungs)))
+    for mode, M, names in sorted({(r[2], r[1], r[4]) for r in rows}):
+        sel = [r for r in rows if (r[2], r[1], r[4]) == (mode, M, names)]
+        mb = np.array([r[0] for r in sel])
+        lines = [np.polyfit(mb, [r[3][i] for r in sel], 1) for i in range(len(names))]
+        text = ", ".join(f"{r} {b:.2f} us + {a:.3f} us/MB" for r, (a, b) in zip(names, lines))
+        (a0, b0), (a1, b1) = lines[:2]
+        print(f"{mode:6} M={M:<4} {len(sel)} shapes: {text}; level at {(b1 - b0) / (a0 - a1):.1f} MB")
+
+
 def main() -> int:
+    if sys.argv[1:2] == ["--fit"]:
+        fit(sys.argv[2])
+        return 0
     import cupy
     import torch
 

@@ -57,6 +57,15 @@ def measure(launch: Callable[[int], object], variants: int = 1, device: str = "c
     return _measure_cuda(launch, variants, samples)
 
 
+def after_another_kernel(x, device: str = "cuda") -> tuple[Callable[[], object], float]:
+    """(launch, its own time in us) of a kernel that rewrites the tensor x in place (x *= 1) and
+    knows nothing of programmatic dependent launches. Put before each timed launch, with its own
+    time subtracted, it times a GEMM as a model runs it: after a norm, an activation or attention,
+    so that no launch overlaps the one before it (rung 8's dependent launch does, back to back)."""
+    launch = lambda: x.mul_(1.0)  # noqa: E731
+    return launch, measure(lambda i: launch(), 1, device).median_us
+
+
 def _agreed(calls: int) -> int:
     """The largest of every rank's call count under torch.distributed (tensor-parallel
     decoding), else `calls`: launches that hold collectives must run equally often on every

@@ -55,6 +55,9 @@ class Row:
     logits_rel_err: float
     fp16_logits_rel_err: float
     logits_tolerance: float
+    # How linear_us was timed (breakdown.linear_us); rows before 2026-12-04's round 11 lack it and
+    # were timed back to back.
+    linear_timing: str = "after another kernel"
 
 
 def run(

@@ -2,7 +2,10 @@
 
 "linear" is the sum over the replaced layers of one call at the decode shape (batch x K),
 timed with measure per distinct (K, N) while rotating over the model's own layers of that
-shape; "attention" is grouped_decode_attention over the full static cache (query 1, keys
+shape, each call after another kernel (harness.timing.after_another_kernel), as in the step,
+where a norm, attention or an activation comes before every GEMM of a fused model: timed back
+to back instead, rung 8's dependent launch would hide 1.5-2 us of each launch's fixed cost that
+the step pays (docs/rungs.md, round 11), and "rest" would carry it; "attention" is grouped_decode_attention over the full static cache (query 1, keys
 max_cache_len, the boolean mask), timed per layer on enough copies of a layer's K/V to
 stream them from memory, times the number of layers; "rest" is the step minus both (norms,
 rotary, cache writes, lm_head, argmax, launch gaps, in unfused models transformers' copies
@@ -17,7 +20,7 @@ from torch import nn
 from transformers import LlamaConfig
 
 from ...harness.bench import Machine, copies_needed
-from ...harness.timing import measure
+from ...harness.timing import after_another_kernel, measure
 from .fusion import grouped_decode_attention
 
 
@@ -31,7 +34,8 @@ def linear_us(model: nn.Module, names: list[str], batch: int, device: str) -> fl
     total = 0.0
     for (K, _), layers in by_shape.items():
         x = torch.randn((batch, K), dtype=torch.float16, device=device)
-        total += measure(lambda i: layers[i](x), len(layers), device).median_us * len(layers)
+        before, before_us = after_another_kernel(x, device)
+        total += (measure(lambda i: (before(), layers[i](x)), len(layers), device).median_us - before_us) * len(layers)
     return total
 
 

@@ -199,6 +199,14 @@ nb.measured("s8_hopper", below="s6_marlin")
 # 8 rows (3.5× over FP16), within 3 µs of the producer alone, and from 16 rows the consumers are
 # the limit.
 #
+# Round 11 changed one field of the tensor maps: no L2 promotion. Each weight byte is read once, and
+# without promotion the benchmark shape runs at 67-69 µs up to 8 rows, 96-98 % of the bandwidth
+# measured in the run (3.7× over FP16). It also timed each launch after another kernel, as a model
+# runs it, on 17 layer shapes: there rung 8 pays about 8 µs per launch before its first byte counts,
+# 2 µs more than back to back (the dependent launch has nothing to overlap with) and 2 µs more than
+# rung 6, while it streams faster. So `MarlinLinear` now hands 9-16-row launches to rung 6 only for
+# weights below the size where the two lines cross.
+#
 # `docs/rungs.md` has the numbers, the misses and the next levers.
 
 # %% [markdown]

@@ -3,9 +3,10 @@
 "linear" is the sum over the replaced layers of one call at the decode shape (batch x K),
 timed with measure per distinct (K, N) while rotating over the model's own layers of that
 shape, each call after another kernel (harness.timing.after_another_kernel), as in the step,
-where a norm, attention or an activation comes before every GEMM of a fused model: timed back
-to back instead, rung 8's dependent launch would hide 1.5-2 us of each launch's fixed cost that
-the step pays (docs/rungs.md, round 11), and "rest" would carry it; "attention" is grouped_decode_attention over the full static cache (query 1, keys
+where a norm, attention or an activation comes before every GEMM of a fused model (timed back
+to back instead, rung 8's dependent launch would hide about 2 us of each launch's fixed cost
+that the step pays, docs/rungs.md round 11, and "rest" would carry it). "attention" is
+grouped_decode_attention over the full static cache (query 1, keys
 max_cache_len, the boolean mask), timed per layer on enough copies of a layer's K/V to
 stream them from memory, times the number of layers; "rest" is the step minus both (norms,
 rotary, cache writes, lm_head, argmax, launch gaps, in unfused models transformers' copies

@@ -16,8 +16,8 @@ import functools
 
 UINT16, UINT64 = 1, 4  # CUtensorMapDataType, cuda.h
 SWIZZLE_NONE, SWIZZLE_128B = 0, 3  # CUtensorMapSwizzle
-# No L2 promotion: rung 8 streams each weight byte once, and with 256-byte promotion the
-# tensor-map stream alone was 1.4-3.6 us slower on the ideal shape (docs/rungs.md, round 11).
+# No L2 promotion: rung 8 reads each weight byte once, and with 256-byte promotion its stream
+# alone was 1.4-3.6 us slower on two wide shapes (docs/rungs.md, rounds 10 and 11).
 _INTERLEAVE_NONE, _L2_PROMOTION_NONE, _OOB_FILL_ZEROS = 0, 0, 0
 
 

@@ -144,8 +144,8 @@ class Hopper(Marlin):
     # tensor instructions and scale folds of 8 rows), and after another kernel, as in a model, no
     # dependent launch hides rung 8's fixed cost. Over 17 layer shapes of 8-235 MB at 9 and 16 rows
     # (docs/rungs.md, round 11; scripts/after_other_kernels.py --fit): rung 6 6.1-6.2 us + 0.306
-    # us/MB, rung 8 8.8-9.1 us + 0.240 us/MB, level at 41-43 MB; measured, rung 6 was ahead up to
-    # 35 MB and rung 8 from 42 MB. Rung 6 reads these arrays unchanged.
+    # us/MB, rung 8 8.8-9.1 us + 0.240 us/MB, level at 41-43 MB; measured, rung 6 was ahead or level
+    # up to 35 MB and rung 8 from 42 MB. Rung 6 reads these arrays unchanged.
     hands_rows_to = Handover("s6_marlin", 9, 16, below_bytes=36 << 20)
 
     def available(self) -> Support:

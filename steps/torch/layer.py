@@ -5,8 +5,7 @@ construction, for the fastest rung of the ladder that runs the layer on its devi
 (s8_hopper on Hopper, s6_marlin on other GPUs, s0_numpy on the CPU). A rung may hand the
 launches of some batch sizes to another that reads its packed arrays unchanged and was
 measured faster for them in a model (Step.hands_rows_to: rung 8 hands 9-16 rows of the smaller
-weights to rung 6),
-so each launch runs on the faster of the two. It is built from an nn.Linear
+weights to rung 6), so each launch runs on the faster of the two. It is built from an nn.Linear
 (quantized with the reference quantizer) or from the tensors of a GPTQ or AWQ checkpoint,
 including GPTQ act-order, which it runs by gathering the activations' columns into the
 weight's group order before the product (reference/formats.py explains why that is exact).
@@ -154,8 +153,11 @@ def launch_rung(
     """The rung that runs an M-row launch on `rung`'s packed arrays: `rung` itself, or the rung it
     hands such launches to (Step.hands_rows_to) when that one packs this weight to the same padded
     shape (the arrays are then its own) and select_step's checks would let it run the weight."""
-    handover, padded = rung.hands_rows_to, rung.padded_shape(K, N, group_size)
-    if handover is None or not handover.applies(M, *padded):
+    handover = rung.hands_rows_to
+    if handover is None:
+        return rung
+    padded = rung.padded_shape(K, N, group_size)
+    if not handover.applies(M, *padded):
         return rung
     other, weight = get(handover.to), _Weight(K, N, group_size, zero_points, dtype)
     if other.padded_shape(K, N, group_size) != padded:

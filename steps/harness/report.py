@@ -22,6 +22,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from .bench import BASELINE_TITLES
+from .timing import AFTER_ANOTHER_KERNEL
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
@@ -453,7 +454,7 @@ def write_e2e(e2e_dir: Path) -> None:
         weights += ", q|k|v and gate|up fused" if fused else ""
         weights += ATTENTION_TITLES[attention]
         weights += ", decoder under torch.compile" if compiled else ""
-        weights += ", linear layers timed each after another kernel" if linear == "after another kernel" else ""
+        weights += ", linear layers timed each after another kernel" if linear == AFTER_ANOTHER_KERNEL else ""
         parts += ["", f"**{gpu}**, Llama-2 {dims} dimensions, {layers} layers, group size {g}{weights}, measured {date} "
                   f"(`{name}`)", ""]
         parts.append("| " + " | ".join(E2E_COLUMNS) + " |")

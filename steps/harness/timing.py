@@ -57,6 +57,11 @@ def measure(launch: Callable[[int], object], variants: int = 1, device: str = "c
     return _measure_cuda(launch, variants, samples)
 
 
+# How a GEMM timed with after_another_kernel's launch before it is labelled in results (e2e rows'
+# linear_timing); rows without the label were timed back to back.
+AFTER_ANOTHER_KERNEL = "after another kernel"
+
+
 def after_another_kernel(x, device: str = "cuda") -> tuple[Callable[[], object], float]:
     """(launch, its own time in us) of a kernel that rewrites the tensor x in place (x *= 1) and
     knows nothing of programmatic dependent launches. Put before each timed launch, with its own

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from ...harness.bench import Machine
+from ...harness.timing import AFTER_ANOTHER_KERNEL
 from .breakdown import attention_us, linear_us
 from .config import E2EConfig
 from .correctness import Check, check_logits
@@ -57,7 +58,7 @@ class Row:
     logits_tolerance: float
     # How linear_us was timed (breakdown.linear_us); rows before 2026-12-04's round 11 lack it and
     # were timed back to back.
-    linear_timing: str = "after another kernel"
+    linear_timing: str = AFTER_ANOTHER_KERNEL
 
 
 def run(

@@ -36,8 +36,9 @@ def fit(path: str) -> None:
 
     rungs, rows = None, []
     for line in Path(path).read_text().splitlines():
-        if line.split()[:1] == ["KxN"]:  # a table's header: this script's, or another's
-            rungs = line.split()[4:] if line.split()[:4] == ["KxN", "M", "mode", "fp16"] else None
+        words = line.split()
+        if words[:1] == ["KxN"]:  # a table's header: this script's, or another's
+            rungs = words[4:] if words[:4] == ["KxN", "M", "mode", "fp16"] else None
         m = re.match(r"\s*(\d+)x(\d+)\s+(\d+)\s+(\w+)\s+[\d.]+\s+(.*)$", line)
         if m and rungs:
             us = [float(u) for u in re.findall(r"([\d.]+) \(", m.group(5))]

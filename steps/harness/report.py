@@ -431,11 +431,12 @@ def write_e2e(e2e_dir: Path) -> None:
         return
     # One table per file and day: a file holds one run (or runs of one session), and two runs of one
     # day with the same configuration would otherwise share a table, each with its own FP16 row.
-    runs: dict[tuple, list[dict]] = defaultdict(list)
+    # Keyed by (configuration, (day, file, how the linear layers were timed)).
+    runs: dict[tuple[tuple, tuple], list[dict]] = defaultdict(list)
     for name, r in rows:
-        runs[(r["gpu"], r["dims"], r["layers"], r["group_size"], r.get("sparse", False), r.get("compiled", False),
-              r.get("fused", False), r.get("decode_attention", "transformers"), r.get("tp", 1),
-              r["date"][:10], name, r.get("linear_timing", "back to back"))].append(r)  # fmt: skip
+        config = (r["gpu"], r["dims"], r["layers"], r["group_size"], r.get("sparse", False), r.get("compiled", False),
+                  r.get("fused", False), r.get("decode_attention", "transformers"), r.get("tp", 1))  # fmt: skip
+        runs[(config, (r["date"][:10], name, r.get("linear_timing", "back to back")))].append(r)
     parts = [
         "# End-to-end decoding",
         "",
@@ -448,7 +449,7 @@ def write_e2e(e2e_dir: Path) -> None:
         "",
         "![decode speedup over FP16 by batch size](e2e.png)",
     ]
-    for (gpu, dims, layers, g, sparse, compiled, fused, attention, tp, date, name, linear), rs in sorted(runs.items()):
+    for ((gpu, dims, layers, g, sparse, compiled, fused, attention, tp), (date, name, linear)), rs in sorted(runs.items()):
         weights = f", tensor-parallel over {tp} GPUs" if tp > 1 else ""
         weights += ", 2:4-sparse weights" if sparse else ""
         weights += ", q|k|v and gate|up fused" if fused else ""
@@ -466,12 +467,12 @@ def write_e2e(e2e_dir: Path) -> None:
     (e2e_dir / "README.md").write_text("\n".join(parts) + "\n")
 
     fig, (ax,) = _figure(1, 9.5, 4)
-    gpus = sorted({key[0] for key in runs})
+    gpus = sorted({config[0] for config, _ in runs})
     # One curve per configuration: the runs of its files and days together (the step's time does
     # not depend on how its linear layers were timed for the breakdown).
     configs: dict[tuple, list[dict]] = defaultdict(list)
-    for key, rs in sorted(runs.items()):
-        configs[key[:-3]] += rs
+    for (config, _), rs in sorted(runs.items()):
+        configs[config] += rs
     curves = {
         f"{dims}, {layers} layers, g{g}{f', TP {tp}' if tp > 1 else ''}{', 2:4' if sparse else ''}{', fused' if fused else ''}"
         f"{ATTENTION_TITLES[attention].replace(' decode', '')}{', compiled' if compiled else ''}, "
